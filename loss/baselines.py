@@ -1,0 +1,66 @@
+"""The baselines, in the call shape of :func:`loss.tail_divergence`, on DeepSpeed's own ops.
+
+Forward/reverse KL wrap ``deepspeed.sequence.vocab_parallel_ops.vocab_parallel_kl_div`` and
+cross-entropy wraps ``deepspeed.sequence.cross_entropy.vocab_parallel_cross_entropy``: we only add
+temperature, a detached teacher and the uneven-slice layout. DeepSpeed's collectives go through
+``deepspeed.comm``, so with a ``tp_group`` the process group must come from
+``deepspeed.init_distributed``. DeepSpeed is imported on first use: ``import loss`` stays light.
+"""
+
+import torch
+
+from model_parallel import resolve_vocab_shard
+
+
+def _kl(student_logits, teacher_logits, temperature, tp_group, reverse):
+    from deepspeed.sequence.vocab_parallel_ops import vocab_parallel_kl_div
+
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    inv_t = 1.0 / temperature
+    return vocab_parallel_kl_div(student_logits * inv_t,
+                                 teacher_logits.detach() * inv_t,
+                                 reverse=reverse,
+                                 tp_group=tp_group)
+
+
+def forward_kl(student_logits: torch.Tensor,
+               teacher_logits: torch.Tensor,
+               *,
+               temperature: float = 1.0,
+               tp_group=None) -> torch.Tensor:
+    """Per-token KL(p‖q), teacher p, student q, both at temperature τ; fp32, replicated over the
+    group, no reduction, no τ² factor; the teacher gets no gradient."""
+    return _kl(student_logits, teacher_logits, temperature, tp_group, reverse=False)
+
+
+def reverse_kl(student_logits: torch.Tensor,
+               teacher_logits: torch.Tensor,
+               *,
+               temperature: float = 1.0,
+               tp_group=None) -> torch.Tensor:
+    """Per-token KL(q‖p) (mode-seeking); otherwise as :func:`forward_kl`."""
+    return _kl(student_logits, teacher_logits, temperature, tp_group, reverse=True)
+
+
+def cross_entropy(student_logits: torch.Tensor,
+                  labels: torch.Tensor,
+                  *,
+                  ignore_index: int = -100,
+                  tp_group=None) -> torch.Tensor:
+    """Per-token cross-entropy against ``labels`` (``logits.shape[:-1]``, global token ids).
+
+    fp32, replicated over the group, 0 where ``labels == ignore_index``, no reduction. Uneven
+    vocabulary slices are supported: the layout is resolved collectively and passed explicitly.
+    """
+    from deepspeed.sequence.cross_entropy import vocab_parallel_cross_entropy
+
+    shard = resolve_vocab_shard(student_logits.shape[-1], tp_group, caller="cross_entropy", device=student_logits.device)
+    return vocab_parallel_cross_entropy(student_logits,
+                                        labels,
+                                        tp_group=tp_group,
+                                        vocab_start_index=shard.start,
+                                        vocab_end_index=shard.start + shard.size,
+                                        global_vocab_size=shard.global_size,
+                                        ignore_index=ignore_index,
+                                        reduction="none")

@@ -1,0 +1,342 @@
+"""The tail-aware divergence of Dasgupta, Cohn & Baldwin (2026), exact on vocabulary slices.
+
+With p = softmax(t/τ) (teacher), q = softmax(s/τ) (student), T the teacher's top-K ids,
+P_tail / Q_tail the mass outside T and p̃, q̃ the renormalised tails (DESIGN.md §1):
+
+    D = KL(p̂‖q̂) + β · KL(p̃‖q̃),   KL(p̂‖q̂) = Σ_{i∈T} p_i log(p_i/q_i) + P_tail log(P_tail/Q_tail)
+
+β = P_tail per token gives the plain forward KL (chain rule of KL).
+
+Layout: every rank of ``tp_group`` holds the same contiguous vocabulary slice of both models'
+logits (rank r holds the r-th slice; slices may be uneven and smaller than K). Forward runs three
+all-gathers per call: the shard layout and argument check (a few numbers per rank), then per token
+(a) the local log-normalisers and teacher top-K candidates (2 + 2K numbers per rank) and (b) the
+local tail statistics and the student's logits at the chosen ids (3 + K numbers per rank).
+Traffic is O(K·TP) per token, independent of the vocabulary size. Every rank returns the same
+per-token values and back-propagates the same loss, so backward runs **zero** collectives: each
+rank computes its own slice's gradient from its logits and saved per-token statistics.
+
+Numerics: fp32 whatever the input dtype; tail masses are log-sum-exps over the tail entries (shifted
+by the tail's own maximum), never log(1 − Σ top), so a teacher whose tail holds 1e-13 of the mass
+still gets an exact renormalised tail. ``-inf`` logits carry no mass, get zero gradient and lose
+every tie; a row that is ``-inf`` throughout yields D = 0 and a zero gradient.
+"""
+
+from typing import NamedTuple, Union
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from model_parallel import VocabShard, gather_rows, local_topk, resolve_vocab_shard, select_global_topk
+
+# Elementwise work runs on row chunks of at most this many logits, so fp32 temporaries stay a few
+# chunk-sized buffers whatever the token count (and stay in cache); only per-token statistics span
+# all rows. Tests set it to 1 to cross chunk boundaries on every row.
+CHUNK_NUMEL = 1 << 16
+
+_NEG_INF = float("-inf")
+
+
+class TailParts(NamedTuple):
+    """Per-token parts of the divergence, each float32 with the logits' shape minus the last dim."""
+
+    head_kl: torch.Tensor
+    """KL(p̂‖q̂) over the K+1 categories (top-K and one tail bucket); differentiable."""
+    tail_kl: torch.Tensor
+    """KL(p̃‖q̃) between the renormalised tails (0 where the teacher's tail is empty); differentiable."""
+    teacher_tail_mass: torch.Tensor
+    """P_tail, the teacher's probability outside its top-K; no gradient."""
+    student_tail_mass: torch.Tensor
+    """Q_tail, the student's probability outside the teacher's top-K; no gradient."""
+
+
+def _row_chunks(num_rows: int, row_numel: int):
+    step = max(1, CHUNK_NUMEL // max(1, row_numel))
+    for start in range(0, num_rows, step):
+        yield slice(start, min(num_rows, start + step))
+
+
+def _fp32(logits: torch.Tensor, inv_temperature: float, *, writable: bool) -> torch.Tensor:
+    """``logits / τ`` in fp32; a fresh buffer when ``writable`` (callers then work in place)."""
+    if inv_temperature != 1.0:
+        return logits.float().mul_(inv_temperature) if logits.dtype != torch.float32 else logits * inv_temperature
+    if writable or logits.dtype != torch.float32:
+        return logits.to(torch.float32, copy=True)
+    return logits
+
+
+def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+
+def _normaliser(log_z: torch.Tensor) -> torch.Tensor:
+    """A log-normaliser safe to subtract: ``-inf`` (no mass at all) becomes ``+inf``, so that
+    ``exp(x - normaliser)`` is 0 for every x, including ``-inf``, instead of NaN."""
+    return torch.where(log_z == _NEG_INF, torch.full_like(log_z, float("inf")), log_z)
+
+
+def _log_ratio(log_num: torch.Tensor, log_den: torch.Tensor) -> torch.Tensor:
+    """log(num/den) of two masses given as logs; -inf when the numerator's mass is 0."""
+    ratio = log_num - torch.where(log_den == _NEG_INF, torch.zeros_like(log_den), log_den)
+    return torch.where(log_num == _NEG_INF, torch.full_like(ratio, _NEG_INF), ratio)
+
+
+def _owned_flat_index(top_ids: torch.Tensor, shard: VocabShard) -> tuple:
+    """Flat positions in a ``[R, shard.size]`` chunk of the chosen ids this rank holds, and the
+    ``[R, K]`` mask of which chosen ids those are."""
+    local = top_ids - shard.start
+    owned = (local >= 0) & (local < shard.size)
+    rows = torch.arange(top_ids.shape[0], device=top_ids.device).unsqueeze(1).expand_as(local)
+    return rows[owned] * shard.size + local[owned], owned
+
+
+class _TailDivergenceParts(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, top_k: int, temperature: float, tp_group, shard: VocabShard):
+        num_rows = student_logits.shape[:-1].numel()
+        student = student_logits.reshape(num_rows, shard.size)
+        teacher = teacher_logits.reshape(num_rows, shard.size)
+        inv_t = 1.0 / temperature
+        k = min(top_k, shard.global_size)
+        k_local = min(k, shard.size)
+        device = student.device
+        # Token ids travel in the same fp32 buffer as the values: exact below 2**24.
+        id_dtype = torch.float32 if shard.global_size < 2**24 else torch.float64
+
+        # (a) Local log-normalisers and teacher top-K candidates, one all-gather.
+        local_a = torch.empty(num_rows, 2 + 2 * k, dtype=id_dtype, device=device)
+        # Padding candidates (-inf, ids past the vocabulary) lose every tie to a real id; the ranks
+        # together always propose at least K real ones, so padding is never chosen.
+        local_a[:, 2:2 + k] = _NEG_INF
+        local_a[:, 2 + k:] = torch.arange(k, device=device) + shard.global_size
+        for rows in _row_chunks(num_rows, shard.size):
+            t = _fp32(teacher[rows], inv_t, writable=False)
+            s = _fp32(student[rows], inv_t, writable=False)
+            local_a[rows, 0] = torch.logsumexp(t, dim=-1)
+            local_a[rows, 1] = torch.logsumexp(s, dim=-1)
+            if k_local:
+                values, ids = local_topk(t, k_local)
+                local_a[rows, 2:2 + k_local] = values
+                local_a[rows, 2 + k:2 + k + k_local] = ids + shard.start
+        gathered = gather_rows(local_a, tp_group)  # (N, TP, 2 + 2K)
+        log_z_t = torch.logsumexp(gathered[:, :, 0].float(), dim=1)
+        log_z_s = torch.logsumexp(gathered[:, :, 1].float(), dim=1)
+        top_values, top_ids = select_global_topk(gathered[:, :, 2:2 + k].reshape(num_rows, -1).float(),
+                                                 gathered[:, :, 2 + k:].reshape(num_rows, -1).long(), k)
+        del gathered, local_a
+
+        # (b) Tail statistics of this slice, one all-gather: the teacher's and student's tail
+        # log-sum-exps, the mean log-ratio log(p_i/q_i) under the teacher's local tail, and the
+        # student's logits at the chosen ids (0 where another rank holds the id).
+        log_ratio_offset = _finite_or_zero(log_z_t - log_z_s)  # log p_i - log q_i = t_i - s_i - offset
+        local_b = torch.zeros(num_rows, 3 + k, dtype=torch.float32, device=device)
+        for rows in _row_chunks(num_rows, shard.size):
+            t = _fp32(teacher[rows], inv_t, writable=True)
+            s = _fp32(student[rows], inv_t, writable=True)
+            if k:
+                flat, owned = _owned_flat_index(top_ids[rows], shard)
+                local_b[rows, 3:][owned] = s.view(-1)[flat]
+                t.view(-1).index_fill_(0, flat, _NEG_INF)
+                s.view(-1).index_fill_(0, flat, _NEG_INF)
+            local_b[rows, 1] = torch.logsumexp(s, dim=-1)
+            t_max = _finite_or_zero(t.amax(dim=-1, keepdim=True))
+            tail_weight = torch.exp(t - t_max)  # (R, V_local), teacher tail up to a per-row factor
+            tail_sum = tail_weight.sum(dim=-1)
+            local_b[rows, 0] = t_max.squeeze(-1) + torch.log(tail_sum)
+            log_ratio = s.add_(log_ratio_offset[rows].unsqueeze(-1))
+            torch.sub(t, log_ratio, out=log_ratio)
+            # Entries without teacher mass contribute nothing, even where the log-ratio is ±inf/NaN.
+            log_ratio.masked_fill_(tail_weight == 0, 0.0)
+            weighted = torch.einsum("rv,rv->r", tail_weight, log_ratio)
+            local_b[rows, 2] = torch.where(tail_sum > 0, weighted / tail_sum, torch.zeros_like(tail_sum))
+            del t, s, tail_weight, log_ratio
+        gathered = gather_rows(local_b, tp_group)  # (N, TP, 3 + K)
+        log_tail_t = torch.logsumexp(gathered[:, :, 0], dim=1)
+        log_tail_s = torch.logsumexp(gathered[:, :, 1], dim=1)
+        rank_share = torch.exp(gathered[:, :, 0] - _normaliser(log_tail_t).unsqueeze(1))  # (N, TP)
+        tail_mean_log_ratio = (rank_share * gathered[:, :, 2]).sum(dim=1)
+        student_top = gathered[:, :, 3:].sum(dim=1)  # each id is held by exactly one rank
+        del gathered, local_b
+
+        log_p_tail = _log_ratio(log_tail_t, log_z_t)
+        log_q_tail = _log_ratio(log_tail_s, log_z_s)
+        p_tail, q_tail = torch.exp(log_p_tail), torch.exp(log_q_tail)
+        has_tail = p_tail > 0
+        bucket_log_ratio = log_p_tail - log_q_tail
+        zero = torch.zeros_like(p_tail)
+        # log p̃_i - log q̃_i = log(p_i/q_i) - log(P_tail/Q_tail)
+        tail_kl = torch.where(has_tail, tail_mean_log_ratio - bucket_log_ratio, zero)
+        log_p_top = top_values - _normaliser(log_z_t).unsqueeze(1)
+        log_q_top = student_top - _normaliser(log_z_s).unsqueeze(1)
+        p_top = torch.exp(log_p_top)
+        head_terms = torch.where(p_top > 0, p_top * (log_p_top - log_q_top), torch.zeros_like(p_top))
+        head_kl = head_terms.sum(dim=1) + torch.where(has_tail, p_tail * bucket_log_ratio, zero)
+
+        ctx.mark_non_differentiable(p_tail, q_tail)
+        ctx.save_for_backward(student_logits, teacher_logits, top_ids, top_values, student_top, log_z_t, log_z_s,
+                              log_tail_t, log_tail_s, p_tail, q_tail)
+        ctx.shard, ctx.inv_t = shard, inv_t
+        return head_kl, tail_kl, p_tail, q_tail
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_head, grad_tail, _grad_p_tail, _grad_q_tail):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        (student_logits, teacher_logits, top_ids, top_values, student_top, log_z_t, log_z_s, log_tail_t, log_tail_s,
+         p_tail, q_tail) = ctx.saved_tensors
+        shard, inv_t = ctx.shard, ctx.inv_t
+        num_rows = student_logits.shape[:-1].numel()
+        student = student_logits.reshape(num_rows, shard.size)
+        teacher = teacher_logits.reshape(num_rows, shard.size)
+        grad_head = grad_head.reshape(-1).float()
+        # KL(p̃‖q̃) is defined as 0 where the teacher's tail has no mass; so is its gradient.
+        grad_tail = torch.where(p_tail > 0, grad_tail.reshape(-1).float(), torch.zeros_like(p_tail))
+        # dD/dz_j = g_head·(q_j − p_j)                                     for j ∈ T
+        # dD/dz_j = (g_head·(Q_tail − P_tail) + g_tail)·q̃_j − g_tail·p̃_j   for j ∉ T   (z = s/τ)
+        coef_q = grad_head * (q_tail - p_tail) + grad_tail
+        top_grad = grad_head.unsqueeze(1) * (torch.exp(student_top - _normaliser(log_z_s).unsqueeze(1)) -
+                                             torch.exp(top_values - _normaliser(log_z_t).unsqueeze(1)))
+        log_tail_s, log_tail_t = _normaliser(log_tail_s).unsqueeze(1), _normaliser(log_tail_t).unsqueeze(1)
+
+        grad_student = torch.empty_like(student)
+        for rows in _row_chunks(num_rows, shard.size):
+            # Tail entries sit at or below their own log-sum-exp, so these exps cannot overflow;
+            # top-K entries may, and are overwritten below.
+            grad = _fp32(student[rows], inv_t, writable=True).sub_(log_tail_s[rows]).exp_().mul_(coef_q[rows, None])
+            p_tilde = _fp32(teacher[rows], inv_t, writable=True).sub_(log_tail_t[rows]).exp_()
+            grad.sub_(p_tilde.mul_(grad_tail[rows, None]))
+            if top_ids.shape[1]:
+                flat, owned = _owned_flat_index(top_ids[rows], shard)
+                grad.view(-1)[flat] = top_grad[rows][owned]
+            grad_student[rows] = grad.mul_(inv_t)
+        return grad_student.view_as(student_logits), None, None, None, None, None
+
+
+def _check_logits(student_logits, teacher_logits, top_k, temperature):
+    """The first problem with the arguments other than beta, or None."""
+    for name, logits in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(logits, torch.Tensor):
+            return f"{name} must be a torch.Tensor, got {type(logits).__name__}"
+        if not logits.is_floating_point():
+            return f"{name} must be floating point (fp32, bf16 or fp16), got {logits.dtype}"
+        if logits.dim() < 1:
+            return f"{name} must have a vocabulary dimension, got a 0-d tensor"
+    if student_logits.shape != teacher_logits.shape:
+        return (f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} "
+                f"must have the same shape (and the same vocabulary slice)")
+    if student_logits.device != teacher_logits.device:
+        return (f"student_logits ({student_logits.device}) and teacher_logits ({teacher_logits.device}) "
+                f"are on different devices")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        return f"top_k must be an integer >= 0, got {top_k!r}"
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        return f"temperature must be a number > 0, got {temperature!r}"
+    return None
+
+
+def _check_beta(beta, token_shape):
+    """The problem with beta (a number or a tensor broadcastable to ``token_shape``), or None."""
+    if isinstance(beta, torch.Tensor):
+        try:
+            broadcast = torch.broadcast_shapes(beta.shape, token_shape)
+        except RuntimeError:
+            broadcast = None
+        if broadcast != token_shape:
+            return f"beta of shape {tuple(beta.shape)} does not broadcast to the per-token shape {tuple(token_shape)}"
+        if beta.numel() and not bool(((beta >= 0) & torch.isfinite(beta)).all()):
+            return "beta must be finite and >= 0 everywhere, got a negative or non-finite entry"
+        return None
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (0 <= beta < float("inf")):
+        return f"beta must be a finite number >= 0 or a tensor, got {beta!r}"
+    return None
+
+
+def _tail_parts(student_logits, teacher_logits, top_k, temperature, tp_group, beta_error=None) -> TailParts:
+    error = _check_logits(student_logits, teacher_logits, top_k, temperature) or beta_error
+    device = next((x.device for x in (student_logits, teacher_logits) if isinstance(x, torch.Tensor)), None)
+    # A rank with bad input still joins the check, with placeholder values, so that every rank raises.
+    valid = error is None
+    shard = resolve_vocab_shard(student_logits.shape[-1] if valid else 0,
+                                tp_group,
+                                caller="tail_divergence",
+                                device=device,
+                                local_error=error,
+                                must_agree={
+                                    "top_k": top_k if valid else 0,
+                                    "temperature": temperature if valid else 0,
+                                    "the number of tokens": student_logits.shape[:-1].numel() if valid else 0,
+                                })
+    head_kl, tail_kl, p_tail, q_tail = _TailDivergenceParts.apply(student_logits, teacher_logits.detach(), top_k,
+                                                                  float(temperature), tp_group, shard)
+    token_shape = student_logits.shape[:-1]
+    return TailParts(head_kl.view(token_shape), tail_kl.view(token_shape), p_tail.view(token_shape),
+                     q_tail.view(token_shape))
+
+
+def tail_divergence_parts(student_logits: torch.Tensor,
+                          teacher_logits: torch.Tensor,
+                          *,
+                          top_k: int,
+                          temperature: float = 1.0,
+                          tp_group=None) -> TailParts:
+    """The per-token parts of the tail-aware divergence from one pass (see :class:`TailParts`).
+
+    Same arguments and contract as :func:`tail_divergence`, without β:
+    ``D = head_kl + β · tail_kl``.
+    """
+    return _tail_parts(student_logits, teacher_logits, top_k, temperature, tp_group)
+
+
+def tail_divergence(student_logits: torch.Tensor,
+                    teacher_logits: torch.Tensor,
+                    *,
+                    top_k: int,
+                    beta: Union[float, torch.Tensor],
+                    temperature: float = 1.0,
+                    tp_group=None) -> torch.Tensor:
+    """Per-token tail-aware divergence ``D = KL(p̂‖q̂) + β·KL(p̃‖q̃)`` (DESIGN.md §1).
+
+    Args:
+        student_logits, teacher_logits: ``[..., V]``, or this rank's ``[..., V_local]`` slice of
+            both when ``tp_group`` is given (identical slices; fp32, bf16 or fp16; math in fp32).
+        top_k: K ≥ 0. ``0`` gives β·KL; ``K ≥ V`` gives KL. Ties at the K-th teacher value go to
+            the lower global token id, for any tensor-parallel size.
+        beta: tail weight, a number or a tensor broadcastable to the per-token shape, ≥ 0.
+            ``beta = teacher tail mass`` gives the plain forward KL. Treated as a constant.
+        temperature: τ > 0; both logits are divided by it. No τ² factor is applied here.
+        tp_group: ``None`` for the whole vocabulary, else the tensor-parallel process group whose
+            rank r holds the r-th contiguous vocabulary slice (slices may be uneven).
+
+    Returns:
+        float32 ``[...]`` (the logits' shape without the last dim), identical on every rank of the
+        group; no reduction. Only ``student_logits`` gets a gradient (closed form, computed in row
+        chunks in backward with zero collectives); the teacher is detached.
+
+    Raises:
+        ValueError on every rank of the group, naming the argument, when any rank's input is bad
+        (shapes, dtypes, top_k, beta, temperature, token counts or K/τ differing across ranks).
+    """
+    token_shape = student_logits.shape[:-1] if isinstance(student_logits, torch.Tensor) else None
+    parts = _tail_parts(student_logits, teacher_logits, top_k, temperature, tp_group,
+                        _check_beta(beta, token_shape) if token_shape is not None else None)
+    if isinstance(beta, torch.Tensor):
+        beta = beta.detach().to(device=parts.tail_kl.device, dtype=torch.float32)
+    return parts.head_kl + beta * parts.tail_kl
+
+
+class TailDivergence(torch.nn.Module):
+    """:func:`tail_divergence` with its hyper-parameters bound; ``forward(student, teacher)``."""
+
+    def __init__(self, *, top_k: int, beta: float, temperature: float = 1.0, tp_group=None):
+        super().__init__()
+        self.top_k, self.beta, self.temperature, self.tp_group = top_k, beta, temperature, tp_group
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        return tail_divergence(student_logits,
+                               teacher_logits,
+                               top_k=self.top_k,
+                               beta=self.beta,
+                               temperature=self.temperature,
+                               tp_group=self.tp_group)

@@ -1,0 +1,20 @@
+"""Tensor-parallel plumbing for vocabulary-sharded logits.
+
+Everything here is a no-op without a process group (``None`` or a group of size 1), so the same
+loss code runs on one device and on a vocabulary split over tensor-parallel ranks.
+"""
+
+from model_parallel.collectives import gather_rows, group_rank, group_size, is_parallel
+from model_parallel.layout import VocabShard, resolve_vocab_shard
+from model_parallel.topk import local_topk, select_global_topk
+
+__all__ = [
+    "VocabShard",
+    "gather_rows",
+    "group_rank",
+    "group_size",
+    "is_parallel",
+    "local_topk",
+    "resolve_vocab_shard",
+    "select_global_topk",
+]

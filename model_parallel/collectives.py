@@ -1,0 +1,36 @@
+"""The collectives the vocabulary-parallel losses use, over an optional tensor-parallel group.
+
+``group=None`` means "no tensor parallelism" (as in ``deepspeed.comm.pg_utils``), never the world
+group, so these helpers also work before ``torch.distributed`` is initialised.
+"""
+
+import torch
+import torch.distributed as dist
+
+
+def is_parallel(group) -> bool:
+    """Whether a collective over ``group`` has any effect (the group exists and spans > 1 rank)."""
+    return group is not None and dist.get_world_size(group) > 1
+
+
+def group_size(group) -> int:
+    return dist.get_world_size(group) if is_parallel(group) else 1
+
+
+def group_rank(group) -> int:
+    return dist.get_rank(group) if is_parallel(group) else 0
+
+
+def gather_rows(local: torch.Tensor, group) -> torch.Tensor:
+    """All-gather per-token rows from every rank of ``group``.
+
+    ``local`` is ``[N, C]`` on every rank (same N, C and dtype). Returns ``[N, ranks, C]``, ordered
+    by group rank and bit-identical on every rank, so any reduction over the rank dimension done
+    afterwards is too. One all-gather of ``N * C`` elements per rank; a view of ``local`` without a
+    group.
+    """
+    if not is_parallel(group):
+        return local.unsqueeze(1)
+    gathered = torch.empty((dist.get_world_size(group), *local.shape), dtype=local.dtype, device=local.device)
+    dist.all_gather_into_tensor(gathered, local.contiguous(), group=group)
+    return gathered.movedim(0, 1)
