@@ -122,8 +122,9 @@ class _TailDivergenceParts(torch.autograd.Function):
         gathered = gather_rows(local_a, tp_group)  # (N, TP, 2 + 2K)
         log_z_t = torch.logsumexp(gathered[:, :, 0].float(), dim=1)
         log_z_s = torch.logsumexp(gathered[:, :, 1].float(), dim=1)
-        top_values, top_ids = select_global_topk(gathered[:, :, 2:2 + k].reshape(num_rows, -1).float(),
-                                                 gathered[:, :, 2 + k:].reshape(num_rows, -1).long(), k)
+        candidates = gathered.shape[1] * k
+        top_values, top_ids = select_global_topk(gathered[:, :, 2:2 + k].reshape(num_rows, candidates).float(),
+                                                 gathered[:, :, 2 + k:].reshape(num_rows, candidates).long(), k)
         del gathered, local_a
 
         # (b) Tail statistics of this slice, one all-gather: the teacher's and student's tail

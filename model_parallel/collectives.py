@@ -8,6 +8,13 @@ import torch
 import torch.distributed as dist
 
 
+def _all_gather_single(output, input, group):
+    # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single; looked up at
+    # call time so that tests can count what passes through it.
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return gather(output, input, group=group)
+
+
 def is_parallel(group) -> bool:
     """Whether a collective over ``group`` has any effect (the group exists and spans > 1 rank)."""
     return group is not None and dist.get_world_size(group) > 1
@@ -31,6 +38,8 @@ def gather_rows(local: torch.Tensor, group) -> torch.Tensor:
     """
     if not is_parallel(group):
         return local.unsqueeze(1)
-    gathered = torch.empty((dist.get_world_size(group), *local.shape), dtype=local.dtype, device=local.device)
-    dist.all_gather_into_tensor(gathered, local.contiguous(), group=group)
-    return gathered.movedim(0, 1)
+    ranks = dist.get_world_size(group)
+    # Rank-major, concatenated along the first dimension: the layout every backend accepts.
+    gathered = torch.empty((ranks * local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
+    _all_gather_single(gathered, local.contiguous(), group=group)
+    return gathered.view(ranks, *local.shape).movedim(0, 1)

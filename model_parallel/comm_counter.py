@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
-_COUNTED = ("all_reduce", "all_gather_into_tensor", "all_gather", "reduce_scatter_tensor", "broadcast", "all_to_all_single")
+_COUNTED = ("all_reduce", "all_gather_single", "all_gather_into_tensor", "all_gather", "reduce_scatter_tensor", "broadcast", "all_to_all_single")
 
 
 @dataclass
@@ -32,7 +32,7 @@ class CollectiveBytes:
 def _input_bytes(name, args, kwargs):
     if name == "all_gather":  # all_gather(tensor_list, tensor)
         tensor = args[1] if len(args) > 1 else kwargs["tensor"]
-    elif name in ("all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single"):
+    elif name in ("all_gather_single", "all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single"):
         tensor = args[1] if len(args) > 1 else kwargs["input"] if "input" in kwargs else kwargs["input_tensor"]
     else:
         tensor = args[0] if args else kwargs["tensor"]
@@ -43,7 +43,7 @@ def _input_bytes(name, args, kwargs):
 def count_collective_bytes():
     """``with count_collective_bytes() as counted: ...`` → ``counted.bytes``, ``counted.calls``."""
     counted = CollectiveBytes()
-    originals = {name: getattr(dist, name) for name in _COUNTED}
+    originals = {name: getattr(dist, name) for name in _COUNTED if hasattr(dist, name)}
 
     def counting(name, original):
 
