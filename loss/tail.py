@@ -8,11 +8,16 @@ P_tail / Q_tail the mass outside T and p̃, q̃ the renormalised tails (DESIGN.m
 β = P_tail per token gives the plain forward KL (chain rule of KL).
 
 Layout: every rank of ``tp_group`` holds the same contiguous vocabulary slice of both models'
-logits (rank r holds the r-th slice; slices may be uneven and smaller than K). Forward runs three
-all-gathers per call: the shard layout and argument check (a few numbers per rank), then per token
-(a) the local log-normalisers and teacher top-K candidates (2 + 2K numbers per rank) and (b) the
-local tail statistics and the student's logits at the chosen ids (3 + K numbers per rank).
-Traffic is O(K·TP) per token, independent of the vocabulary size. Every rank returns the same
+logits (rank r holds the r-th slice; slices may be uneven and smaller than K).
+
+Algorithm (DESIGN.md §2, in one pass over the logits): each rank proposes its local top-K teacher
+candidates and summarises the rest of its slice, its *local tail*, by three numbers: the teacher's
+and student's log-sum-exp over it and the mean log-ratio under the teacher's local-tail softmax.
+One all-gather of those ``3 + 3K`` numbers per token per rank (candidates travel with their
+teacher logit, student logit and id) lets every rank pick the same global top-K and fold the
+candidates left out back into the tail, exactly and without cancellation. Forward runs two
+all-gathers per call: the argument/layout check (a few numbers per rank) and that one per-token
+exchange, O(K·TP) bytes per token whatever the vocabulary size. Every rank returns the same
 per-token values and back-propagates the same loss, so backward runs **zero** collectives: each
 rank computes its own slice's gradient from its logits and saved per-token statistics.
 
@@ -27,12 +32,12 @@ from typing import NamedTuple, Union
 import torch
 from torch.autograd.function import once_differentiable
 
-from model_parallel import VocabShard, gather_rows, local_topk, resolve_vocab_shard, select_global_topk
+from model_parallel import VocabShard, gather_rows, local_topk, rank_candidates, resolve_vocab_shard
 
 # Elementwise work runs on row chunks of at most this many logits, so fp32 temporaries stay a few
-# chunk-sized buffers whatever the token count (and stay in cache); only per-token statistics span
-# all rows. Tests set it to 1 to cross chunk boundaries on every row.
-CHUNK_NUMEL = 1 << 16
+# chunk-sized buffers (1 MiB each, together within a server L3) whatever the token count; only
+# per-token statistics span all rows. Tests set it to 1 to cross chunk boundaries on every row.
+CHUNK_NUMEL = 1 << 18
 
 _NEG_INF = float("-inf")
 
@@ -56,15 +61,6 @@ def _row_chunks(num_rows: int, row_numel: int):
         yield slice(start, min(num_rows, start + step))
 
 
-def _fp32(logits: torch.Tensor, inv_temperature: float, *, writable: bool) -> torch.Tensor:
-    """``logits / τ`` in fp32; a fresh buffer when ``writable`` (callers then work in place)."""
-    if inv_temperature != 1.0:
-        return logits.float().mul_(inv_temperature) if logits.dtype != torch.float32 else logits * inv_temperature
-    if writable or logits.dtype != torch.float32:
-        return logits.to(torch.float32, copy=True)
-    return logits
-
-
 def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
 
@@ -81,6 +77,11 @@ def _log_ratio(log_num: torch.Tensor, log_den: torch.Tensor) -> torch.Tensor:
     return torch.where(log_num == _NEG_INF, torch.full_like(ratio, _NEG_INF), ratio)
 
 
+def _scaled_exp(x: torch.Tensor, shift: torch.Tensor, inv_t: float, out=None) -> torch.Tensor:
+    """``exp(x·inv_t − shift)`` in one pass plus the exp (``shift`` is ``[R, 1]``)."""
+    return torch.add(-shift, x, alpha=inv_t, out=out).exp_()
+
+
 def _owned_flat_index(top_ids: torch.Tensor, shard: VocabShard) -> tuple:
     """Flat positions in a ``[R, shard.size]`` chunk of the chosen ids this rank holds, and the
     ``[R, K]`` mask of which chosen ids those are."""
@@ -88,6 +89,54 @@ def _owned_flat_index(top_ids: torch.Tensor, shard: VocabShard) -> tuple:
     owned = (local >= 0) & (local < shard.size)
     rows = torch.arange(top_ids.shape[0], device=top_ids.device).unsqueeze(1).expand_as(local)
     return rows[owned] * shard.size + local[owned], owned
+
+
+def _local_statistics(student, teacher, k, shard, inv_t, payload):
+    """Fill ``payload`` (``[N, 3 + 3K]``) with this slice's per-token statistics, in one pass.
+
+    Columns: the teacher's and student's log-sum-exp over the *local tail* (the slice minus its
+    own top-K teacher candidates), the mean of ``(t − s)/τ`` under the teacher's local-tail
+    softmax, then the K candidates' teacher logits, student logits and global ids (``-inf`` and
+    ids past the vocabulary where the slice has fewer than K entries).
+    """
+    k_local = min(k, shard.size)
+    payload[:, 3:3 + 2 * k] = _NEG_INF
+    # Padding candidates lose every tie to a real id; the ranks together always propose at
+    # least K real ones, so padding is never chosen.
+    payload[:, 3 + 2 * k:] = torch.arange(k, device=payload.device) + shard.global_size
+    if shard.size == k_local:  # the whole slice is candidates: no local tail
+        payload[:, 0:2] = _NEG_INF
+        payload[:, 2] = 0.0
+    for rows in _row_chunks(student.shape[0], shard.size):
+        t = teacher[rows].float()  # (R, V_local); a view when already fp32, never written
+        s = student[rows].float()
+        if k_local:
+            top_t, top_index, t_tail_max = local_topk(t, k_local)
+            payload[rows, 3:3 + k_local] = top_t * inv_t
+            payload[rows, 3 + k:3 + k + k_local] = s.gather(1, top_index) * inv_t
+            payload[rows, 3 + 2 * k:3 + 2 * k + k_local] = top_index + shard.start
+        else:
+            t_tail_max = t.amax(dim=-1)
+        if shard.size == k_local:
+            continue
+        # (t − s) on the tail; ±inf/NaN where the teacher has no mass is zeroed (its weight is 0),
+        # +inf where only the student has none is kept: KL is infinite there.
+        log_ratio = torch.sub(t, s).nan_to_num_(nan=0.0, posinf=float("inf"), neginf=0.0)
+        s_tail = s.clone() if student.dtype == torch.float32 else s  # .float() copied already
+        if k_local:
+            log_ratio.scatter_(1, top_index, 0.0)
+            s_tail.scatter_(1, top_index, _NEG_INF)
+        s_shift = _finite_or_zero(s_tail.amax(dim=-1, keepdim=True)) * inv_t
+        s_sum = _scaled_exp(s_tail, s_shift, inv_t, out=s_tail).sum(dim=-1)
+        payload[rows, 1] = s_shift.squeeze(1) + torch.log(s_sum)
+        t_shift = _finite_or_zero(t_tail_max).unsqueeze(1) * inv_t
+        t_weight = _scaled_exp(t, t_shift, inv_t)  # teacher's local tail up to a per-row factor
+        if k_local:
+            t_weight.scatter_(1, top_index, 0.0)  # candidates may have overflowed; they are not tail
+        t_sum = t_weight.sum(dim=-1)
+        payload[rows, 0] = t_shift.squeeze(1) + torch.log(t_sum)
+        weighted = t_weight.mul_(log_ratio).sum(dim=-1) * inv_t
+        payload[rows, 2] = torch.where(t_sum > 0, weighted / t_sum, torch.zeros_like(t_sum))
 
 
 class _TailDivergenceParts(torch.autograd.Function):
@@ -99,84 +148,49 @@ class _TailDivergenceParts(torch.autograd.Function):
         teacher = teacher_logits.reshape(num_rows, shard.size)
         inv_t = 1.0 / temperature
         k = min(top_k, shard.global_size)
-        k_local = min(k, shard.size)
-        device = student.device
-        # Token ids travel in the same fp32 buffer as the values: exact below 2**24.
-        id_dtype = torch.float32 if shard.global_size < 2**24 else torch.float64
+        # Token ids travel in the same buffer as the logits: exact in fp32 below 2**24.
+        payload_dtype = torch.float32 if shard.global_size < 2**24 else torch.float64
+        payload = torch.empty(num_rows, 3 + 3 * k, dtype=payload_dtype, device=student.device)
+        _local_statistics(student, teacher, k, shard, inv_t, payload)
+        gathered = gather_rows(payload, tp_group)  # (N, TP, 3 + 3K), the only per-token collective
+        del payload
 
-        # (a) Local log-normalisers and teacher top-K candidates, one all-gather.
-        local_a = torch.empty(num_rows, 2 + 2 * k, dtype=id_dtype, device=device)
-        # Padding candidates (-inf, ids past the vocabulary) lose every tie to a real id; the ranks
-        # together always propose at least K real ones, so padding is never chosen.
-        local_a[:, 2:2 + k] = _NEG_INF
-        local_a[:, 2 + k:] = torch.arange(k, device=device) + shard.global_size
-        for rows in _row_chunks(num_rows, shard.size):
-            t = _fp32(teacher[rows], inv_t, writable=False)
-            s = _fp32(student[rows], inv_t, writable=False)
-            local_a[rows, 0] = torch.logsumexp(t, dim=-1)
-            local_a[rows, 1] = torch.logsumexp(s, dim=-1)
-            if k_local:
-                values, ids = local_topk(t, k_local)
-                local_a[rows, 2:2 + k_local] = values
-                local_a[rows, 2 + k:2 + k + k_local] = ids + shard.start
-        gathered = gather_rows(local_a, tp_group)  # (N, TP, 2 + 2K)
-        log_z_t = torch.logsumexp(gathered[:, :, 0].float(), dim=1)
-        log_z_s = torch.logsumexp(gathered[:, :, 1].float(), dim=1)
         candidates = gathered.shape[1] * k
-        top_values, top_ids = select_global_topk(gathered[:, :, 2:2 + k].reshape(num_rows, candidates).float(),
-                                                 gathered[:, :, 2 + k:].reshape(num_rows, candidates).long(), k)
-        del gathered, local_a
+        cand_t, cand_s, cand_ids = (gathered[:, :, 3 + i * k:3 + (i + 1) * k].reshape(num_rows, candidates)
+                                    for i in range(3))
+        order = rank_candidates(cand_t, cand_ids.long())
+        cand_t, cand_s = cand_t.gather(1, order).float(), cand_s.gather(1, order).float()
+        top_ids = cand_ids.gather(1, order[:, :k]).long()
+        top_t, top_s, rest_t, rest_s = cand_t[:, :k], cand_s[:, :k], cand_t[:, k:], cand_s[:, k:]
+        local_tail_t, local_tail_s, local_mean = (gathered[:, :, i].float() for i in range(3))
+        del gathered
 
-        # (b) Tail statistics of this slice, one all-gather: the teacher's and student's tail
-        # log-sum-exps, the mean log-ratio log(p_i/q_i) under the teacher's local tail, and the
-        # student's logits at the chosen ids (0 where another rank holds the id).
-        log_ratio_offset = _finite_or_zero(log_z_t - log_z_s)  # log p_i - log q_i = t_i - s_i - offset
-        local_b = torch.zeros(num_rows, 3 + k, dtype=torch.float32, device=device)
-        for rows in _row_chunks(num_rows, shard.size):
-            t = _fp32(teacher[rows], inv_t, writable=True)
-            s = _fp32(student[rows], inv_t, writable=True)
-            if k:
-                flat, owned = _owned_flat_index(top_ids[rows], shard)
-                local_b[rows, 3:][owned] = s.view(-1)[flat]
-                t.view(-1).index_fill_(0, flat, _NEG_INF)
-                s.view(-1).index_fill_(0, flat, _NEG_INF)
-            local_b[rows, 1] = torch.logsumexp(s, dim=-1)
-            t_max = _finite_or_zero(t.amax(dim=-1, keepdim=True))
-            tail_weight = torch.exp(t - t_max)  # (R, V_local), teacher tail up to a per-row factor
-            tail_sum = tail_weight.sum(dim=-1)
-            local_b[rows, 0] = t_max.squeeze(-1) + torch.log(tail_sum)
-            log_ratio = s.add_(log_ratio_offset[rows].unsqueeze(-1))
-            torch.sub(t, log_ratio, out=log_ratio)
-            # Entries without teacher mass contribute nothing, even where the log-ratio is ±inf/NaN.
-            log_ratio.masked_fill_(tail_weight == 0, 0.0)
-            weighted = torch.einsum("rv,rv->r", tail_weight, log_ratio)
-            local_b[rows, 2] = torch.where(tail_sum > 0, weighted / tail_sum, torch.zeros_like(tail_sum))
-            del t, s, tail_weight, log_ratio
-        gathered = gather_rows(local_b, tp_group)  # (N, TP, 3 + K)
-        log_tail_t = torch.logsumexp(gathered[:, :, 0], dim=1)
-        log_tail_s = torch.logsumexp(gathered[:, :, 1], dim=1)
-        rank_share = torch.exp(gathered[:, :, 0] - _normaliser(log_tail_t).unsqueeze(1))  # (N, TP)
-        tail_mean_log_ratio = (rank_share * gathered[:, :, 2]).sum(dim=1)
-        student_top = gathered[:, :, 3:].sum(dim=1)  # each id is held by exactly one rank
-        del gathered, local_b
+        # The global tail: every rank's local tail plus the proposed candidates not chosen.
+        log_tail_t = torch.logsumexp(torch.cat([local_tail_t, rest_t], dim=1), dim=1)
+        log_tail_s = torch.logsumexp(torch.cat([local_tail_s, rest_s], dim=1), dim=1)
+        tail_norm = _normaliser(log_tail_t).unsqueeze(1)
+        rest_log_ratio = torch.where(rest_t == _NEG_INF, torch.zeros_like(rest_t), rest_t - rest_s)
+        tail_mean = ((torch.exp(local_tail_t - tail_norm) * local_mean).sum(dim=1) +
+                     (torch.exp(rest_t - tail_norm) * rest_log_ratio).sum(dim=1))  # E_p̃[(t − s)/τ]
+        log_z_t = torch.logsumexp(torch.cat([log_tail_t.unsqueeze(1), top_t], dim=1), dim=1)
+        log_z_s = torch.logsumexp(torch.cat([log_tail_s.unsqueeze(1), top_s], dim=1), dim=1)
 
         log_p_tail = _log_ratio(log_tail_t, log_z_t)
         log_q_tail = _log_ratio(log_tail_s, log_z_s)
         p_tail, q_tail = torch.exp(log_p_tail), torch.exp(log_q_tail)
         has_tail = p_tail > 0
-        bucket_log_ratio = log_p_tail - log_q_tail
         zero = torch.zeros_like(p_tail)
-        # log p̃_i - log q̃_i = log(p_i/q_i) - log(P_tail/Q_tail)
-        tail_kl = torch.where(has_tail, tail_mean_log_ratio - bucket_log_ratio, zero)
-        log_p_top = top_values - _normaliser(log_z_t).unsqueeze(1)
-        log_q_top = student_top - _normaliser(log_z_s).unsqueeze(1)
+        # log p̃_i − log q̃_i = (t_i − s_i)/τ − (A_t − A_s), A the tails' log-sum-exps
+        tail_kl = torch.where(has_tail, tail_mean - (log_tail_t - log_tail_s), zero)
+        log_p_top = top_t - _normaliser(log_z_t).unsqueeze(1)
+        log_q_top = top_s - _normaliser(log_z_s).unsqueeze(1)
         p_top = torch.exp(log_p_top)
         head_terms = torch.where(p_top > 0, p_top * (log_p_top - log_q_top), torch.zeros_like(p_top))
-        head_kl = head_terms.sum(dim=1) + torch.where(has_tail, p_tail * bucket_log_ratio, zero)
+        head_kl = head_terms.sum(dim=1) + torch.where(has_tail, p_tail * (log_p_tail - log_q_tail), zero)
 
         ctx.mark_non_differentiable(p_tail, q_tail)
-        ctx.save_for_backward(student_logits, teacher_logits, top_ids, top_values, student_top, log_z_t, log_z_s,
-                              log_tail_t, log_tail_s, p_tail, q_tail)
+        ctx.save_for_backward(student_logits, teacher_logits, top_ids, top_t.contiguous(), top_s.contiguous(), log_z_t,
+                              log_z_s, log_tail_t, log_tail_s, p_tail, q_tail)
         ctx.shard, ctx.inv_t = shard, inv_t
         return head_kl, tail_kl, p_tail, q_tail
 
@@ -185,8 +199,8 @@ class _TailDivergenceParts(torch.autograd.Function):
     def backward(ctx, grad_head, grad_tail, _grad_p_tail, _grad_q_tail):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None
-        (student_logits, teacher_logits, top_ids, top_values, student_top, log_z_t, log_z_s, log_tail_t, log_tail_s,
-         p_tail, q_tail) = ctx.saved_tensors
+        (student_logits, teacher_logits, top_ids, top_t, top_s, log_z_t, log_z_s, log_tail_t, log_tail_s, p_tail,
+         q_tail) = ctx.saved_tensors
         shard, inv_t = ctx.shard, ctx.inv_t
         num_rows = student_logits.shape[:-1].numel()
         student = student_logits.reshape(num_rows, shard.size)
@@ -194,24 +208,29 @@ class _TailDivergenceParts(torch.autograd.Function):
         grad_head = grad_head.reshape(-1).float()
         # KL(p̃‖q̃) is defined as 0 where the teacher's tail has no mass; so is its gradient.
         grad_tail = torch.where(p_tail > 0, grad_tail.reshape(-1).float(), torch.zeros_like(p_tail))
+        # With z = s/τ (the 1/τ is folded into the coefficients):
         # dD/dz_j = g_head·(q_j − p_j)                                     for j ∈ T
-        # dD/dz_j = (g_head·(Q_tail − P_tail) + g_tail)·q̃_j − g_tail·p̃_j   for j ∉ T   (z = s/τ)
-        coef_q = grad_head * (q_tail - p_tail) + grad_tail
-        top_grad = grad_head.unsqueeze(1) * (torch.exp(student_top - _normaliser(log_z_s).unsqueeze(1)) -
-                                             torch.exp(top_values - _normaliser(log_z_t).unsqueeze(1)))
+        # dD/dz_j = (g_head·(Q_tail − P_tail) + g_tail)·q̃_j − g_tail·p̃_j   for j ∉ T
+        coef_q = ((grad_head * (q_tail - p_tail) + grad_tail) * inv_t).unsqueeze(1)
+        minus_coef_p = (-grad_tail * inv_t).unsqueeze(1)
+        top_grad = (grad_head * inv_t).unsqueeze(1) * (torch.exp(top_s - _normaliser(log_z_s).unsqueeze(1)) -
+                                                       torch.exp(top_t - _normaliser(log_z_t).unsqueeze(1)))
         log_tail_s, log_tail_t = _normaliser(log_tail_s).unsqueeze(1), _normaliser(log_tail_t).unsqueeze(1)
+        has_top = top_ids.shape[1] > 0
 
-        grad_student = torch.empty_like(student)
+        fp32_out = student.dtype == torch.float32
+        grad_student = torch.empty_like(student, dtype=torch.float32) if fp32_out else torch.empty_like(student)
         for rows in _row_chunks(num_rows, shard.size):
             # Tail entries sit at or below their own log-sum-exp, so these exps cannot overflow;
             # top-K entries may, and are overwritten below.
-            grad = _fp32(student[rows], inv_t, writable=True).sub_(log_tail_s[rows]).exp_().mul_(coef_q[rows, None])
-            p_tilde = _fp32(teacher[rows], inv_t, writable=True).sub_(log_tail_t[rows]).exp_()
-            grad.sub_(p_tilde.mul_(grad_tail[rows, None]))
-            if top_ids.shape[1]:
+            grad = _scaled_exp(student[rows].float(), log_tail_s[rows], inv_t,
+                               out=grad_student[rows] if fp32_out else None).mul_(coef_q[rows])
+            grad.addcmul_(_scaled_exp(teacher[rows].float(), log_tail_t[rows], inv_t), minus_coef_p[rows])
+            if has_top:
                 flat, owned = _owned_flat_index(top_ids[rows], shard)
                 grad.view(-1)[flat] = top_grad[rows][owned]
-            grad_student[rows] = grad.mul_(inv_t)
+            if not fp32_out:
+                grad_student[rows] = grad
         return grad_student.view_as(student_logits), None, None, None, None, None
 
 

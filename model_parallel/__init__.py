@@ -6,7 +6,7 @@ loss code runs on one device and on a vocabulary split over tensor-parallel rank
 
 from model_parallel.collectives import gather_rows, group_rank, group_size, is_parallel
 from model_parallel.layout import VocabShard, resolve_vocab_shard
-from model_parallel.topk import local_topk, select_global_topk
+from model_parallel.topk import local_topk, rank_candidates
 
 __all__ = [
     "VocabShard",
@@ -16,5 +16,5 @@ __all__ = [
     "is_parallel",
     "local_topk",
     "resolve_vocab_shard",
-    "select_global_topk",
+    "rank_candidates",
 ]

@@ -1,41 +1,45 @@
 """Global top-K over a vocabulary split across ranks, with one tie rule for every layout.
 
 Order: value descending, then token id ascending. Each rank proposes its local top-min(K, slice)
-as (value, global id) candidates; every rank merges the gathered K·TP candidates with the same
-rule and so picks the same K ids, whatever the tensor-parallel size.
+as (value, global id) candidates; every rank ranks the gathered K·TP candidates with the same rule
+and so picks the same K ids, whatever the tensor-parallel size.
 """
 
 import torch
 
 
 def local_topk(x: torch.Tensor, k: int):
-    """Top-``k`` of each row of ``x`` (``[R, V]``, ``k <= V``), ties broken towards the lower index.
+    """Top-``k`` of each row of ``x`` (``[R, V]``, ``1 <= k <= V``), ties going to the lower index.
 
-    ``torch.topk`` picks an arbitrary subset of values tied at the k-th place; rows where that
-    choice matters (more entries equal the k-th value than were taken) are redone with a stable
-    sort. Returns ``(values, indices)``, each ``[R, k]``, values descending.
+    Returns ``(values [R, k] descending, indices [R, k], next_value [R])`` where ``next_value`` is
+    the largest value left out (``-inf`` when ``k == V``): the maximum of the row's remainder.
+
+    ``torch.topk`` picks an arbitrary subset of entries tied at the k-th place. Taking one more
+    entry shows which rows that can affect (the k-th and (k+1)-th values are equal); only those
+    rows are redone with a stable sort, so the common case costs one ``topk`` and no extra pass.
     """
-    values, indices = torch.topk(x, k, dim=-1, largest=True, sorted=True)
-    if k == 0 or x.shape[0] == 0:
-        return values, indices
-    kth = values[:, -1:]
-    ambiguous = (x == kth).sum(-1) != (values == kth).sum(-1)  # (R,)
-    if ambiguous.any():
-        rows = ambiguous.nonzero().squeeze(1)
-        sorted_values, order = torch.sort(x[rows], dim=-1, descending=True, stable=True)
-        values[rows] = sorted_values[:, :k]
-        indices[rows] = order[:, :k]
-    return values, indices
+    vocab = x.shape[-1]
+    take = min(k + 1, vocab)
+    values, indices = torch.topk(x, take, dim=-1, largest=True, sorted=True)
+    if take > k:
+        ambiguous = values[:, k - 1] == values[:, k]
+        if ambiguous.any():
+            rows = ambiguous.nonzero().squeeze(1)
+            sorted_values, order = torch.sort(x[rows], dim=-1, descending=True, stable=True)
+            values[rows], indices[rows] = sorted_values[:, :take], order[:, :take]
+        next_value = values[:, k]
+    else:
+        next_value = torch.full_like(values[:, 0], float("-inf"))
+    return values[:, :k], indices[:, :k], next_value
 
 
-def select_global_topk(values: torch.Tensor, ids: torch.Tensor, k: int):
-    """Pick ``k`` of the candidate ``(values, ids)`` (each ``[N, C]``) by value desc, id asc.
+def rank_candidates(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Permutation ``[N, C]`` sorting each row of candidates by value desc, then id asc.
 
-    Deterministic given the candidates, so every rank that holds the same gathered candidates
-    picks the same ids in the same order. Returns ``(values, ids)``, each ``[N, k]``.
+    Deterministic given the candidates, so every rank holding the same gathered candidates ranks
+    them identically; the first K of the permutation are the global top-K.
     """
     by_id = ids.argsort(dim=-1)
-    values, ids = values.gather(-1, by_id), ids.gather(-1, by_id)
     # A stable sort keeps the ascending-id order among equal values.
-    values, order = torch.sort(values, dim=-1, descending=True, stable=True)
-    return values[:, :k], ids.gather(-1, order[:, :k])
+    by_value = torch.sort(values.gather(-1, by_id), dim=-1, descending=True, stable=True).indices
+    return by_id.gather(-1, by_value)
