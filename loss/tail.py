@@ -34,10 +34,12 @@ from torch.autograd.function import once_differentiable
 
 from model_parallel import VocabShard, gather_rows, local_topk, rank_candidates, resolve_vocab_shard
 
-# Elementwise work runs on row chunks of at most this many logits, so fp32 temporaries stay a few
-# chunk-sized buffers (1 MiB each, together within a server L3) whatever the token count; only
-# per-token statistics span all rows. Tests set it to 1 to cross chunk boundaries on every row.
-CHUNK_NUMEL = 1 << 18
+# Elementwise work runs on row chunks of at most CHUNK_NUMEL logits, so fp32 temporaries stay a few
+# chunk-sized buffers whatever the token count; only per-token statistics span all rows. On CPU
+# chunks are smaller still, so that those buffers (1 MiB each) stay in a server's L3 cache between
+# passes. Tests set CHUNK_NUMEL to 1 to cross chunk boundaries on every row.
+CHUNK_NUMEL = 1 << 24
+CPU_CHUNK_NUMEL = 1 << 18
 
 _NEG_INF = float("-inf")
 
@@ -55,8 +57,9 @@ class TailParts(NamedTuple):
     """Q_tail, the student's probability outside the teacher's top-K; no gradient."""
 
 
-def _row_chunks(num_rows: int, row_numel: int):
-    step = max(1, CHUNK_NUMEL // max(1, row_numel))
+def _row_chunks(num_rows: int, row_numel: int, device: torch.device):
+    limit = min(CHUNK_NUMEL, CPU_CHUNK_NUMEL) if device.type == "cpu" else CHUNK_NUMEL
+    step = max(1, limit // max(1, row_numel))
     for start in range(0, num_rows, step):
         yield slice(start, min(num_rows, start + step))
 
@@ -107,7 +110,7 @@ def _local_statistics(student, teacher, k, shard, inv_t, payload):
     if shard.size == k_local:  # the whole slice is candidates: no local tail
         payload[:, 0:2] = _NEG_INF
         payload[:, 2] = 0.0
-    for rows in _row_chunks(student.shape[0], shard.size):
+    for rows in _row_chunks(student.shape[0], shard.size, student.device):
         t = teacher[rows].float()  # (R, V_local); a view when already fp32, never written
         s = student[rows].float()
         if k_local:
@@ -220,7 +223,7 @@ class _TailDivergenceParts(torch.autograd.Function):
 
         fp32_out = student.dtype == torch.float32
         grad_student = torch.empty_like(student, dtype=torch.float32) if fp32_out else torch.empty_like(student)
-        for rows in _row_chunks(num_rows, shard.size):
+        for rows in _row_chunks(num_rows, shard.size, student.device):
             # Tail entries sit at or below their own log-sum-exp, so these exps cannot overflow;
             # top-K entries may, and are overwritten below.
             grad = _scaled_exp(student[rows].float(), log_tail_s[rows], inv_t,

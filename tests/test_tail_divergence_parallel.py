@@ -6,7 +6,7 @@ import torch.distributed as dist
 
 from loss import tail_divergence, tail_divergence_parts
 from model_parallel.comm_counter import count_collective_bytes
-from tests.distributed import run_on_ranks
+from model_parallel.spawn import run_on_ranks
 
 VOCAB = 97
 TOP_K = 10

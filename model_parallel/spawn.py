@@ -1,10 +1,10 @@
-"""Run a function on N gloo ranks spawned from a test, and collect what each rank returns.
+"""Run a function on N local gloo ranks and collect what each rank returns (tests, benchmarks).
 
 Each rank runs ``fn(rank, world_size, *args)`` after ``torch.distributed`` is initialised with gloo
 (or ``deepspeed.init_distributed`` when ``deepspeed=True``). What it returns (tensors, numbers,
 strings) comes back per rank; an exception on any rank fails the test with that rank's traceback,
 and a group that does not finish in ``timeout`` seconds is killed, so a hang is a failure, not a
-stuck CI.
+stuck CI. ``fn`` must be importable (a module-level function) because ranks are spawned.
 """
 
 import os

@@ -1,0 +1,1 @@
+"""Data: the embedded demo corpus, tokenizer training, preparation and resumable sampling."""

@@ -1,0 +1,1 @@
+"""Evaluation of students and teachers on (vocabulary-sharded) logits."""

@@ -1,0 +1,1 @@
+"""Entry points: parse a config, build the engines, train, clean up. Library code lives elsewhere."""
