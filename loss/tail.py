@@ -99,8 +99,9 @@ def _local_statistics(student, teacher, k, shard, inv_t, payload):
 
     Columns: the teacher's and student's log-sum-exp over the *local tail* (the slice minus its
     own top-K teacher candidates), the mean of ``(t − s)/τ`` under the teacher's local-tail
-    softmax, then the K candidates' teacher logits, student logits and global ids (``-inf`` and
-    ids past the vocabulary where the slice has fewer than K entries).
+    softmax, then the K candidates' unscaled teacher logits, unscaled student logits and global
+    ids (``-inf`` and ids past the vocabulary where the slice has fewer than K entries). Unscaled,
+    so that candidates are ranked on the very values every layout's ``local_topk`` compared.
     """
     k_local = min(k, shard.size)
     payload[:, 3:3 + 2 * k] = _NEG_INF
@@ -115,8 +116,8 @@ def _local_statistics(student, teacher, k, shard, inv_t, payload):
         s = student[rows].float()
         if k_local:
             top_t, top_index, t_tail_max = local_topk(t, k_local)
-            payload[rows, 3:3 + k_local] = top_t * inv_t
-            payload[rows, 3 + k:3 + k + k_local] = s.gather(1, top_index) * inv_t
+            payload[rows, 3:3 + k_local] = top_t
+            payload[rows, 3 + k:3 + k + k_local] = s.gather(1, top_index)
             payload[rows, 3 + 2 * k:3 + 2 * k + k_local] = top_index + shard.start
         else:
             t_tail_max = t.amax(dim=-1)
@@ -162,7 +163,7 @@ class _TailDivergenceParts(torch.autograd.Function):
         cand_t, cand_s, cand_ids = (gathered[:, :, 3 + i * k:3 + (i + 1) * k].reshape(num_rows, candidates)
                                     for i in range(3))
         order = rank_candidates(cand_t, cand_ids.long())
-        cand_t, cand_s = cand_t.gather(1, order).float(), cand_s.gather(1, order).float()
+        cand_t, cand_s = (x.gather(1, order).float() * inv_t for x in (cand_t, cand_s))
         top_ids = cand_ids.gather(1, order[:, :k]).long()
         top_t, top_s, rest_t, rest_s = cand_t[:, :k], cand_s[:, :k], cand_t[:, k:], cand_s[:, k:]
         local_tail_t, local_tail_s, local_mean = (gathered[:, :, i].float() for i in range(3))
