@@ -115,7 +115,9 @@ def prepare(tokenizer_name: str, inputs, out_dir: str, *, fmt: str, seq_len: int
     counts = {"documents": len(records), "tokens": int(lengths.sum())}
 
     # Generated datasets are written to a scratch cache beside the output, then saved into it.
-    scratch = tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out_dir)), prefix=".prepare-cache-")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    scratch = tempfile.TemporaryDirectory(dir=parent, prefix=".prepare-cache-")
     with scratch as cache, atomic_directory(out_dir) as staging:
         fingerprint = hashlib.sha256(f"{tokenized._fingerprint}-{fmt}-{seq_len}-{pack}".encode()).hexdigest()[:16]
         if fmt == "text":

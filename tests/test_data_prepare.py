@@ -198,7 +198,7 @@ def test_bad_input_is_one_line_and_writes_nothing(case, named, tokenizer_dir, to
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and error.startswith("error: ")
     assert named.format(tmp=tmp) in error
-    assert not out.exists() and not [p for p in os.listdir(tmp) if p.startswith(".out")]
+    assert not out.exists() and not [p for p in os.listdir(tmp) if p.startswith(".")]  # no staging left
 
 
 def test_failed_run_keeps_the_previous_output(tokenizer_dir, demo_dir, tmp_path):
