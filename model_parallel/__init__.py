@@ -6,11 +6,12 @@ loss code runs on one device and on a vocabulary split over tensor-parallel rank
 
 from model_parallel.collectives import gather_rows, group_rank, group_size, is_parallel
 from model_parallel.layout import VocabShard, resolve_vocab_shard
-from model_parallel.topk import local_topk, rank_candidates
+from model_parallel.topk import global_argmax, local_topk, rank_candidates
 
 __all__ = [
     "VocabShard",
     "gather_rows",
+    "global_argmax",
     "group_rank",
     "group_size",
     "is_parallel",

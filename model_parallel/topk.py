@@ -43,3 +43,17 @@ def rank_candidates(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     # A stable sort keeps the ascending-id order among equal values.
     by_value = torch.sort(values.gather(-1, by_id), dim=-1, descending=True, stable=True).indices
     return by_id.gather(-1, by_value)
+
+
+def global_argmax(logits: torch.Tensor, start: int, group) -> torch.Tensor:
+    """Global token id of each row's maximum over vocabulary slices (``[n, V_local]`` → ``[n]``).
+
+    Ties go to the lower id, as for the top-K. One all-gather of two numbers per row per rank.
+    """
+    from model_parallel.collectives import gather_rows
+
+    values, index = logits.float().max(dim=-1)
+    local = torch.stack([values, (index + start).double().float()], dim=1)
+    gathered = gather_rows(local, group)  # (n, ranks, 2)
+    order = rank_candidates(gathered[:, :, 0], gathered[:, :, 1].long())
+    return gathered[:, :, 1].long().gather(1, order[:, :1]).squeeze(1)

@@ -1,0 +1,65 @@
+"""The job's per-token objective: ``(1 − ce_weight)·τ²·D + ce_weight·CE``, D chosen by name."""
+
+from typing import Dict, Optional
+
+import torch
+
+from loss.baselines import cross_entropy, forward_kl, reverse_kl
+from loss.tail import tail_divergence_parts
+
+KINDS = ("tail", "kl", "reverse_kl", "ce")
+
+
+def sequence_beta(beta: float, teacher_tail_mass: torch.Tensor, sequence_ids: torch.Tensor) -> torch.Tensor:
+    """β_t = β · P_tail,t / mean of P_tail over the tokens of t's sequence (0 where that mean is 0).
+
+    ``teacher_tail_mass`` and ``sequence_ids`` are ``[n]`` over the valid tokens of a batch.
+    """
+    mass = teacher_tail_mass.detach().float()
+    count = torch.zeros(int(sequence_ids.max()) + 1 if sequence_ids.numel() else 0, device=mass.device)
+    total = torch.zeros_like(count)
+    count.index_add_(0, sequence_ids, torch.ones_like(mass))
+    total.index_add_(0, sequence_ids, mass)
+    mean = (total / count.clamp(min=1))[sequence_ids]
+    return torch.where(mean > 0, beta * mass / mean.clamp(min=torch.finfo(mass.dtype).tiny), torch.zeros_like(mass))
+
+
+def distillation_objective(student_logits: torch.Tensor,
+                           teacher_logits: Optional[torch.Tensor],
+                           labels: torch.Tensor,
+                           *,
+                           kind: str,
+                           top_k: int,
+                           beta: float,
+                           beta_mode: str = "constant",
+                           temperature: float = 1.0,
+                           ce_weight: float = 0.0,
+                           sequence_ids: Optional[torch.Tensor] = None,
+                           tp_group=None) -> Dict[str, torch.Tensor]:
+    """Per-token loss over ``n`` valid tokens (logits ``[n, V_local]``, ``labels`` ``[n]`` ids).
+
+    Returns ``{"loss": [n], "kd": [n], "ce": [n], ...}``: ``loss`` is what to back-propagate (after
+    the caller's reduction); the other entries are for logging. With ``kind`` ``tail`` the dict
+    also holds ``head_kl``, ``tail_kl``, ``teacher_tail_mass`` and ``student_tail_mass``.
+    ``beta_mode`` ``sequence`` needs ``sequence_ids`` (``[n]``, the row of each token).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"loss.kind: unknown {kind!r}; expected one of {', '.join(KINDS)}")
+    out = {}
+    if kind == "ce" or ce_weight > 0:
+        out["ce"] = cross_entropy(student_logits, labels, tp_group=tp_group)
+    if kind == "ce":
+        out["loss"] = out["ce"]
+        return out
+    if kind == "tail":
+        parts = tail_divergence_parts(student_logits, teacher_logits, top_k=top_k, temperature=temperature,
+                                      tp_group=tp_group)
+        token_beta = sequence_beta(beta, parts.teacher_tail_mass, sequence_ids) if beta_mode == "sequence" else beta
+        out.update(parts._asdict())
+        out["kd"] = parts.head_kl + token_beta * parts.tail_kl
+    else:
+        divergence = forward_kl if kind == "kl" else reverse_kl
+        out["kd"] = divergence(student_logits, teacher_logits, temperature=temperature, tp_group=tp_group)
+    scaled = temperature**2 * out["kd"]
+    out["loss"] = scaled if ce_weight == 0 else (1 - ce_weight) * scaled + ce_weight * out["ce"]
+    return out

@@ -1,0 +1,254 @@
+"""The run config: YAML → typed, validated dataclasses; errors name the key.
+
+    cfg = load_config("launch/configs/demo_distill.yaml", overrides=["train.max_steps=20", "student.path=null"])
+
+``overrides`` are ``key=value`` with the value parsed as a YAML scalar. Unknown keys, wrong types
+and bad values raise :class:`ConfigError` naming the dotted key. DeepSpeed's own JSON stays
+DeepSpeed's (``parallel.deepspeed_config``); :mod:`training.deepspeed_config` fills in the values this
+config owns and checks that the two agree.
+"""
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad run config; the message starts with the dotted key."""
+
+
+@dataclass
+class TeacherConfig:
+    path: Optional[str] = None
+    """HF model directory or hub id of the frozen teacher (required unless loss.kind is ce)."""
+    trust_remote_code: bool = False
+    """Allow the model repository's own code; requires ``revision`` to pin it."""
+    revision: Optional[str] = None
+    """Hub revision (commit) to load."""
+
+
+@dataclass
+class StudentConfig:
+    path: Optional[str] = None
+    """HF model directory or hub id to start from; exclusive with ``config``."""
+    config: Optional[str] = None
+    """HF config file (config.json) to initialise a fresh student from; exclusive with ``path``."""
+    trust_remote_code: bool = False
+    revision: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    train: Optional[str] = None
+    """Directory written by ``data.prepare``, or raw .txt/.jsonl/.parquet prepared on the fly."""
+    eval: Optional[str] = None
+    """Like ``train``; optional."""
+    format: Literal["text", "sft"] = "text"
+    """Format for raw files prepared on the fly."""
+    seq_len: int = 512
+    """Sequence length for raw files prepared on the fly (prepared directories carry their own)."""
+
+
+@dataclass
+class LossConfig:
+    kind: Literal["tail", "kl", "reverse_kl", "ce"] = "tail"
+    top_k: int = 10
+    """K, for kind tail."""
+    beta: float = 2.0
+    """Tail weight β, for kind tail."""
+    beta_mode: Literal["constant", "sequence"] = "constant"
+    """``sequence``: β_t = β · P_tail,t / mean of P_tail over the sequence's valid tokens."""
+    temperature: float = 1.0
+    ce_weight: float = 0.0
+    """loss = (1 − ce_weight)·τ²·D + ce_weight·CE; ignored for kind ce."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    """Optimizer steps of the whole schedule."""
+    stop_at_step: Optional[int] = None
+    """End cleanly (after a checkpoint) at this step without changing the schedule."""
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 3e-4
+    warmup_steps: int = 10
+    min_lr: float = 3e-5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """``auto``: bf16 where the accelerator supports it, fp32 on CPU."""
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    """Tensor-parallel size: both models' vocabularies are split over this many ranks."""
+    deepspeed_config: str = "ds_configs/zero3_tp.json"
+    """DeepSpeed JSON (ZeRO-3 + AutoTP); values this config owns are filled in."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100
+    """Save every this many steps (and at stop_at_step / the end)."""
+    keep: int = 2
+    """Complete checkpoints to keep."""
+    resume: str = "auto"
+    """``auto`` (latest complete checkpoint, if any), ``never``, or a checkpoint directory."""
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 1
+    """Log scalars every this many steps."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    """Evaluate on data.eval every this many steps (0: only at the end)."""
+    max_batches: int = 20
+    """Evaluation batches per rank (0: the whole eval split)."""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/distill"
+    seed: int = 0
+    tokenizer: Optional[str] = None
+    """Tokenizer directory or hub id; defaults to the teacher's (or the student's)."""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        _check_section_values(self)
+
+
+def _check_section_values(cfg: "RunConfig") -> None:
+    positive = {
+        "train.max_steps": cfg.train.max_steps, "train.micro_batch_size": cfg.train.micro_batch_size,
+        "train.grad_accum": cfg.train.grad_accum, "train.warmup_steps": cfg.train.warmup_steps,
+        "parallel.tensor_parallel": cfg.parallel.tensor_parallel, "checkpoint.every": cfg.checkpoint.every,
+        "checkpoint.keep": cfg.checkpoint.keep, "logging.every": cfg.logging.every, "data.seq_len": cfg.data.seq_len,
+        "loss.temperature": cfg.loss.temperature, "train.lr": cfg.train.lr,
+    }
+    for key, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"{key}: must be > 0, got {value!r}")
+    for key, value in {"loss.top_k": cfg.loss.top_k, "loss.beta": cfg.loss.beta, "train.min_lr": cfg.train.min_lr,
+                       "train.weight_decay": cfg.train.weight_decay, "train.grad_clip": cfg.train.grad_clip,
+                       "eval.every": cfg.eval.every, "eval.max_batches": cfg.eval.max_batches}.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value!r}")
+    if not 0 <= cfg.loss.ce_weight <= 1:
+        raise ConfigError(f"loss.ce_weight: must be in [0, 1], got {cfg.loss.ce_weight!r}")
+    if cfg.train.min_lr > cfg.train.lr:
+        raise ConfigError(f"train.min_lr: must be <= train.lr ({cfg.train.lr}), got {cfg.train.min_lr}")
+    if cfg.train.warmup_steps > cfg.train.max_steps:
+        raise ConfigError(f"train.warmup_steps: must be <= train.max_steps ({cfg.train.max_steps}), "
+                          f"got {cfg.train.warmup_steps}")
+    if cfg.train.stop_at_step is not None and not 0 < cfg.train.stop_at_step <= cfg.train.max_steps:
+        raise ConfigError(f"train.stop_at_step: must be in [1, train.max_steps={cfg.train.max_steps}], "
+                          f"got {cfg.train.stop_at_step}")
+    if (cfg.student.path is None) == (cfg.student.config is None):
+        raise ConfigError("student: set exactly one of student.path and student.config "
+                          f"(got path={cfg.student.path!r}, config={cfg.student.config!r})")
+    if cfg.loss.kind != "ce" and cfg.teacher.path is None:
+        raise ConfigError(f"teacher.path: required for loss.kind {cfg.loss.kind!r}")
+    if cfg.data.train is None:
+        raise ConfigError("data.train: required")
+    for section in ("teacher", "student"):
+        model = getattr(cfg, section)
+        if model.trust_remote_code and not model.revision:
+            raise ConfigError(f"{section}.trust_remote_code: requires {section}.revision to pin the code it runs")
+
+
+def _coerce(value, annotation, key: str):
+    """``value`` checked against the field's annotation (ints accepted where floats are expected)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float) and isinstance(value, bool) or not isinstance(value, annotation):
+        raise ConfigError(f"{key}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls, raw, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (valid keys here: {', '.join(fields)})")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in raw.items():
+        if dataclasses.is_dataclass(hints[name]):
+            values[name] = _build(hints[name], value or {}, f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(value, hints[name], prefix + name)
+    return cls(**values)
+
+
+def parse_override(text: str):
+    """``"a.b=value"`` → (["a", "b"], value parsed as a YAML scalar)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+
+
+def load_config(path: str, overrides=()) -> RunConfig:
+    """Read ``path`` (YAML), apply ``overrides`` (``key=value``) and validate."""
+    try:
+        with open(path) as source:
+            raw = yaml.safe_load(source) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    for override in overrides:
+        keys, value = parse_override(override)
+        node = raw
+        for depth, key in enumerate(keys[:-1]):
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{'.'.join(keys[:depth + 1])}: is not a section, cannot set {override!r}")
+        node[keys[-1]] = value
+    return _build(RunConfig, raw, "")
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def identity(cfg: RunConfig) -> dict:
+    """The keys a checkpoint must agree on to be resumed: models, tokenizer, loss and data."""
+    flat = {}
+    for section in ("teacher", "tokenizer", "loss", "data"):
+        value = getattr(cfg, section)
+        if dataclasses.is_dataclass(value):
+            flat.update({f"{section}.{k}": v for k, v in dataclasses.asdict(value).items()})
+        else:
+            flat[section] = value
+    flat["seed"] = cfg.seed
+    return flat

@@ -1,0 +1,76 @@
+"""DeepSpeed JSON, completed from the run config and checked against it.
+
+The run config owns batch sizes, optimizer, schedule, clipping, precision and the tensor-parallel
+size. A DeepSpeed file may leave those out or set them to ``"auto"``; a value it sets explicitly
+must equal the run config's, or :class:`ConfigError` names both.
+"""
+
+import copy
+import json
+
+from training.config import ConfigError, RunConfig
+
+AUTO = "auto"
+
+
+def _put(ds: dict, dotted: str, value, source: str) -> None:
+    node, keys = ds, dotted.split(".")
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    current = node.get(keys[-1], AUTO)
+    if current != AUTO and current != value:
+        raise ConfigError(f"{source}: {dotted} is {current!r} but the run config implies {value!r}; remove it, set "
+                          f"it to \"auto\" or make the two agree")
+    node[keys[-1]] = value
+
+
+def build_deepspeed_configs(cfg: RunConfig, world_size: int, bf16: bool):
+    """``(student_ds, teacher_ds, zero_only)`` dicts for ``world_size`` ranks.
+
+    ``zero_only`` (no tensor-parallel section) is what ``HfDeepSpeedConfig`` sees while models are
+    loaded partitioned; ``deepspeed.initialize`` then applies AutoTP with the full configs.
+    """
+    source = cfg.parallel.deepspeed_config
+    try:
+        with open(source) as handle:
+            ds = json.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"parallel.deepspeed_config: file not found: {source}") from None
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"parallel.deepspeed_config: {source} is not valid JSON ({error.msg}, line {error.lineno})"
+                          ) from None
+    tp = cfg.parallel.tensor_parallel
+    if world_size % tp:
+        raise ConfigError(f"parallel.tensor_parallel: {tp} does not divide the world size {world_size}")
+    if ds.get("zero_optimization", {}).get("stage", 3) != 3:
+        raise ConfigError(f"{source}: zero_optimization.stage must be 3 (both models are ZeRO-3 partitioned)")
+    train = cfg.train
+    _put(ds, "train_micro_batch_size_per_gpu", train.micro_batch_size, source)
+    _put(ds, "gradient_accumulation_steps", train.grad_accum, source)
+    # DeepSpeed derives the global batch from the two above; at config time it does not yet know the
+    # tensor-parallel groups and would check it against every rank.
+    if ds.pop("train_batch_size", AUTO) not in (AUTO, train.micro_batch_size * train.grad_accum * (world_size // tp)):
+        raise ConfigError(f"{source}: train_batch_size disagrees with train.micro_batch_size x train.grad_accum x "
+                          f"data-parallel size; remove it or set it to \"auto\"")
+    _put(ds, "gradient_clipping", train.grad_clip, source)
+    _put(ds, "zero_optimization.stage", 3, source)
+    _put(ds, "tensor_parallel.autotp_size", tp, source)
+    _put(ds, "tensor_parallel.vocab_parallel_lm_head", True, source)
+    _put(ds, "optimizer.type", "AdamW", source)
+    _put(ds, "optimizer.params.lr", train.lr, source)
+    _put(ds, "optimizer.params.weight_decay", train.weight_decay, source)
+    _put(ds, "scheduler.type", "WarmupCosineLR", source)
+    _put(ds, "scheduler.params.total_num_steps", train.max_steps, source)
+    _put(ds, "scheduler.params.warmup_num_steps", train.warmup_steps, source)
+    _put(ds, "scheduler.params.warmup_min_ratio", 0.0, source)
+    _put(ds, "scheduler.params.warmup_type", "linear", source)
+    _put(ds, "scheduler.params.cos_min_ratio", train.min_lr / train.lr, source)
+    _put(ds, "bf16.enabled", bf16, source)
+    ds.setdefault("steps_per_print", 10**9)  # the job logs; DeepSpeed's own step prints are noise
+    ds.setdefault("wall_clock_breakdown", False)
+
+    teacher = copy.deepcopy(ds)
+    for key in ("optimizer", "scheduler", "gradient_clipping"):
+        teacher.pop(key, None)
+    zero_only = {k: v for k, v in ds.items() if k != "tensor_parallel"}
+    return ds, teacher, zero_only

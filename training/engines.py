@@ -1,0 +1,189 @@
+"""Build the frozen teacher and the trainable student as ZeRO-3 + AutoTP DeepSpeed engines.
+
+Both models are created under a ZeRO-3-only ``HfDeepSpeedConfig`` / ``zero.Init`` so that no rank
+ever holds a full copy, then ``deepspeed.initialize`` applies AutoTP with a vocabulary-parallel
+LM head: both engines return logits sliced identically over the tensor-parallel group.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from data.cli import DataError
+from data.manifest import tokenizer_fingerprint
+from training.config import ConfigError, RunConfig
+
+
+@dataclass
+class Engines:
+    student: object
+    """The student's DeepSpeed engine (optimizer, scheduler, checkpoints)."""
+    teacher: object
+    """The frozen teacher's engine (no optimizer), or None for loss.kind ce."""
+    tokenizer: object
+    vocab_size: int
+    """Padded vocabulary size shared by both heads (a multiple of the tensor-parallel size)."""
+    real_vocab_size: int
+    """len(tokenizer): logit columns at or past it are padding, masked to -inf."""
+    vocab_start: int
+    """Global id of this rank's first logit column."""
+    tp_group: object
+    dp_group: object
+    dp_rank: int
+    dp_size: int
+
+
+def _load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as error:  # OSError/ValueError/hub errors: one message for the user
+        raise ConfigError(f"tokenizer: could not load {name!r}: {str(error).splitlines()[0]}") from None
+
+
+def resolve_tokenizer(cfg: RunConfig):
+    """The run's tokenizer; refuses a teacher or student directory that ships a different one."""
+    name = cfg.tokenizer or cfg.teacher.path or cfg.student.path
+    if name is None:
+        raise ConfigError("tokenizer: required when the student starts from student.config and there is no teacher")
+    tokenizer = _load_tokenizer(name)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    expected = tokenizer_fingerprint(tokenizer)
+    for key, path in (("teacher.path", cfg.teacher.path), ("student.path", cfg.student.path)):
+        if path and path != name and os.path.isdir(path) and any(
+                os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+            other = _load_tokenizer(path)
+            if tokenizer_fingerprint(other) != expected:
+                raise ConfigError(f"{key}: {path} ships a tokenizer whose token→id map differs from {name!r}; "
+                                  f"teacher and student must share one tokenizer")
+    return tokenizer
+
+
+def _model_config(section, key: str):
+    from transformers import AutoConfig
+
+    source = section.path or section.config
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=section.trust_remote_code,
+                                          revision=section.revision)
+    except Exception as error:
+        raise ConfigError(f"{key}: could not load a model config from {source!r}: {str(error).splitlines()[0]}"
+                          ) from None
+
+
+def aligned_vocab_size(sizes, real_vocab_size: int, tp: int) -> int:
+    """One vocabulary size for both heads: the largest, rounded up to a multiple of ``tp``."""
+    small = [size for size in sizes if size < real_vocab_size]
+    if small:
+        raise ConfigError(f"vocabulary: a model has {min(small)} embedding rows but the tokenizer has "
+                          f"{real_vocab_size} tokens; the vocabularies cannot be aligned")
+    size = max(sizes)
+    return -(-size // tp) * tp
+
+
+def _untie_scaled_head(model, zero_only: dict) -> None:
+    """Give ``model`` its own LM head, a copy of the tied embedding.
+
+    AutoTP's vocabulary-parallel head cannot share a custom embedding (Gemma-2's scaled one), so
+    tied models with such an embedding are untied at load: for a frozen teacher nothing changes;
+    a student then trains its head separately from its embedding (see README).
+    """
+    import deepspeed
+
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    with deepspeed.zero.GatheredParameters([embedding.weight]):
+        weight = embedding.weight.detach().clone()
+    with deepspeed.zero.Init(config_dict_or_path=zero_only):
+        new_head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+    with deepspeed.zero.GatheredParameters([new_head.weight], modifier_rank=0):
+        if torch.distributed.get_rank() == 0:
+            new_head.weight.data.copy_(weight)
+    del weight
+    model.set_output_embeddings(new_head)
+    model.config.tie_word_embeddings = False
+    if hasattr(model.config, "get_text_config"):
+        model.config.get_text_config().tie_word_embeddings = False
+    assert head is not None
+
+
+def _needs_untie(model) -> bool:
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and head.weight is embedding.weight and type(embedding) is not torch.nn.Embedding
+
+
+def _build_model(section, key: str, vocab_size: int, zero_only: dict, dtype, tp: int, frozen: bool):
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+
+    config = _model_config(section, key)
+    with deepspeed.zero.Init(config_dict_or_path=zero_only):
+        if section.path:
+            model = AutoModelForCausalLM.from_pretrained(section.path, config=config, dtype=dtype,
+                                                         trust_remote_code=section.trust_remote_code,
+                                                         revision=section.revision)
+        else:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                     trust_remote_code=section.trust_remote_code)
+    if model.get_input_embeddings().weight.ds_shape[0] != vocab_size:
+        model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    if tp > 1 and _needs_untie(model):
+        _untie_scaled_head(model, zero_only)
+    if frozen:
+        model.requires_grad_(False)
+        model.eval()
+    return model
+
+
+def build_engines(cfg: RunConfig, ds_configs, *, bf16: bool) -> Engines:
+    """Tokenizer, teacher and student engines, and the parallel layout they were built with."""
+    import deepspeed
+    from deepspeed.utils import groups
+    from transformers.integrations import HfDeepSpeedConfig
+
+    student_ds, teacher_ds, zero_only = ds_configs
+    tokenizer = resolve_tokenizer(cfg)
+    tp = cfg.parallel.tensor_parallel
+    sizes = [_model_config(cfg.student, "student").get_text_config().vocab_size]
+    if cfg.loss.kind != "ce":
+        sizes.append(_model_config(cfg.teacher, "teacher").get_text_config().vocab_size)
+    vocab_size = aligned_vocab_size(sizes, len(tokenizer), tp)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+
+    # Keep a reference: transformers finds the ZeRO-3 config through a weak reference to it.
+    hf_ds_config = HfDeepSpeedConfig(zero_only)
+    teacher = None
+    if cfg.loss.kind != "ce":
+        teacher_model = _build_model(cfg.teacher, "teacher", vocab_size, zero_only, dtype, tp, frozen=True)
+        teacher, *_ = deepspeed.initialize(model=teacher_model, config=teacher_ds)
+        teacher.eval()
+    torch.manual_seed(cfg.seed)  # a fresh student's initial weights depend on the seed alone
+    student_model = _build_model(cfg.student, "student", vocab_size, zero_only, dtype, tp, frozen=False)
+    student, *_ = deepspeed.initialize(model=student_model, config=student_ds,
+                                       model_parameters=[p for p in student_model.parameters() if p.requires_grad])
+    del hf_ds_config
+
+    head = student.module.get_output_embeddings()
+    vocab_start = getattr(head, "vocab_start_index", 0)
+    if teacher is not None and getattr(teacher.module.get_output_embeddings(), "vocab_start_index", 0) != vocab_start:
+        raise RuntimeError("teacher and student heads hold different vocabulary slices")
+    if tp > 1:
+        tp_group, dp_group = groups.get_tensor_model_parallel_group(), groups.get_data_parallel_group()
+    else:
+        tp_group, dp_group = None, torch.distributed.group.WORLD
+    dp_size = torch.distributed.get_world_size(dp_group)
+    return Engines(student=student, teacher=teacher, tokenizer=tokenizer, vocab_size=vocab_size,
+                   real_vocab_size=len(tokenizer), vocab_start=vocab_start, tp_group=tp_group, dp_group=dp_group,
+                   dp_rank=torch.distributed.get_rank(dp_group), dp_size=dp_size)
+
+
+def check_data_tokenizer(manifest: dict, tokenizer, path: str) -> None:
+    """Prepared data must come from the run's tokenizer (raised as a config error for the job)."""
+    from data.manifest import check_tokenizer
+
+    try:
+        check_tokenizer(path, manifest, tokenizer)
+    except DataError as error:
+        raise ConfigError(f"data: {error}") from None

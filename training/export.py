@@ -1,0 +1,33 @@
+"""Write the trained student as a Hugging Face model directory (full weights, safetensors)."""
+
+import os
+import shutil
+
+import torch.distributed as dist
+
+
+def export_student(engine, tokenizer, out_dir: str) -> None:
+    """Gather the ZeRO-3 partitions and tensor-parallel shards of ``engine`` and save them.
+
+    Every rank must call this (the gather is collective); rank 0 writes ``out_dir`` atomically:
+    ``config.json``, ``model.safetensors`` and the tokenizer, loadable with
+    ``AutoModelForCausalLM.from_pretrained(out_dir)``.
+    """
+    state_dict = engine._zero3_consolidated_16bit_state_dict()  # full tensors on rank 0, None elsewhere
+    if dist.get_rank() == 0:
+        from transformers import AutoModelForCausalLM
+
+        config = engine.module.config
+        model = AutoModelForCausalLM.from_config(config, dtype=next(iter(state_dict.values())).dtype)
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        tied = {"lm_head.weight"} if config.get_text_config().tie_word_embeddings else set()
+        if set(missing) - tied or unexpected:
+            raise RuntimeError(f"export: weights do not match the model (missing {missing}, unexpected {unexpected})")
+        staging = f"{out_dir}.tmp-export"
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    dist.barrier()

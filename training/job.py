@@ -1,0 +1,119 @@
+"""The distillation job: build, resume, train, checkpoint, log, evaluate, export."""
+
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from data.loader import Collator, GlobalBatchSampler, eval_batches, load_prepared
+from training import checkpoint
+from training.config import ConfigError, RunConfig, identity, to_dict
+from training.data import ensure_prepared
+from training.deepspeed_config import build_deepspeed_configs
+from training.engines import build_engines, check_data_tokenizer
+from training.export import export_student
+from training.metrics import MetricsWriter
+from training.step import evaluate, train_step
+
+
+def _use_bf16(cfg: RunConfig) -> bool:
+    if cfg.train.dtype != "auto":
+        return cfg.train.dtype == "bf16"
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _client_state(cfg, step, sampler, engines) -> dict:
+    return {
+        "step": step,
+        "sampler": sampler.state_dict(),
+        "rng": checkpoint.rng_state(),
+        "run_identity": identity(cfg),
+        "layout": {"tensor_parallel": cfg.parallel.tensor_parallel, "data_parallel": engines.dp_size,
+                   "global_batch_size": sampler.global_batch_size, "vocab_size": engines.vocab_size},
+    }
+
+
+def _eval_scalars(engines, cfg, eval_set, collator) -> dict:
+    batches = eval_batches(eval_set, batch_size=cfg.train.micro_batch_size, dp_size=engines.dp_size,
+                           dp_rank=engines.dp_rank, collator=collator)
+    if cfg.eval.max_batches:
+        batches = (batch for _, batch in zip(range(cfg.eval.max_batches), batches))
+    return {f"eval/{name}": value for name, value in evaluate(engines, cfg.loss, batches).items()}
+
+
+def run(cfg: RunConfig) -> dict:
+    """Train as configured; returns the last logged scalars (every rank)."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    bf16 = _use_bf16(cfg)
+    ds_configs = build_deepspeed_configs(cfg, world_size, bf16)
+    train_dir = ensure_prepared(cfg, cfg.data.train, "train")
+    eval_dir = ensure_prepared(cfg, cfg.data.eval, "eval") if cfg.data.eval else None
+    _seed_everything(cfg.seed)
+    engines = build_engines(cfg, ds_configs, bf16=bf16)
+    train_set, manifest = load_prepared(train_dir)
+    check_data_tokenizer(manifest, engines.tokenizer, train_dir)
+    eval_set = None
+    if eval_dir:
+        eval_set, eval_manifest = load_prepared(eval_dir)
+        check_data_tokenizer(eval_manifest, engines.tokenizer, eval_dir)
+
+    root = os.path.join(cfg.output_dir, "checkpoints")
+    step, consumed = 0, 0
+    resume = checkpoint.find_resume(cfg.checkpoint.resume, root)
+    if resume:
+        state = checkpoint.load(engines.student, *resume)
+        checkpoint.refuse_drift(state["run_identity"], identity(cfg), resume[1])
+        checkpoint.set_rng_state(state["rng"])
+        step, consumed = state["step"], state["sampler"]["consumed_samples"]
+    sampler = GlobalBatchSampler(len(train_set), micro_batch_size=cfg.train.micro_batch_size,
+                                 grad_accum=cfg.train.grad_accum, dp_size=engines.dp_size, dp_rank=engines.dp_rank,
+                                 seed=cfg.seed, consumed_samples=consumed)
+    collator = Collator(engines.tokenizer.pad_token_id)
+    if rank == 0:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as out:
+            yaml.safe_dump(to_dict(cfg), out, sort_keys=False)
+    writer = MetricsWriter(cfg.output_dir, resume_step=step, enabled=rank == 0)
+
+    from tqdm import tqdm
+
+    end = cfg.train.stop_at_step or cfg.train.max_steps
+    progress = tqdm(total=cfg.train.max_steps, initial=step, desc="distill", unit="step", disable=rank != 0,
+                    dynamic_ncols=True)
+    scalars = {}
+    while step < end:
+        step += 1
+        micro_batches = [collator([train_set[int(i)] for i in indices]) for indices in sampler.step_micro_batches()]
+        started = time.perf_counter()
+        means = train_step(engines, cfg.loss, micro_batches)
+        seconds = time.perf_counter() - started
+        scalars = {f"train/{name}": value for name, value in means.items() if name != "tokens"}
+        scalars["train/tokens_per_s"] = means["tokens"] / seconds
+        evaluate_now = step == cfg.train.max_steps or (cfg.eval.every and step % cfg.eval.every == 0)
+        if eval_set is not None and evaluate_now:
+            scalars.update(_eval_scalars(engines, cfg, eval_set, collator))
+        if step % cfg.logging.every == 0 or step == end:
+            writer.log(step, scalars)
+        progress.update(1)
+        progress.set_postfix(loss=f"{means['loss']:.4f}")
+        if step % cfg.checkpoint.every == 0 or step == end:
+            checkpoint.save(engines.student, root, step, _client_state(cfg, step, sampler, engines),
+                            cfg.checkpoint.keep)
+    progress.close()
+    if step == cfg.train.max_steps:
+        export_student(engines.student, engines.tokenizer, os.path.join(cfg.output_dir, "student"))
+    writer.close()
+    return scalars
+
+
+__all__ = ["run", "ConfigError"]

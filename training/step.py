@@ -1,0 +1,114 @@
+"""One distillation step on vocabulary-sharded logits, and evaluation with the same objective.
+
+Per micro-batch: the frozen teacher's forward under ``no_grad``, the student's forward, the
+objective on the valid next-token positions only (labels != -100, shifted by one), then backward.
+The loss is a mean over the valid tokens of the *global* batch (all micro-batches, all data-parallel
+ranks), so it does not depend on how the batch is split.
+"""
+
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+from loss.objective import distillation_objective
+from model_parallel import global_argmax
+
+IGNORE_INDEX = -100
+# Summed per token, reported as means over the valid tokens of the step.
+_LOGGED = ("loss", "kd", "ce", "head_kl", "tail_kl", "teacher_tail_mass", "student_tail_mass")
+
+
+def _valid_positions(batch):
+    targets = batch["labels"][:, 1:]
+    return targets, targets != IGNORE_INDEX
+
+
+def _mask_padding(logits: torch.Tensor, vocab_start: int, real_vocab_size: int) -> torch.Tensor:
+    """Padded vocabulary rows carry no probability: their logit columns become -inf (in place)."""
+    first_pad = real_vocab_size - vocab_start
+    if first_pad < logits.shape[-1]:
+        logits[..., max(first_pad, 0):] = float("-inf")
+    return logits
+
+
+def _objective(engines, loss_cfg, batch, *, student_logits):
+    targets, valid = _valid_positions(batch)
+    teacher_logits = None
+    if engines.teacher is not None:
+        with torch.no_grad():
+            teacher_logits = engines.teacher(input_ids=batch["input_ids"],
+                                             attention_mask=batch["attention_mask"]).logits[:, :-1][valid]
+        _mask_padding(teacher_logits, engines.vocab_start, engines.real_vocab_size)
+    student = _mask_padding(student_logits[:, :-1][valid], engines.vocab_start, engines.real_vocab_size)
+    out = distillation_objective(student, teacher_logits, targets[valid], kind=loss_cfg.kind, top_k=loss_cfg.top_k,
+                                 beta=loss_cfg.beta, beta_mode=loss_cfg.beta_mode,
+                                 temperature=loss_cfg.temperature, ce_weight=loss_cfg.ce_weight,
+                                 sequence_ids=valid.nonzero()[:, 0], tp_group=engines.tp_group)
+    if teacher_logits is not None:
+        with torch.no_grad():
+            agree = global_argmax(student.detach(), engines.vocab_start, engines.tp_group) == global_argmax(
+                teacher_logits, engines.vocab_start, engines.tp_group)
+        out["top1_agreement"] = agree.float()
+    return out
+
+
+def _global_sum(value: float, group) -> float:
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor, group=group)
+    return tensor.item()
+
+
+def _reduce_means(sums: dict, tokens: float, group) -> dict:
+    names = sorted(sums)
+    tensor = torch.tensor([sums[name] for name in names], dtype=torch.float64)
+    dist.all_reduce(tensor, group=group)
+    return {name: value / max(tokens, 1.0) for name, value in zip(names, tensor.tolist())}
+
+
+def train_step(engines, loss_cfg, micro_batches) -> dict:
+    """Run ``grad_accum`` micro-batches and the optimizer step; return the step's means."""
+    student = engines.student
+    local_tokens = sum(int(_valid_positions(batch)[1].sum()) for batch in micro_batches)
+    tokens = _global_sum(local_tokens, engines.dp_group)
+    # DeepSpeed averages gradients over data-parallel ranks; the loss is a global-token mean.
+    scale = engines.dp_size / max(tokens, 1.0)
+    sums = defaultdict(float)
+    for batch in micro_batches:
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        out = _objective(engines, loss_cfg, batch, student_logits=logits)
+        student.backward(out["loss"].sum() * scale, scale_wrt_gas=False)
+        student.step()
+        for name in _LOGGED + ("top1_agreement",):
+            if name in out:
+                sums[name] += float(out[name].detach().float().sum())
+        del logits, out
+    means = _reduce_means(sums, tokens, engines.dp_group)
+    means["tokens"] = tokens
+    means["grad_norm"] = float(student.get_global_grad_norm() or 0.0)
+    means["lr"] = student.get_lr()[0]
+    return means
+
+
+@torch.no_grad()
+def evaluate(engines, loss_cfg, batches) -> dict:
+    """Means over the valid tokens of ``batches`` (this rank's share; reduced over data parallel)."""
+    engines.student.eval()
+    sums, tokens = defaultdict(float), 0
+    for batch in batches:
+        logits = engines.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        out = _objective(engines, loss_cfg, batch, student_logits=logits)
+        if "ce" not in out:
+            from loss import cross_entropy
+
+            targets, valid = _valid_positions(batch)
+            student = _mask_padding(logits[:, :-1][valid], engines.vocab_start, engines.real_vocab_size)
+            out["ce"] = cross_entropy(student, targets[valid], tp_group=engines.tp_group)
+        tokens += int(_valid_positions(batch)[1].sum())
+        for name in _LOGGED + ("top1_agreement",):
+            if name in out:
+                sums[name] += float(out[name].float().sum())
+    engines.student.train()
+    means = _reduce_means(sums, _global_sum(tokens, engines.dp_group), engines.dp_group)
+    means["perplexity"] = float(torch.exp(torch.tensor(means["ce"])))
+    return means
