@@ -53,7 +53,7 @@ def global_argmax(logits: torch.Tensor, start: int, group) -> torch.Tensor:
     from model_parallel.collectives import gather_rows
 
     values, index = logits.float().max(dim=-1)
-    local = torch.stack([values, (index + start).double().float()], dim=1)
+    local = torch.stack([values, (index + start).float()], dim=1)  # ids exact in fp32 below 2**24
     gathered = gather_rows(local, group)  # (n, ranks, 2)
     order = rank_candidates(gathered[:, :, 0], gathered[:, :, 1].long())
     return gathered[:, :, 1].long().gather(1, order[:, :1]).squeeze(1)

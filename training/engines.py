@@ -119,6 +119,13 @@ def _build_model(section, key: str, vocab_size: int, zero_only: dict, dtype, tp:
     from transformers import AutoModelForCausalLM
 
     config = _model_config(section, key)
+    # Import the model's code (and, through it, torch._dynamo) before zero.Init patches
+    # torch.Tensor.__new__: dynamo checks that signature when it is first imported.
+    import torch._dynamo  # noqa: F401
+    if not section.trust_remote_code:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     with deepspeed.zero.Init(config_dict_or_path=zero_only):
         if section.path:
             model = AutoModelForCausalLM.from_pretrained(section.path, config=config, dtype=dtype,
@@ -127,7 +134,8 @@ def _build_model(section, key: str, vocab_size: int, zero_only: dict, dtype, tp:
         else:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                      trust_remote_code=section.trust_remote_code)
-    if model.get_input_embeddings().weight.ds_shape[0] != vocab_size:
+    embedding = model.get_input_embeddings().weight
+    if getattr(embedding, "ds_shape", embedding.shape)[0] != vocab_size:
         model.resize_token_embeddings(vocab_size, mean_resizing=False)
     if tp > 1 and _needs_untie(model):
         _untie_scaled_head(model, zero_only)

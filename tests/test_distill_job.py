@@ -1,0 +1,248 @@
+"""End-to-end runs of launch.distill under the deepspeed launcher (CPU, gloo, tiny models).
+
+Runs are shared between tests (module fixtures) because each costs 15-40 s on this machine.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+import yaml
+
+from data.prepare import prepare
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+STEPS = 8
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _llama(vocab, hidden=32, layers=2, tie=False):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                       tie_word_embeddings=tie, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+
+
+def _gemma2(vocab, hidden=32, layers=2):
+    from transformers import Gemma2Config
+
+    return Gemma2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                        num_attention_heads=2, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                        tie_word_embeddings=True, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+                        query_pre_attn_scalar=16, sliding_window=16, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+
+
+def _save_model(config, path, tokenizer, seed=1):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, tokenizer_dir, tokenizer, demo_dir):
+    root = tmp_path_factory.mktemp("job")
+    prepare(str(tokenizer_dir), [str(demo_dir / "pretrain/train.txt")], str(root / "train"), fmt="text", seq_len=32)
+    prepare(str(tokenizer_dir), [str(demo_dir / "pretrain/eval.txt")], str(root / "eval"), fmt="text", seq_len=32)
+    student_config = root / "student.json"
+    _llama(512, hidden=32, layers=1).to_json_file(str(student_config))
+    gemma_student = root / "gemma_student.json"
+    _gemma2(512, layers=1).to_json_file(str(gemma_student))
+    return {
+        "root": root,
+        "tokenizer": str(tokenizer_dir),
+        "teacher": _save_model(_llama(512, hidden=48), root / "teacher", tokenizer),
+        # A padded vocabulary (520 rows for 512 tokens) and Gemma-2's tied, scaled, soft-capped head.
+        "gemma_teacher": _save_model(_gemma2(520, hidden=48), root / "gemma_teacher", tokenizer),
+        "student_config": str(student_config),
+        "gemma_student_config": str(gemma_student),
+        "train": str(root / "train"),
+        "eval": str(root / "eval"),
+    }
+
+
+def _config(assets, name, **sections):
+    config = {
+        "output_dir": str(assets["root"] / name),
+        "seed": 5,
+        "tokenizer": assets["tokenizer"],
+        "teacher": {"path": assets["teacher"]},
+        "student": {"config": assets["student_config"]},
+        "data": {"train": assets["train"], "eval": assets["eval"]},
+        "loss": {"kind": "tail", "top_k": 5, "beta": 2.0},
+        "train": {"max_steps": STEPS, "micro_batch_size": 2, "grad_accum": 2, "lr": 3e-3, "warmup_steps": 2,
+                  "min_lr": 3e-4},
+        "parallel": {"tensor_parallel": 2, "deepspeed_config": os.path.join(ROOT, "ds_configs/zero3_tp.json")},
+        "checkpoint": {"every": 100, "keep": 2},
+        "eval": {"max_batches": 2},
+    }
+    for section, values in sections.items():
+        config[section] = {**config.get(section, {}), **values} if isinstance(values, dict) else values
+    path = assets["root"] / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path), config["output_dir"]
+
+
+def _launch(config_path, num_procs, extra=(), launcher_args=(), check=True):
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    command = [DEEPSPEED, *launcher_args] if launcher_args else [DEEPSPEED, "--num_gpus", str(num_procs),
+                                                                  "--master_port", str(_free_port())]
+    command += ["--module", "launch.distill", "--config", config_path, *extra]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _losses(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as lines:
+        records = [json.loads(line) for line in lines]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def straight(assets):
+    config, out = _config(assets, "straight")
+    _launch(config, 2)
+    return out
+
+
+def test_tp2_run_learns_logs_and_exports(straight):
+    losses = _losses(straight)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert losses[STEPS] < losses[1]
+    with open(os.path.join(straight, "metrics.jsonl")) as lines:
+        records = [json.loads(line) for line in lines]
+    assert {"loss", "kd", "lr", "grad_norm", "tokens_per_s", "teacher_tail_mass", "student_tail_mass", "head_kl",
+            "tail_kl", "top1_agreement"} <= set(records[-1])
+    assert {"eval/loss", "eval/ce", "eval/perplexity"} <= set(records[-1])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(straight, "tensorboard")).Reload()
+    for tag in ("train/loss", "train/kd", "train/lr", "train/grad_norm", "train/tokens_per_s",
+                "train/teacher_tail_mass", "train/student_tail_mass", "train/head_kl", "train/tail_kl",
+                "train/top1_agreement", "eval/loss"):
+        assert tag in events.Tags()["scalars"], tag
+    assert yaml.safe_load(open(os.path.join(straight, "config.yaml")))["loss"]["kind"] == "tail"
+    assert open(os.path.join(straight, "checkpoints", "latest")).read() == f"step_{STEPS}"
+
+
+def test_export_round_trip_gives_the_engine_logits(straight, assets):
+    """The exported student reproduces the training run's final eval loss when loaded plainly."""
+    from transformers import AutoModelForCausalLM
+
+    from data.loader import Collator, eval_batches, load_prepared
+    from loss import tail_divergence
+
+    student = AutoModelForCausalLM.from_pretrained(os.path.join(straight, "student")).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(assets["teacher"]).eval()
+    eval_set, _ = load_prepared(assets["eval"])
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for batch in eval_batches(eval_set, batch_size=2, dp_size=1, dp_rank=0, collator=Collator(0)):
+            if tokens >= 2 * 2 * 31:
+                break
+            s = student(input_ids=batch["input_ids"]).logits[:, :-1].reshape(-1, 512)
+            t = teacher(input_ids=batch["input_ids"]).logits[:, :-1].reshape(-1, 512)
+            total += float(tail_divergence(s, t, top_k=5, beta=2.0).sum())
+            tokens += s.shape[0]
+    records = [json.loads(line) for line in open(os.path.join(straight, "metrics.jsonl"))]
+    assert total / tokens == pytest.approx(records[-1]["eval/kd"], rel=1e-4)
+
+
+def test_resume_reproduces_the_straight_run_exactly(straight, assets):
+    config, out = _config(assets, "resumed")
+    _launch(config, 2, extra=["--set", "train.stop_at_step=4"])
+    assert sorted(_losses(out)) == [1, 2, 3, 4] and not os.path.exists(os.path.join(out, "student"))
+    _launch(config, 2)
+    assert _losses(out) == _losses(straight)  # steps 1-4 before the stop, 5-8 after the resume: all equal
+    from safetensors.torch import load_file
+
+    final, expected = (load_file(os.path.join(d, "student", "model.safetensors")) for d in (out, straight))
+    assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in final)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = [event.step for event in EventAccumulator(os.path.join(out, "tensorboard")).Reload().Scalars("train/loss")]
+    assert steps == list(range(1, STEPS + 1))
+
+
+def test_tensor_parallel_size_does_not_change_the_losses(straight, assets):
+    config, out = _config(assets, "tp1", parallel={"tensor_parallel": 1})
+    _launch(config, 1)
+    tp1, tp2 = _losses(out), _losses(straight)
+    assert tp1.keys() == tp2.keys()
+    for step in tp1:
+        assert tp1[step] == pytest.approx(tp2[step], rel=1e-4), step
+
+
+@pytest.fixture(scope="module")
+def four_ranks(assets):
+    config, out = _config(assets, "four", train={"grad_accum": 1})
+    _launch(config, 4)
+    return out
+
+
+def test_tp2_dp2_on_four_ranks_learns(four_ranks):
+    losses = _losses(four_ranks)
+    assert sorted(losses) == list(range(1, STEPS + 1)) and losses[STEPS] < losses[1]
+
+
+def test_two_simulated_nodes_match_one_node(four_ranks, assets):
+    config, out = _config(assets, "two_nodes", train={"grad_accum": 1})
+    hostfile = assets["root"] / "hostfile"
+    hostfile.write_text("node-a slots=2\nnode-b slots=2\n")
+    port = str(_free_port())
+    results = [None, None]
+
+    def node(rank):
+        results[rank] = _launch(config, 2, check=False, launcher_args=[
+            "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank), "--master_addr", "127.0.0.1",
+            "--master_port", port])
+
+    threads = [threading.Thread(target=node, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for result in results:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    one_node, two_nodes = _losses(four_ranks), _losses(out)
+    assert one_node.keys() == two_nodes.keys()
+    for step in one_node:
+        assert two_nodes[step] == pytest.approx(one_node[step], rel=1e-6), step
+
+
+def test_gemma2_tied_softcapped_teacher_with_padded_vocabulary(assets):
+    config, out = _config(assets, "gemma", teacher={"path": assets["gemma_teacher"]},
+                          student={"config": assets["gemma_student_config"]}, train={"max_steps": 4})
+    _launch(config, 2)
+    losses = _losses(out)
+    assert sorted(losses) == [1, 2, 3, 4] and all(value == value and value < 1e3 for value in losses.values())
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(os.path.join(out, "student")).vocab_size == 520
+
+
+def test_config_error_names_the_key(assets):
+    config, _ = _config(assets, "bad", train={"max_stepz": 3})
+    result = subprocess.run([sys.executable, "-m", "launch.distill", "--config", config], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: train.max_stepz: unknown key (valid keys here: max_steps, stop_at_step, micro_batch_size, grad_accum, "
+        "lr, warmup_steps, min_lr, weight_decay, grad_clip, dtype)"]
