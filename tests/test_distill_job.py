@@ -246,3 +246,19 @@ def test_config_error_names_the_key(assets):
     assert result.stderr.strip().splitlines() == [
         "error: train.max_stepz: unknown key (valid keys here: max_steps, stop_at_step, micro_batch_size, grad_accum, "
         "lr, warmup_steps, min_lr, weight_decay, grad_clip, dtype)"]
+
+
+def test_export_command_converts_a_checkpoint(straight, tmp_path):
+    """python -m launch.export on the checkpoints directory gives the job's own export."""
+    result = subprocess.run([sys.executable, "-m", "launch.export", os.path.join(straight, "checkpoints"),
+                             str(tmp_path / "exported")], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    exported = load_file(str(tmp_path / "exported" / "model.safetensors"))
+    expected = load_file(os.path.join(straight, "student", "model.safetensors"))
+    assert exported.keys() == expected.keys() and all(torch.equal(exported[k], expected[k]) for k in expected)
+    from transformers import AutoTokenizer
+
+    assert len(AutoTokenizer.from_pretrained(str(tmp_path / "exported"))) == 512

@@ -7,6 +7,7 @@ file + fsync + rename), so ``latest`` only ever names a checkpoint all ranks fin
 that finds nothing it was asked for raises instead of starting over.
 """
 
+import json
 import os
 import random
 import re
@@ -19,6 +20,7 @@ import torch.distributed as dist
 from training.config import ConfigError
 
 LATEST = "latest"
+LAYOUT = "layout.json"
 TAG = re.compile(r"^step_(\d+)$")
 
 
@@ -60,11 +62,16 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(engine, root: str, step: int, client_state: dict, keep: int) -> str:
-    """Save ``step_<step>`` on every rank, then publish it as ``latest`` and prune old tags."""
+    """Save ``step_<step>`` on every rank, then publish it as ``latest`` and prune old tags.
+
+    ``client_state["layout"]`` is also written as ``<tag>/layout.json`` (plain JSON), so tools
+    such as ``launch.export`` know the world the checkpoint was sharded for without loading it.
+    """
     tag = tag_for(step)
     engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()
     if dist.get_rank() == 0:
+        write_atomically(os.path.join(root, tag, LAYOUT), json.dumps(client_state["layout"]))
         write_atomically(os.path.join(root, LATEST), tag)
         for old in sorted(_tags(root), key=lambda t: int(TAG.match(t).group(1)))[:-keep]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
@@ -95,6 +102,15 @@ def find_resume(resume: str, default_root: str):
     if not os.path.isdir(os.path.join(root, tag)):
         raise ConfigError(f"checkpoint.resume: {os.path.join(root, LATEST)} names {tag!r}, which does not exist")
     return root, tag
+
+
+def read_layout(root: str, tag: str) -> dict:
+    path = os.path.join(root, tag, LAYOUT)
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"checkpoint {tag}: {path} is missing (not written by launch.distill?)") from None
 
 
 def load(engine, root: str, tag: str) -> dict:

@@ -145,8 +145,11 @@ def _build_model(section, key: str, vocab_size: int, zero_only: dict, dtype, tp:
     return model
 
 
-def build_engines(cfg: RunConfig, ds_configs, *, bf16: bool) -> Engines:
-    """Tokenizer, teacher and student engines, and the parallel layout they were built with."""
+def build_engines(cfg: RunConfig, ds_configs, *, bf16: bool, with_teacher: bool = True) -> Engines:
+    """Tokenizer, teacher and student engines, and the parallel layout they were built with.
+
+    ``with_teacher=False`` (export) skips the teacher's weights but still aligns to its vocabulary.
+    """
     import deepspeed
     from deepspeed.utils import groups
     from transformers.integrations import HfDeepSpeedConfig
@@ -163,7 +166,7 @@ def build_engines(cfg: RunConfig, ds_configs, *, bf16: bool) -> Engines:
     # Keep a reference: transformers finds the ZeRO-3 config through a weak reference to it.
     hf_ds_config = HfDeepSpeedConfig(zero_only)
     teacher = None
-    if cfg.loss.kind != "ce":
+    if cfg.loss.kind != "ce" and with_teacher:
         teacher_model = _build_model(cfg.teacher, "teacher", vocab_size, zero_only, dtype, tp, frozen=True)
         teacher, *_ = deepspeed.initialize(model=teacher_model, config=teacher_ds)
         teacher.eval()

@@ -20,7 +20,7 @@ from training.metrics import MetricsWriter
 from training.step import evaluate, train_step
 
 
-def _use_bf16(cfg: RunConfig) -> bool:
+def use_bf16(cfg: RunConfig) -> bool:
     if cfg.train.dtype != "auto":
         return cfg.train.dtype == "bf16"
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -39,7 +39,8 @@ def _client_state(cfg, step, sampler, engines) -> dict:
         "rng": checkpoint.rng_state(),
         "run_identity": identity(cfg),
         "layout": {"tensor_parallel": cfg.parallel.tensor_parallel, "data_parallel": engines.dp_size,
-                   "global_batch_size": sampler.global_batch_size, "vocab_size": engines.vocab_size},
+                   "global_batch_size": sampler.global_batch_size, "vocab_size": engines.vocab_size,
+                   "world_size": dist.get_world_size(), "bf16": engines.student.bfloat16_enabled()},
     }
 
 
@@ -54,7 +55,7 @@ def _eval_scalars(engines, cfg, eval_set, collator) -> dict:
 def run(cfg: RunConfig) -> dict:
     """Train as configured; returns the last logged scalars (every rank)."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    bf16 = _use_bf16(cfg)
+    bf16 = use_bf16(cfg)
     ds_configs = build_deepspeed_configs(cfg, world_size, bf16)
     train_dir = ensure_prepared(cfg, cfg.data.train, "train")
     eval_dir = ensure_prepared(cfg, cfg.data.eval, "eval") if cfg.data.eval else None

@@ -1,0 +1,45 @@
+"""A short table of the last evaluation of one or more runs, read from their metrics.jsonl.
+
+    python -m eval.summary RUN_DIR [RUN_DIR ...]
+"""
+
+import argparse
+import json
+import os
+import sys
+
+COLUMNS = ("eval/loss", "eval/ce", "eval/perplexity", "eval/kd", "eval/top1_agreement", "eval/teacher_tail_mass")
+
+
+def last_eval(run_dir: str) -> dict:
+    """The last metrics.jsonl record holding eval/* scalars (with its step)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: not a launch.distill output directory?")
+    with open(path) as lines:
+        records = [json.loads(line) for line in lines if line.strip()]
+    evals = [record for record in records if any(key.startswith("eval/") for key in record)]
+    return evals[-1] if evals else {}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m eval.summary", description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="launch.distill output directories")
+    args = parser.parse_args(argv)
+    rows = []
+    for run in args.runs:
+        try:
+            rows.append((run, last_eval(run)))
+        except FileNotFoundError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    width = max(len(run) for run, _ in rows)
+    print(f"{'run':<{width}}  {'step':>5}  " + "  ".join(f"{c.removeprefix('eval/'):>16}" for c in COLUMNS))
+    for run, record in rows:
+        cells = [f"{record[c]:>16.4f}" if c in record else f"{'-':>16}" for c in COLUMNS]
+        print(f"{run:<{width}}  {record.get('step', '-'):>5}  " + "  ".join(cells))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
