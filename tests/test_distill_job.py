@@ -181,6 +181,14 @@ def test_resume_reproduces_the_straight_run_exactly(straight, assets):
     assert steps == list(range(1, STEPS + 1))
 
 
+def test_resume_refuses_a_checkpoint_of_another_run(straight, assets):
+    config, _ = _config(assets, "straight")
+    result = _launch(config, 2, extra=["--set", "loss.beta=1.0", "--set", "train.max_steps=10"], check=False)
+    assert result.returncode == 2
+    assert (f"error: checkpoint step_{STEPS} was written by a different run (loss.beta: checkpoint 2.0 vs config 1.0)"
+            in result.stderr)
+
+
 def test_tensor_parallel_size_does_not_change_the_losses(straight, assets):
     config, out = _config(assets, "tp1", parallel={"tensor_parallel": 1})
     _launch(config, 1)
