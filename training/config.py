@@ -21,9 +21,9 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class TeacherConfig:
+class ModelSource:
     path: Optional[str] = None
-    """HF model directory or hub id of the frozen teacher (required unless loss.kind is ce)."""
+    """HF model directory or hub id."""
     trust_remote_code: bool = False
     """Allow the model repository's own code; requires ``revision`` to pin it."""
     revision: Optional[str] = None
@@ -31,13 +31,16 @@ class TeacherConfig:
 
 
 @dataclass
-class StudentConfig:
-    path: Optional[str] = None
-    """HF model directory or hub id to start from; exclusive with ``config``."""
+class TeacherConfig(ModelSource):
+    """The frozen teacher; ``path`` is required unless loss.kind is ce."""
+
+
+@dataclass
+class StudentConfig(ModelSource):
+    """The student: from ``path`` (pretrained) or ``config`` (fresh), exactly one of them."""
+
     config: Optional[str] = None
-    """HF config file (config.json) to initialise a fresh student from; exclusive with ``path``."""
-    trust_remote_code: bool = False
-    revision: Optional[str] = None
+    """HF config file (config.json) to initialise a fresh student from."""
 
 
 @dataclass
