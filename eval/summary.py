@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-COLUMNS = ("eval/loss", "eval/ce", "eval/perplexity", "eval/kd", "eval/top1_agreement", "eval/teacher_tail_mass")
+COLUMNS = ("eval/loss", "eval/nll", "eval/perplexity", "eval/tail_divergence", "eval/top1_agreement", "eval/full_ece")
 
 
 def last_eval(run_dir: str) -> dict:

@@ -130,7 +130,10 @@ def test_tp2_run_learns_logs_and_exports(straight):
         records = [json.loads(line) for line in lines]
     assert {"loss", "kd", "lr", "grad_norm", "tokens_per_s", "teacher_tail_mass", "student_tail_mass", "head_kl",
             "tail_kl", "top1_agreement"} <= set(records[-1])
-    assert {"eval/loss", "eval/ce", "eval/perplexity"} <= set(records[-1])
+    assert {"eval/loss", "eval/nll", "eval/perplexity", "eval/full_ece", "eval/top1_ece", "eval/tail_divergence",
+            "eval/forward_kl", "eval/reverse_kl", "eval/top1_agreement"} <= set(records[-1])
+    bins = json.load(open(os.path.join(straight, "eval_bins.json")))
+    assert bins["step"] == STEPS and len(bins["full"]) == 3 and len(bins["full"][0]) == 10
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(os.path.join(straight, "tensorboard")).Reload()
@@ -162,7 +165,7 @@ def test_export_round_trip_gives_the_engine_logits(straight, assets):
             total += float(tail_divergence(s, t, top_k=5, beta=2.0).sum())
             tokens += s.shape[0]
     records = [json.loads(line) for line in open(os.path.join(straight, "metrics.jsonl"))]
-    assert total / tokens == pytest.approx(records[-1]["eval/kd"], rel=1e-4)
+    assert total / tokens == pytest.approx(records[-1]["eval/tail_divergence"], rel=1e-4)
 
 
 def test_resume_reproduces_the_straight_run_exactly(straight, assets):
@@ -270,3 +273,39 @@ def test_export_command_converts_a_checkpoint(straight, tmp_path):
     from transformers import AutoTokenizer
 
     assert len(AutoTokenizer.from_pretrained(str(tmp_path / "exported"))) == 512
+
+
+@pytest.mark.parametrize("tensor_parallel", [1, 2])
+def test_evaluate_command_matches_the_jobs_evaluation(straight, assets, tmp_path, tensor_parallel):
+    out = tmp_path / "eval.json"
+    args = ["--model", os.path.join(straight, "student"), "--teacher", assets["teacher"], "--data", assets["eval"],
+            "--batch-size", "2", "--max-batches", "2", "--top-k", "5", "--beta", "2.0", "--out", str(out),
+            "--tensor-parallel", str(tensor_parallel)]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    command = ([sys.executable, "-m", "eval.evaluate"] if tensor_parallel == 1 else
+               [DEEPSPEED, "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "eval.evaluate"])
+    result = subprocess.run(command + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.load(open(out))["metrics"]
+    job = [json.loads(line) for line in open(os.path.join(straight, "metrics.jsonl"))][-1]
+    for name in ("nll", "tail_divergence", "forward_kl", "full_ece", "top1_agreement"):
+        assert metrics[name] == pytest.approx(job[f"eval/{name}"], rel=1e-4, abs=1e-6), name
+    assert "perplexity" in result.stdout
+
+
+def test_report_compares_runs_with_plots(straight, four_ranks, tmp_path):
+    from PIL import Image
+
+    from eval.report import write_report
+
+    report = write_report([straight, four_ranks], str(tmp_path / "report"))
+    lines = report["table"].strip().splitlines()
+    assert lines[0].startswith("| run | loss | K | β | loss | nll | perplexity")
+    assert lines[2].startswith("| straight | tail | 5 | 2.0 |") and lines[3].startswith("| four | tail | 5 | 2.0 |")
+    final = [json.loads(line) for line in open(os.path.join(straight, "metrics.jsonl"))][-1]
+    assert f"{final['eval/nll']:.4f}" in lines[2]
+    for path in report["plots"] + [report["reliability"]]:
+        with Image.open(path) as image:
+            image.verify()
+            assert image.format == "PNG"
+    assert os.path.exists(tmp_path / "report" / "train_loss.png")

@@ -145,10 +145,12 @@ def _build_model(section, key: str, vocab_size: int, zero_only: dict, dtype, tp:
     return model
 
 
-def build_engines(cfg: RunConfig, ds_configs, *, bf16: bool, with_teacher: bool = True) -> Engines:
+def build_engines(cfg: RunConfig, ds_configs, *, bf16: bool, with_teacher: bool = True,
+                  train_student: bool = True) -> Engines:
     """Tokenizer, teacher and student engines, and the parallel layout they were built with.
 
-    ``with_teacher=False`` (export) skips the teacher's weights but still aligns to its vocabulary.
+    ``with_teacher=False`` (export) skips the teacher's weights but still aligns to its vocabulary;
+    ``train_student=False`` (evaluation) builds the student frozen, without optimizer state.
     """
     import deepspeed
     from deepspeed.utils import groups
@@ -171,9 +173,12 @@ def build_engines(cfg: RunConfig, ds_configs, *, bf16: bool, with_teacher: bool 
         teacher, *_ = deepspeed.initialize(model=teacher_model, config=teacher_ds)
         teacher.eval()
     torch.manual_seed(cfg.seed)  # a fresh student's initial weights depend on the seed alone
-    student_model = _build_model(cfg.student, "student", vocab_size, zero_only, dtype, tp, frozen=False)
-    student, *_ = deepspeed.initialize(model=student_model, config=student_ds,
-                                       model_parameters=[p for p in student_model.parameters() if p.requires_grad])
+    student_model = _build_model(cfg.student, "student", vocab_size, zero_only, dtype, tp, frozen=not train_student)
+    if train_student:
+        student, *_ = deepspeed.initialize(model=student_model, config=student_ds,
+                                           model_parameters=[p for p in student_model.parameters() if p.requires_grad])
+    else:
+        student, *_ = deepspeed.initialize(model=student_model, config=teacher_ds)
     del hf_ds_config
 
     head = student.module.get_output_embeddings()

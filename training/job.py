@@ -1,5 +1,6 @@
 """The distillation job: build, resume, train, checkpoint, log, evaluate, export."""
 
+import json
 import os
 import random
 import time
@@ -44,12 +45,18 @@ def _client_state(cfg, step, sampler, engines) -> dict:
     }
 
 
-def _eval_scalars(engines, cfg, eval_set, collator) -> dict:
+def _eval_scalars(engines, cfg, eval_set, collator, step) -> dict:
+    """Evaluate on (up to ``eval.max_batches`` per rank of) the eval split; rank 0 also writes the
+    calibration bins to ``output_dir/eval_bins.json`` for reliability diagrams."""
     batches = eval_batches(eval_set, batch_size=cfg.train.micro_batch_size, dp_size=engines.dp_size,
                            dp_rank=engines.dp_rank, collator=collator)
     if cfg.eval.max_batches:
         batches = (batch for _, batch in zip(range(cfg.eval.max_batches), batches))
-    return {f"eval/{name}": value for name, value in evaluate(engines, cfg.loss, batches).items()}
+    scalars, bins = evaluate(engines, cfg.loss, batches)
+    if dist.get_rank() == 0:
+        with open(os.path.join(cfg.output_dir, "eval_bins.json"), "w") as out:
+            json.dump({"step": step, **bins}, out)
+    return {f"eval/{name}": value for name, value in scalars.items() if name != "tokens"}
 
 
 def run(cfg: RunConfig) -> dict:
@@ -102,7 +109,7 @@ def run(cfg: RunConfig) -> dict:
         scalars["train/tokens_per_s"] = means["tokens"] / seconds
         evaluate_now = step == cfg.train.max_steps or (cfg.eval.every and step % cfg.eval.every == 0)
         if eval_set is not None and evaluate_now:
-            scalars.update(_eval_scalars(engines, cfg, eval_set, collator))
+            scalars.update(_eval_scalars(engines, cfg, eval_set, collator, step))
         if step % cfg.logging.every == 0 or step == end:
             writer.log(step, scalars)
         progress.update(1)

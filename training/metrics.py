@@ -25,7 +25,7 @@ class MetricsWriter:
         self.tensorboard = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=resume_step + 1)
 
     def log(self, step: int, scalars: dict) -> None:
-        """``scalars`` keyed by TensorBoard tag (``train/loss``, ``eval/ce``); jsonl keys drop ``train/``."""
+        """``scalars`` keyed by TensorBoard tag (``train/loss``, ``eval/nll``); jsonl keys drop ``train/``."""
         if not self.enabled:
             return
         for tag, value in scalars.items():

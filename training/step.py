@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from loss.objective import distillation_objective
+from eval.metrics import EvalSums
 from model_parallel import global_argmax
 
 IGNORE_INDEX = -100
@@ -32,23 +33,29 @@ def _mask_padding(logits: torch.Tensor, vocab_start: int, real_vocab_size: int) 
     return logits
 
 
-def _objective(engines, loss_cfg, batch, *, student_logits):
+def _slices(engines, batch, student_logits):
+    """(student, teacher, targets, rows) on the valid next-token positions: logit slices ``[n, V_local]``
+    with padded vocabulary columns at -inf, the target ids ``[n]`` and each position's row ``[n]``."""
     targets, valid = _valid_positions(batch)
-    teacher_logits = None
+    teacher = None
     if engines.teacher is not None:
         with torch.no_grad():
-            teacher_logits = engines.teacher(input_ids=batch["input_ids"],
-                                             attention_mask=batch["attention_mask"]).logits[:, :-1][valid]
-        _mask_padding(teacher_logits, engines.vocab_start, engines.real_vocab_size)
+            teacher = engines.teacher(input_ids=batch["input_ids"],
+                                      attention_mask=batch["attention_mask"]).logits[:, :-1][valid]
+        _mask_padding(teacher, engines.vocab_start, engines.real_vocab_size)
     student = _mask_padding(student_logits[:, :-1][valid], engines.vocab_start, engines.real_vocab_size)
-    out = distillation_objective(student, teacher_logits, targets[valid], kind=loss_cfg.kind, top_k=loss_cfg.top_k,
+    return student, teacher, targets[valid], valid.nonzero()[:, 0]
+
+
+def _objective(engines, loss_cfg, student, teacher, targets, rows):
+    out = distillation_objective(student, teacher, targets, kind=loss_cfg.kind, top_k=loss_cfg.top_k,
                                  beta=loss_cfg.beta, beta_mode=loss_cfg.beta_mode,
                                  temperature=loss_cfg.temperature, ce_weight=loss_cfg.ce_weight,
-                                 sequence_ids=valid.nonzero()[:, 0], tp_group=engines.tp_group)
-    if teacher_logits is not None:
+                                 sequence_ids=rows, tp_group=engines.tp_group)
+    if teacher is not None:
         with torch.no_grad():
             agree = global_argmax(student.detach(), engines.vocab_start, engines.tp_group) == global_argmax(
-                teacher_logits, engines.vocab_start, engines.tp_group)
+                teacher, engines.vocab_start, engines.tp_group)
         out["top1_agreement"] = agree.float()
     return out
 
@@ -76,7 +83,7 @@ def train_step(engines, loss_cfg, micro_batches) -> dict:
     sums = defaultdict(float)
     for batch in micro_batches:
         logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        out = _objective(engines, loss_cfg, batch, student_logits=logits)
+        out = _objective(engines, loss_cfg, *_slices(engines, batch, logits))
         student.backward(out["loss"].sum() * scale, scale_wrt_gas=False)
         student.step()
         for name in _LOGGED + ("top1_agreement",):
@@ -91,24 +98,20 @@ def train_step(engines, loss_cfg, micro_batches) -> dict:
 
 
 @torch.no_grad()
-def evaluate(engines, loss_cfg, batches) -> dict:
-    """Means over the valid tokens of ``batches`` (this rank's share; reduced over data parallel)."""
+def evaluate(engines, loss_cfg, batches, n_bins: int = 10):
+    """``(scalars, bins)`` over the valid tokens of ``batches`` (this rank's share, reduced over data
+    parallel): the objective as ``loss`` plus :class:`eval.metrics.EvalSums`' metrics, and the
+    calibration bins for reliability diagrams."""
     engines.student.eval()
-    sums, tokens = defaultdict(float), 0
+    sums = EvalSums(top_k=loss_cfg.top_k, beta=loss_cfg.beta, n_bins=n_bins, tp_group=engines.tp_group)
+    loss_sum = 0.0
     for batch in batches:
         logits = engines.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        out = _objective(engines, loss_cfg, batch, student_logits=logits)
-        if "ce" not in out:
-            from loss import cross_entropy
-
-            targets, valid = _valid_positions(batch)
-            student = _mask_padding(logits[:, :-1][valid], engines.vocab_start, engines.real_vocab_size)
-            out["ce"] = cross_entropy(student, targets[valid], tp_group=engines.tp_group)
-        tokens += int(_valid_positions(batch)[1].sum())
-        for name in _LOGGED + ("top1_agreement",):
-            if name in out:
-                sums[name] += float(out[name].float().sum())
+        student, teacher, targets, rows = _slices(engines, batch, logits)
+        loss_sum += float(_objective(engines, loss_cfg, student, teacher, targets, rows)["loss"].double().sum())
+        sums.add(student, teacher, targets)
+        del logits, student, teacher
     engines.student.train()
-    means = _reduce_means(sums, _global_sum(tokens, engines.dp_group), engines.dp_group)
-    means["perplexity"] = float(torch.exp(torch.tensor(means["ce"])))
-    return means
+    scalars = sums.result(engines.dp_group)
+    scalars["loss"] = _global_sum(loss_sum, engines.dp_group) / max(scalars["tokens"], 1.0)
+    return scalars, sums.last_bins

@@ -1,0 +1,126 @@
+"""Evaluate a student (and its agreement with a teacher) on prepared data.
+
+    python -m eval.evaluate --model DIR [--teacher DIR] --data PREPARED_DIR [--out eval.json]
+    deepspeed --num_gpus 2 --module eval.evaluate --model DIR --teacher DIR --data DIR --tensor-parallel 2
+
+Metrics (per valid next-token position, vocabulary-parallel under the launcher): NLL, perplexity,
+top-1 accuracy, Full-ECE and top-1 ECE; with a teacher also forward KL, reverse KL, the tail-aware
+divergence (``--top-k``, ``--beta``), teacher and student tail mass at K, top-1 agreement and the
+teacher's own NLL/perplexity. ``--math-data`` adds greedy-generation accuracy on word problems.
+Prints a table and writes the metrics (and calibration bins) as JSON to ``--out``.
+"""
+
+import argparse
+import json
+import os
+import socket
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _single_process_defaults() -> None:
+    """Outside a launcher, run as a one-rank group."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def _run_config(args):
+    from training.config import (DataConfig, LossConfig, ParallelConfig, RunConfig, StudentConfig, TeacherConfig,
+                                 TrainConfig)
+
+    return RunConfig(output_dir=os.path.dirname(os.path.abspath(args.out)) or ".",
+                     tokenizer=args.tokenizer or args.model,
+                     teacher=TeacherConfig(path=args.teacher),
+                     student=StudentConfig(path=args.model),
+                     data=DataConfig(train=args.data),
+                     loss=LossConfig(kind="tail" if args.teacher else "ce", top_k=args.top_k, beta=args.beta),
+                     train=TrainConfig(max_steps=1, warmup_steps=1, micro_batch_size=args.batch_size),
+                     parallel=ParallelConfig(tensor_parallel=args.tensor_parallel,
+                                             deepspeed_config=os.path.join(ROOT, "ds_configs/zero3_tp.json")))
+
+
+def print_table(metrics: dict) -> None:
+    width = max(len(name) for name in metrics)
+    for name, value in metrics.items():
+        print(f"{name:<{width}}  {value:.6g}" if isinstance(value, float) else f"{name:<{width}}  {value}")
+
+
+def evaluate_model(args) -> dict:
+    import torch.distributed as dist
+
+    from data.loader import Collator, eval_batches, load_prepared
+    from training.deepspeed_config import build_deepspeed_configs
+    from training.engines import build_engines, check_data_tokenizer
+    from training.job import use_bf16
+    from training.step import evaluate
+
+    cfg = _run_config(args)
+    bf16 = use_bf16(cfg)
+    engines = build_engines(cfg, build_deepspeed_configs(cfg, dist.get_world_size(), bf16), bf16=bf16,
+                            train_student=False)
+    dataset, manifest = load_prepared(args.data)
+    check_data_tokenizer(manifest, engines.tokenizer, args.data)
+    batches = eval_batches(dataset, batch_size=args.batch_size, dp_size=engines.dp_size, dp_rank=engines.dp_rank,
+                           collator=Collator(engines.tokenizer.pad_token_id))
+    if args.max_batches:
+        batches = (batch for _, batch in zip(range(args.max_batches), batches))
+    metrics, bins = evaluate(engines, cfg.loss, batches, n_bins=args.n_bins)
+    if args.math_data and dist.get_rank() == 0:
+        from transformers import AutoModelForCausalLM
+
+        from eval.math import math_accuracy, read_examples
+
+        model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+        math = math_accuracy(model, engines.tokenizer, read_examples(args.math_data, args.math_examples),
+                             max_new_tokens=args.max_new_tokens)
+        metrics.update({f"math_{key}": value for key, value in math.items()})
+    return {"model": args.model, "teacher": args.teacher, "data": args.data, "metrics": metrics, "bins": bins}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m eval.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="Hugging Face model directory (e.g. an exported student)")
+    parser.add_argument("--teacher", help="teacher model directory, for divergences and agreement")
+    parser.add_argument("--data", required=True, help="directory written by data.prepare")
+    parser.add_argument("--tokenizer", help="tokenizer (default: the model's)")
+    parser.add_argument("--out", default="eval.json", help="where to write the metrics (default eval.json)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-batches", type=int, default=0, help="per rank; 0: the whole split")
+    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--beta", type=float, default=2.0)
+    parser.add_argument("--n-bins", type=int, default=10, help="calibration bins")
+    parser.add_argument("--tensor-parallel", type=int, default=1)
+    parser.add_argument("--math-data", help="JSONL of word problems for generation accuracy (rank 0)")
+    parser.add_argument("--math-examples", type=int, default=0, help="0: all")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    _single_process_defaults()
+    import deepspeed
+    import torch
+
+    from data.cli import DataError
+    from training.config import ConfigError
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        result = evaluate_model(args)
+        if torch.distributed.get_rank() == 0:
+            print_table(result["metrics"])
+            with open(args.out, "w") as out:
+                json.dump(result, out, indent=2)
+    except (ConfigError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

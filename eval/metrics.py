@@ -1,0 +1,156 @@
+"""Evaluation metrics on (vocabulary-sharded) logits, exact against one device.
+
+Every function takes ``[n, V_local]`` logit slices (or the whole vocabulary with ``tp_group=None``)
+laid out as in :mod:`loss`: rank r of ``tp_group`` holds the r-th contiguous slice. Results are
+identical on every rank of the group. Calibration is computed from per-bin sums reduced across
+ranks, never by materialising the ``n × V`` (prediction, outcome) pairs.
+"""
+
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+from loss import cross_entropy, forward_kl, reverse_kl, tail_divergence_parts
+from model_parallel import gather_rows, global_argmax, is_parallel, resolve_vocab_shard
+
+IGNORE_INDEX = -100
+# Rows of softmax probabilities are binned this many logits at a time.
+CHUNK_NUMEL = 1 << 22
+
+
+def _all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
+    if is_parallel(group):
+        dist.all_reduce(tensor, group=group)
+    return tensor
+
+
+def _global_log_normaliser(logits: torch.Tensor, group) -> torch.Tensor:
+    local = torch.logsumexp(logits.float(), dim=-1, keepdim=True)  # (n, 1)
+    return torch.logsumexp(gather_rows(local, group)[:, :, 0], dim=1)  # (n,)
+
+
+def _bin_index(probabilities: torch.Tensor, n_bins: int) -> torch.Tensor:
+    # Equal-width bins of [0, 1]; the last one is closed, so p = 1 falls in bin n_bins - 1.
+    return (probabilities * n_bins).long().clamp_(0, n_bins - 1)
+
+
+def full_ece_bins(logits: torch.Tensor, targets: torch.Tensor, *, n_bins: int = 10, tp_group=None,
+                  ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """``[3, n_bins]`` float64 sums over every (position, vocabulary item) pair: pair count, summed
+    confidence and hits (item = next token), over the rows whose target is not ``ignore_index``.
+
+    One all-gather of one number per row and one all-reduce of ``3·n_bins`` numbers.
+    """
+    shard = resolve_vocab_shard(logits.shape[-1], tp_group, caller="full_ece", device=logits.device)
+    keep = targets != ignore_index
+    logits, targets = logits[keep], targets[keep]
+    log_z = _global_log_normaliser(logits, tp_group)
+    bins = torch.zeros(3, n_bins, dtype=torch.float64, device=logits.device)
+    step = max(1, CHUNK_NUMEL // max(1, shard.size))
+    for start in range(0, logits.shape[0], step):
+        chunk = logits[start:start + step].float()
+        # Padded vocabulary columns (-inf) are not predictions: they do not count as pairs.
+        real = torch.isfinite(chunk).view(-1)
+        probabilities = torch.exp(chunk - log_z[start:start + step, None]).view(-1)[real]
+        index = _bin_index(probabilities, n_bins)
+        bins[0] += torch.bincount(index, minlength=n_bins).double()
+        bins[1] += torch.bincount(index, weights=probabilities.double(), minlength=n_bins)
+    local = targets - shard.start
+    owned = (local >= 0) & (local < shard.size)
+    hit_probabilities = torch.exp(logits[owned].float().gather(1, local[owned, None]).squeeze(1) - log_z[owned])
+    bins[2] += torch.bincount(_bin_index(hit_probabilities, n_bins), minlength=n_bins).double()
+    return _all_reduce_sum(bins, tp_group)
+
+
+def ece_from_bins(bins: torch.Tensor) -> float:
+    """Σ_m (|B_m|/N)·|A_m − C_m| from ``[3, n_bins]`` (count, confidence sum, hits) sums."""
+    count, confidence, hits = bins.double()
+    total = count.sum()
+    if total == 0:
+        return 0.0
+    return float(((hits - confidence).abs() / total).sum())  # |B|/N · |hits/|B| − conf/|B||
+
+
+def full_ece(logits: torch.Tensor, targets: torch.Tensor, *, n_bins: int = 10, tp_group=None,
+             ignore_index: int = IGNORE_INDEX) -> float:
+    """Full-ECE (Liu et al. 2024, arXiv 2406.11345): every (position, vocabulary item) pair is a
+    prediction with confidence q and outcome 1[item = next token], binned into ``n_bins``
+    equal-width bins of [0, 1]; Full-ECE = Σ_m (|B_m|/N)·|A_m − C_m|, N the number of pairs."""
+    return ece_from_bins(full_ece_bins(logits, targets, n_bins=n_bins, tp_group=tp_group,
+                                       ignore_index=ignore_index))
+
+
+def top1_ece_bins(logits: torch.Tensor, targets: torch.Tensor, *, n_bins: int = 10, tp_group=None,
+                  ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """``[3, n_bins]`` sums for the usual top-1 ECE: per position, confidence max_j q_j and hit
+    argmax = target."""
+    shard = resolve_vocab_shard(logits.shape[-1], tp_group, caller="top1_ece", device=logits.device)
+    keep = targets != ignore_index
+    logits, targets = logits[keep], targets[keep]
+    log_z = _global_log_normaliser(logits, tp_group)
+    local_max = logits.float().amax(dim=-1, keepdim=True)
+    confidence = torch.exp(gather_rows(local_max, tp_group)[:, :, 0].amax(dim=1) - log_z)
+    hits = (global_argmax(logits, shard.start, tp_group) == targets).double()
+    index = _bin_index(confidence, n_bins)
+    return torch.stack([torch.bincount(index, minlength=n_bins).double(),
+                        torch.bincount(index, weights=confidence.double(), minlength=n_bins),
+                        torch.bincount(index, weights=hits, minlength=n_bins)])
+
+
+class EvalSums:
+    """Accumulates per-token sums and calibration bins over batches, then reduces and reports.
+
+    ``add(student, teacher, targets)`` takes the valid positions only (``[n, V_local]`` slices).
+    """
+
+    def __init__(self, *, top_k: int, beta: float, n_bins: int = 10, tp_group=None):
+        self.top_k, self.beta, self.n_bins, self.tp_group = top_k, beta, n_bins, tp_group
+        self.sums = defaultdict(float)
+        self.full_bins = torch.zeros(3, n_bins, dtype=torch.float64)
+        self.top1_bins = torch.zeros(3, n_bins, dtype=torch.float64)
+
+    @torch.no_grad()
+    def add(self, student: torch.Tensor, teacher, targets: torch.Tensor) -> None:
+        group = self.tp_group
+        start = resolve_vocab_shard(student.shape[-1], group, caller="EvalSums", device=student.device).start
+        self.sums["tokens"] += targets.numel()
+        self.sums["nll"] += float(cross_entropy(student, targets, tp_group=group).double().sum())
+        self.sums["accuracy"] += float((global_argmax(student, start, group) == targets).double().sum())
+        self.full_bins += full_ece_bins(student, targets, n_bins=self.n_bins, tp_group=group).cpu()
+        self.top1_bins += top1_ece_bins(student, targets, n_bins=self.n_bins, tp_group=group).cpu()
+        if teacher is None:
+            return
+        parts = tail_divergence_parts(student, teacher, top_k=self.top_k, tp_group=group)
+        values = {
+            "forward_kl": forward_kl(student, teacher, tp_group=group),
+            "reverse_kl": reverse_kl(student, teacher, tp_group=group),
+            "tail_divergence": parts.head_kl + self.beta * parts.tail_kl,
+            "teacher_tail_mass": parts.teacher_tail_mass,
+            "student_tail_mass": parts.student_tail_mass,
+            "top1_agreement": (global_argmax(student, start, group) == global_argmax(teacher, start, group)).float(),
+            "teacher_nll": cross_entropy(teacher, targets, tp_group=group),
+        }
+        for name, value in values.items():
+            self.sums[name] += float(value.double().sum())
+
+    def result(self, dp_group=None) -> dict:
+        """Means over tokens, perplexity and ECEs, summed over ``dp_group`` first (if given)."""
+        names = sorted(self.sums)
+        packed = torch.cat([torch.tensor([self.sums[n] for n in names], dtype=torch.float64),
+                            self.full_bins.view(-1), self.top1_bins.view(-1)])
+        if dp_group is not None and dist.is_initialized() and dist.get_world_size(dp_group) > 1:
+            dist.all_reduce(packed, group=dp_group)
+        sums = dict(zip(names, packed[:len(names)].tolist()))
+        full_bins = packed[len(names):len(names) + 3 * self.n_bins].view(3, -1)
+        top1_bins = packed[len(names) + 3 * self.n_bins:].view(3, -1)
+        tokens = max(sums.pop("tokens"), 1.0)
+        out = {name: value / tokens for name, value in sums.items()}
+        out["perplexity"] = float(torch.exp(torch.tensor(out["nll"])))
+        if "teacher_nll" in out:
+            out["teacher_perplexity"] = float(torch.exp(torch.tensor(out["teacher_nll"])))
+        out["full_ece"] = ece_from_bins(full_bins)
+        out["top1_ece"] = ece_from_bins(top1_bins)
+        out["tokens"] = tokens
+        self.last_bins = {"full": full_bins.tolist(), "top1": top1_bins.tolist()}
+        return out
