@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     width = max(len(run) for run, _ in rows)
     print(f"{'run':<{width}}  {'step':>5}  " + "  ".join(f"{c.removeprefix('eval/'):>16}" for c in COLUMNS))
     for run, record in rows:
-        cells = [f"{record[c]:>16.4f}" if c in record else f"{'-':>16}" for c in COLUMNS]
+        cells = [f"{record[c]:>16.4g}" if c in record else f"{'-':>16}" for c in COLUMNS]
         print(f"{run:<{width}}  {record.get('step', '-'):>5}  " + "  ".join(cells))
     return 0
 

@@ -31,7 +31,10 @@ def main(argv=None) -> int:
     import deepspeed
     import torch
 
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    from datetime import timedelta
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                               timeout=timedelta(seconds=cfg.parallel.timeout_s))
     from training.job import run
 
     try:

@@ -309,3 +309,85 @@ def test_report_compares_runs_with_plots(straight, four_ranks, tmp_path):
             image.verify()
             assert image.format == "PNG"
     assert os.path.exists(tmp_path / "report" / "train_loss.png")
+
+
+def test_a_damaged_checkpoint_stops_every_rank_before_training(straight, assets, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(straight, copy)
+    shard = sorted((copy / "checkpoints" / f"step_{STEPS}").glob("*optim_states.pt"))[0]
+    shard.write_bytes(shard.read_bytes()[:64])
+    config, _ = _config(assets, "straight")
+    result = _launch(config, 2, extra=["--set", f"output_dir={copy}", "--set", "train.max_steps=10"], check=False)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors and all(line == errors[0] for line in errors)
+    assert f"checkpoint step_{STEPS}: {shard} has 64 bytes" in errors[0]
+    # checkpoint.fallback has nothing older to fall back to (keep=2 but only one save): still refused.
+
+
+def _start(config, extra, delays):
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", **delays}
+    command = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "launch.distill",
+               "--config", config, *extra]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(condition, timeout=240):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the run"
+        time.sleep(0.2)
+
+
+def _kill_rank(launcher, local_rank):
+    import psutil
+
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        if f"--local_rank={local_rank}" in " ".join(child.cmdline()):
+            child.kill()
+            return
+    raise AssertionError("rank not found")
+
+
+def _stopped_within(launcher, seconds, marker):
+    import time
+
+    import psutil
+
+    started = time.monotonic()
+    returncode = launcher.wait(timeout=seconds)
+    elapsed = time.monotonic() - started
+    leftovers = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+    return returncode, elapsed, leftovers
+
+
+def test_killing_a_rank_mid_training_fails_fast_and_resume_finishes(straight, assets):
+    config, out = _config(assets, "killed_training", checkpoint={"every": 2}, parallel={"timeout_s": 30})
+    launcher = _start(config, [], {"DISTILL_TEST_STEP_DELAY_S": "0.5"})
+    _wait_for(lambda: os.path.exists(os.path.join(out, "metrics.jsonl")) and len(_losses(out)) >= 3)
+    _kill_rank(launcher, 1)
+    returncode, elapsed, leftovers = _stopped_within(launcher, 60, config)
+    assert returncode != 0 and elapsed < 60 and not leftovers
+    _launch(config, 2)
+    assert _losses(out) == _losses(straight)
+
+
+def test_killing_a_rank_during_a_save_keeps_the_previous_checkpoint(straight, assets):
+    from training.checkpoint import COMPLETE, LATEST
+
+    config, out = _config(assets, "killed_save", checkpoint={"every": 2}, parallel={"timeout_s": 30})
+    root = os.path.join(out, "checkpoints")
+    launcher = _start(config, [], {"DISTILL_TEST_SAVE_DELAY_S": "8"})
+    _wait_for(lambda: os.path.isdir(os.path.join(root, "step_4")))  # the step-4 save is under way
+    _kill_rank(launcher, 1)
+    returncode, elapsed, leftovers = _stopped_within(launcher, 60, config)
+    assert returncode != 0 and elapsed < 60 and not leftovers
+    assert open(os.path.join(root, LATEST)).read() == "step_2"
+    assert not os.path.exists(os.path.join(root, "step_4", COMPLETE))
+    result = _launch(config, 2)
+    assert f"checkpoint {os.path.join(root, 'step_4')} is incomplete" in result.stderr
+    assert _losses(out) == _losses(straight)

@@ -1,17 +1,23 @@
-"""Checkpoints of the student engine: tagged ``step_<N>``, ``latest`` written last and atomically.
+"""Checkpoints of the student engine: tagged ``step_<N>``, verified, ``latest`` written last.
 
 DeepSpeed writes ``latest`` before its final barrier and without fsync/rename, and
 ``load_checkpoint`` returns ``(None, None)`` when there is nothing to load. Here every rank saves
-its shards with ``save_latest=False``; after a barrier rank 0 points ``latest`` at the tag (temp
-file + fsync + rename), so ``latest`` only ever names a checkpoint all ranks finished; a resume
-that finds nothing it was asked for raises instead of starting over.
+its shards with ``save_latest=False``; after a barrier rank 0 writes the tag's sha256 manifest
+and its completion marker, then points ``latest`` at it (temp file + fsync + rename). So ``latest``
+only ever names a checkpoint every rank finished; a tag without its marker is incomplete (ignored
+with a warning, replaced by the next save of that tag); a resume verifies the manifest before
+anything is deserialised, and a resume that finds nothing it was asked for raises instead of
+starting over (``checkpoint.fallback`` resumes from the newest complete, verified tag instead).
 """
 
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import sys
+import time
 
 import numpy as np
 import torch
@@ -21,6 +27,8 @@ from training.config import ConfigError
 
 LATEST = "latest"
 LAYOUT = "layout.json"
+MANIFEST = "manifest.sha256"
+COMPLETE = "COMPLETE"
 TAG = re.compile(r"^step_(\d+)$")
 
 
@@ -68,40 +76,139 @@ def save(engine, root: str, step: int, client_state: dict, keep: int) -> str:
     such as ``launch.export`` know the world the checkpoint was sharded for without loading it.
     """
     tag = tag_for(step)
+    if dist.get_rank() == 0 and os.path.isdir(os.path.join(root, tag)):
+        shutil.rmtree(os.path.join(root, tag))  # an incomplete leftover of a crashed save
+    dist.barrier()
     engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+    pause_for_tests("DISTILL_TEST_SAVE_DELAY_S")
     dist.barrier()
     if dist.get_rank() == 0:
-        write_atomically(os.path.join(root, tag, LAYOUT), json.dumps(client_state["layout"]))
-        write_atomically(os.path.join(root, LATEST), tag)
+        publish(root, tag, step, client_state["layout"])
         for old in sorted(_tags(root), key=lambda t: int(TAG.match(t).group(1)))[:-keep]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     dist.barrier()
     return tag
 
 
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(tag_dir: str):
+    for directory, _, names in os.walk(tag_dir):
+        for name in sorted(names):
+            path = os.path.join(directory, name)
+            relative = os.path.relpath(path, tag_dir)
+            if relative not in (MANIFEST, COMPLETE):
+                yield relative, path
+
+
+def _manifest(tag_dir: str) -> str:
+    return "".join(f"{_sha256(path)}  {os.path.getsize(path)}  {relative}\n"
+                   for relative, path in sorted(_files(tag_dir)))
+
+
+def verify(root: str, tag: str) -> None:
+    """Raise :class:`ConfigError` naming the file and tag unless ``tag`` is complete and intact."""
+    tag_dir = os.path.join(root, tag)
+    if not os.path.isfile(os.path.join(tag_dir, COMPLETE)):
+        raise ConfigError(f"checkpoint {tag}: incomplete ({os.path.join(tag_dir, COMPLETE)} is missing)")
+    try:
+        with open(os.path.join(tag_dir, MANIFEST)) as handle:
+            listed = [line.rstrip("\n").split("  ", 2) for line in handle if line.strip()]
+    except FileNotFoundError:
+        raise ConfigError(f"checkpoint {tag}: {os.path.join(tag_dir, MANIFEST)} is missing") from None
+    present = dict(_files(tag_dir))
+    for digest, size, relative in listed:
+        path = os.path.join(tag_dir, relative)
+        if relative not in present:
+            raise ConfigError(f"checkpoint {tag}: {path} is missing")
+        if os.path.getsize(path) != int(size):
+            raise ConfigError(f"checkpoint {tag}: {path} has {os.path.getsize(path)} bytes, the manifest says {size}")
+        if _sha256(path) != digest:
+            raise ConfigError(f"checkpoint {tag}: {path} does not match its sha256 in the manifest")
+    unlisted = sorted(set(present) - {relative for _, _, relative in listed})
+    if unlisted:
+        raise ConfigError(f"checkpoint {tag}: {os.path.join(tag_dir, unlisted[0])} is not in the manifest")
+
+
+def _complete_tags(root: str):
+    """Tags with a completion marker, newest first."""
+    tags = [t for t in _tags(root) if os.path.isfile(os.path.join(root, t, COMPLETE))]
+    return sorted(tags, key=lambda t: int(TAG.match(t).group(1)), reverse=True)
+
+
+def pause_for_tests(variable: str) -> None:
+    """Tests widen the window in which they kill a rank by setting ``variable`` (seconds)."""
+    seconds = float(os.environ.get(variable, "0") or 0)
+    if seconds:
+        time.sleep(seconds)
+
+
+def publish(root: str, tag: str, step: int, layout: dict) -> None:
+    """Rank 0, once every rank has written ``root/tag``: layout, manifest, marker, then ``latest``."""
+    write_atomically(os.path.join(root, tag, LAYOUT), json.dumps(layout))
+    write_atomically(os.path.join(root, tag, MANIFEST), _manifest(os.path.join(root, tag)))
+    write_atomically(os.path.join(root, tag, COMPLETE), f"{step}\n")
+    write_atomically(os.path.join(root, LATEST), tag)
+
+
 def _tags(root: str):
     return [name for name in os.listdir(root) if TAG.match(name) and os.path.isdir(os.path.join(root, name))]
 
 
-def find_resume(resume: str, default_root: str):
-    """``(root, tag)`` to resume from, or None to start fresh (only for ``auto`` without checkpoints)."""
+def find_resume(resume: str, default_root: str, *, fallback: bool = False, warn=None):
+    """``(root, tag)`` to resume from, verified, or None to start fresh.
+
+    Only ``resume: auto`` with no complete checkpoint at all starts fresh. A missing, empty or
+    dangling ``latest`` (while complete tags exist), an incomplete tag or a manifest mismatch
+    raises :class:`ConfigError` naming the file and tag, unless ``fallback`` is set: then the
+    newest complete tag that verifies is used, with a warning.
+    """
     if resume == "never":
         return None
+    warn = warn or (lambda message: print(message, file=sys.stderr))
     root = default_root if resume == "auto" else resume
-    tag = None
     if resume != "auto" and TAG.match(os.path.basename(os.path.normpath(root))):
         root, tag = os.path.split(os.path.normpath(root))
-    if tag is None:
-        latest = os.path.join(root, LATEST)
+        verify(root, tag)
+        return root, tag
+    if not os.path.isdir(root):
+        if resume == "auto":
+            return None
+        raise ConfigError(f"checkpoint.resume: {root} does not exist")
+    for tag in _tags(root):
+        if tag not in _complete_tags(root):
+            warn(f"warning: checkpoint {os.path.join(root, tag)} is incomplete (no {COMPLETE} marker); ignoring it")
+    latest = os.path.join(root, LATEST)
+    try:
         if not os.path.isfile(latest):
-            if resume == "auto":
+            if not _complete_tags(root) and resume == "auto":
                 return None
-            raise ConfigError(f"checkpoint.resume: no checkpoint to resume in {root} ({LATEST} is missing)")
+            raise ConfigError(f"checkpoint.resume: {latest} is missing")
         with open(latest) as handle:
             tag = handle.read().strip()
-    if not os.path.isdir(os.path.join(root, tag)):
-        raise ConfigError(f"checkpoint.resume: {os.path.join(root, LATEST)} names {tag!r}, which does not exist")
-    return root, tag
+        if not tag:
+            raise ConfigError(f"checkpoint.resume: {latest} is empty")
+        if not os.path.isdir(os.path.join(root, tag)):
+            raise ConfigError(f"checkpoint.resume: {latest} names {tag!r}, which does not exist")
+        verify(root, tag)
+        return root, tag
+    except ConfigError as error:
+        if not fallback:
+            raise
+        for tag in _complete_tags(root):
+            try:
+                verify(root, tag)
+            except ConfigError:
+                continue
+            warn(f"warning: {error}; checkpoint.fallback: resuming from {os.path.join(root, tag)} instead")
+            return root, tag
+        raise ConfigError(f"{error}; checkpoint.fallback found no complete, verified checkpoint in {root}") from None
 
 
 def read_layout(root: str, tag: str) -> dict:
@@ -121,9 +228,12 @@ def load(engine, root: str, tag: str) -> dict:
     return client_state
 
 
-def refuse_drift(saved: dict, current: dict, tag: str) -> None:
-    """Raise if the checkpoint's run identity (models, tokenizer, loss, data, seed) differs."""
-    differing = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
+def refuse_drift(saved: dict, current: dict, tag: str, allowed=()) -> None:
+    """Raise if the checkpoint's run identity (models, tokenizer, loss, data, seed) differs in a key
+    not listed in ``allowed``."""
+    differing = sorted(key for key in set(saved) | set(current)
+                       if saved.get(key) != current.get(key) and key not in allowed)
     if differing:
         details = "; ".join(f"{key}: checkpoint {saved.get(key)!r} vs config {current.get(key)!r}" for key in differing)
-        raise ConfigError(f"checkpoint {tag} was written by a different run ({details})")
+        raise ConfigError(f"checkpoint {tag} was written by a different run ({details}); "
+                          f"--set checkpoint.allow_config_change={','.join(differing)} accepts the change")

@@ -90,6 +90,8 @@ class TrainConfig:
 class ParallelConfig:
     tensor_parallel: int = 1
     """Tensor-parallel size: both models' vocabularies are split over this many ranks."""
+    timeout_s: int = 1800
+    """Collective timeout: a rank waiting longer for a dead peer fails instead of hanging."""
     deepspeed_config: str = "ds_configs/zero3_tp.json"
     """DeepSpeed JSON (ZeRO-3 + AutoTP); values this config owns are filled in."""
 
@@ -102,6 +104,10 @@ class CheckpointConfig:
     """Complete checkpoints to keep."""
     resume: str = "auto"
     """``auto`` (latest complete checkpoint, if any), ``never``, or a checkpoint directory."""
+    fallback: bool = False
+    """If ``latest`` is missing, empty, dangling or corrupt, resume from the newest verified tag."""
+    allow_config_change: str = ""
+    """Comma-separated run-identity keys (e.g. ``loss.beta``) a resume may change."""
 
 
 @dataclass
@@ -145,6 +151,7 @@ def _check_section_values(cfg: "RunConfig") -> None:
         "parallel.tensor_parallel": cfg.parallel.tensor_parallel, "checkpoint.every": cfg.checkpoint.every,
         "checkpoint.keep": cfg.checkpoint.keep, "logging.every": cfg.logging.every, "data.seq_len": cfg.data.seq_len,
         "loss.temperature": cfg.loss.temperature, "train.lr": cfg.train.lr,
+        "parallel.timeout_s": cfg.parallel.timeout_s,
     }
     for key, value in positive.items():
         if not value > 0:

@@ -59,6 +59,20 @@ def _eval_scalars(engines, cfg, eval_set, collator, step) -> dict:
     return {f"eval/{name}": value for name, value in scalars.items() if name != "tokens"}
 
 
+def _agreed_resume(cfg: RunConfig, root: str):
+    """Rank 0 finds and verifies the checkpoint (hashing it once), every rank gets its answer."""
+    answer = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            answer[0] = checkpoint.find_resume(cfg.checkpoint.resume, root, fallback=cfg.checkpoint.fallback)
+        except ConfigError as error:
+            answer[1] = str(error)
+    dist.broadcast_object_list(answer, src=0)
+    if answer[1]:
+        raise ConfigError(answer[1])
+    return answer[0]
+
+
 def run(cfg: RunConfig) -> dict:
     """Train as configured; returns the last logged scalars (every rank)."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -66,6 +80,8 @@ def run(cfg: RunConfig) -> dict:
     ds_configs = build_deepspeed_configs(cfg, world_size, bf16)
     train_dir = ensure_prepared(cfg, cfg.data.train, "train")
     eval_dir = ensure_prepared(cfg, cfg.data.eval, "eval") if cfg.data.eval else None
+    root = os.path.join(cfg.output_dir, "checkpoints")
+    resume = _agreed_resume(cfg, root)  # before any model is built: a bad checkpoint fails fast
     _seed_everything(cfg.seed)
     engines = build_engines(cfg, ds_configs, bf16=bf16)
     train_set, manifest = load_prepared(train_dir)
@@ -75,12 +91,11 @@ def run(cfg: RunConfig) -> dict:
         eval_set, eval_manifest = load_prepared(eval_dir)
         check_data_tokenizer(eval_manifest, engines.tokenizer, eval_dir)
 
-    root = os.path.join(cfg.output_dir, "checkpoints")
     step, consumed = 0, 0
-    resume = checkpoint.find_resume(cfg.checkpoint.resume, root)
     if resume:
         state = checkpoint.load(engines.student, *resume)
-        checkpoint.refuse_drift(state["run_identity"], identity(cfg), resume[1])
+        allowed = [key.strip() for key in cfg.checkpoint.allow_config_change.split(",") if key.strip()]
+        checkpoint.refuse_drift(state["run_identity"], identity(cfg), resume[1], allowed)
         checkpoint.set_rng_state(state["rng"])
         step, consumed = state["step"], state["sampler"]["consumed_samples"]
     sampler = GlobalBatchSampler(len(train_set), micro_batch_size=cfg.train.micro_batch_size,
@@ -104,6 +119,7 @@ def run(cfg: RunConfig) -> dict:
         micro_batches = [collator([train_set[int(i)] for i in indices]) for indices in sampler.step_micro_batches()]
         started = time.perf_counter()
         means = train_step(engines, cfg.loss, micro_batches)
+        checkpoint.pause_for_tests("DISTILL_TEST_STEP_DELAY_S")
         seconds = time.perf_counter() - started
         scalars = {f"train/{name}": value for name, value in means.items() if name != "tokens"}
         scalars["train/tokens_per_s"] = means["tokens"] / seconds
