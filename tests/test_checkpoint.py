@@ -15,7 +15,7 @@ def _save(root, step, ranks=2):
     for rank in range(ranks):
         (root / tag / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(os.urandom(4096))
     (root / tag / "mp_rank_00_model_states.pt").write_bytes(os.urandom(1024))
-    publish(str(root), tag, step, {"tensor_parallel": 2, "data_parallel": 1})
+    publish(str(root), tag, step, {"step": step, "layout": {"tensor_parallel": 2, "data_parallel": 1}})
     return tag
 
 

@@ -391,3 +391,13 @@ def test_killing_a_rank_during_a_save_keeps_the_previous_checkpoint(straight, as
     result = _launch(config, 2)
     assert f"checkpoint {os.path.join(root, 'step_4')} is incomplete" in result.stderr
     assert _losses(out) == _losses(straight)
+
+
+def test_resume_on_another_layout_or_batch_is_refused(four_ranks, assets):
+    config, _ = _config(assets, "four", train={"grad_accum": 1})
+    relayout = _launch(config, 2, extra=["--set", "train.max_steps=10", "--set", "train.grad_accum=2"], check=False)
+    assert relayout.returncode == 2
+    assert f"error: parallel: checkpoint step_{STEPS} was written at TP 2 x DP 2; resume it at that layout" \
+        in relayout.stderr
+    batch = _launch(config, 2, extra=["--set", "train.max_steps=10"], check=False)
+    assert batch.returncode == 2 and "global batch of 4 sequences, this run has 2" in batch.stderr

@@ -27,6 +27,7 @@ from training.config import ConfigError
 
 LATEST = "latest"
 LAYOUT = "layout.json"
+CLIENT_STATE = "client_state.json"
 MANIFEST = "manifest.sha256"
 COMPLETE = "COMPLETE"
 TAG = re.compile(r"^step_(\d+)$")
@@ -83,7 +84,7 @@ def save(engine, root: str, step: int, client_state: dict, keep: int) -> str:
     pause_for_tests("DISTILL_TEST_SAVE_DELAY_S")
     dist.barrier()
     if dist.get_rank() == 0:
-        publish(root, tag, step, client_state["layout"])
+        publish(root, tag, step, client_state)
         for old in sorted(_tags(root), key=lambda t: int(TAG.match(t).group(1)))[:-keep]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     dist.barrier()
@@ -149,9 +150,11 @@ def pause_for_tests(variable: str) -> None:
         time.sleep(seconds)
 
 
-def publish(root: str, tag: str, step: int, layout: dict) -> None:
-    """Rank 0, once every rank has written ``root/tag``: layout, manifest, marker, then ``latest``."""
-    write_atomically(os.path.join(root, tag, LAYOUT), json.dumps(layout))
+def publish(root: str, tag: str, step: int, client_state: dict) -> None:
+    """Rank 0, once every rank has written ``root/tag``: our state as plain JSON (so resuming reads
+    no pickle), the manifest, the marker, then ``latest``."""
+    write_atomically(os.path.join(root, tag, LAYOUT), json.dumps(client_state["layout"]))
+    write_atomically(os.path.join(root, tag, CLIENT_STATE), json.dumps(client_state))
     write_atomically(os.path.join(root, tag, MANIFEST), _manifest(os.path.join(root, tag)))
     write_atomically(os.path.join(root, tag, COMPLETE), f"{step}\n")
     write_atomically(os.path.join(root, LATEST), tag)
@@ -220,12 +223,17 @@ def read_layout(root: str, tag: str) -> dict:
         raise ConfigError(f"checkpoint {tag}: {path} is missing (not written by launch.distill?)") from None
 
 
-def load(engine, root: str, tag: str) -> dict:
-    """Load ``root/tag`` into ``engine`` and return its client state; never silently nothing."""
-    path, client_state = engine.load_checkpoint(root, tag=tag)
+def client_state(root: str, tag: str) -> dict:
+    """The job's own state of ``root/tag`` (sampler, RNG, run identity, layout), from plain JSON."""
+    with open(os.path.join(root, tag, CLIENT_STATE)) as handle:
+        return json.load(handle)
+
+
+def load(engine, root: str, tag: str) -> None:
+    """Load ``root/tag`` into ``engine``; never silently nothing."""
+    path, _ = engine.load_checkpoint(root, tag=tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {root}")
-    return client_state
 
 
 def refuse_drift(saved: dict, current: dict, tag: str, allowed=()) -> None:

@@ -108,6 +108,9 @@ class CheckpointConfig:
     """If ``latest`` is missing, empty, dangling or corrupt, resume from the newest verified tag."""
     allow_config_change: str = ""
     """Comma-separated run-identity keys (e.g. ``loss.beta``) a resume may change."""
+    allow_batch_change: bool = False
+    """Allow resuming with another global batch size (the sample stream then differs from the
+    straight run's)."""
 
 
 @dataclass

@@ -73,6 +73,23 @@ def _agreed_resume(cfg: RunConfig, root: str):
     return answer[0]
 
 
+def _check_layout(cfg: RunConfig, tag: str, layout: dict, world_size: int) -> None:
+    """Refuse a checkpoint written for another layout or global batch, naming both."""
+    tp = cfg.parallel.tensor_parallel
+    dp = world_size // tp
+    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * dp
+    if global_batch != layout["global_batch_size"] and not cfg.checkpoint.allow_batch_change:
+        raise ConfigError(f"train: checkpoint {tag} was trained with a global batch of "
+                          f"{layout['global_batch_size']} sequences, this run has {global_batch} "
+                          f"(micro_batch_size x grad_accum x data-parallel {dp}); adjust train.grad_accum or "
+                          f"--set checkpoint.allow_batch_change=true")
+    if (layout["tensor_parallel"], layout["data_parallel"]) != (tp, dp):
+        # DeepSpeed 0.19.8's ds_to_universal cannot yet convert these ZeRO-3 + AutoTP checkpoints
+        # (see README, Reliability); loading shards into another layout would be silently wrong.
+        raise ConfigError(f"parallel: checkpoint {tag} was written at TP {layout['tensor_parallel']} x DP "
+                          f"{layout['data_parallel']}; resume it at that layout (this run is TP {tp} x DP {dp})")
+
+
 def run(cfg: RunConfig) -> dict:
     """Train as configured; returns the last logged scalars (every rank)."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -82,6 +99,11 @@ def run(cfg: RunConfig) -> dict:
     eval_dir = ensure_prepared(cfg, cfg.data.eval, "eval") if cfg.data.eval else None
     root = os.path.join(cfg.output_dir, "checkpoints")
     resume = _agreed_resume(cfg, root)  # before any model is built: a bad checkpoint fails fast
+    if resume:
+        state = checkpoint.client_state(*resume)
+        allowed = [key.strip() for key in cfg.checkpoint.allow_config_change.split(",") if key.strip()]
+        checkpoint.refuse_drift(state["run_identity"], identity(cfg), resume[1], allowed)
+        _check_layout(cfg, resume[1], state["layout"], world_size)
     _seed_everything(cfg.seed)
     engines = build_engines(cfg, ds_configs, bf16=bf16)
     train_set, manifest = load_prepared(train_dir)
@@ -93,9 +115,7 @@ def run(cfg: RunConfig) -> dict:
 
     step, consumed = 0, 0
     if resume:
-        state = checkpoint.load(engines.student, *resume)
-        allowed = [key.strip() for key in cfg.checkpoint.allow_config_change.split(",") if key.strip()]
-        checkpoint.refuse_drift(state["run_identity"], identity(cfg), resume[1], allowed)
+        checkpoint.load(engines.student, *resume)
         checkpoint.set_rng_state(state["rng"])
         step, consumed = state["step"], state["sampler"]["consumed_samples"]
     sampler = GlobalBatchSampler(len(train_set), micro_batch_size=cfg.train.micro_batch_size,
