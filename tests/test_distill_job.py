@@ -374,6 +374,9 @@ def test_killing_a_rank_mid_training_fails_fast_and_resume_finishes(straight, as
     assert returncode != 0 and elapsed < 60 and not leftovers
     _launch(config, 2)
     assert _losses(out) == _losses(straight)
+    # checkpoint.every 2, keep 2: only the last two complete tags remain.
+    tags = sorted(t for t in os.listdir(os.path.join(out, "checkpoints")) if t.startswith("step_"))
+    assert tags == ["step_6", "step_8"]
 
 
 def test_killing_a_rank_during_a_save_keeps_the_previous_checkpoint(straight, assets):
@@ -401,3 +404,19 @@ def test_resume_on_another_layout_or_batch_is_refused(four_ranks, assets):
         in relayout.stderr
     batch = _launch(config, 2, extra=["--set", "train.max_steps=10"], check=False)
     assert batch.returncode == 2 and "global batch of 4 sequences, this run has 2" in batch.stderr
+
+
+def test_shell_launcher_with_raw_files_prepared_on_the_fly(assets, demo_dir):
+    """launch/distill.sh (one node) and data.train/data.eval given as raw text files."""
+    config, out = _config(assets, "shell", data={"train": str(demo_dir / "pretrain/train.txt"),
+                                                 "eval": str(demo_dir / "pretrain/eval.txt"), "seq_len": 32},
+                          train={"max_steps": 2, "warmup_steps": 1})
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "GPUS_PER_NODE": "2",
+           "MASTER_PORT": str(_free_port()), "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    result = subprocess.run(["bash", "launch/distill.sh", "--config", config], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(_losses(out)) == [1, 2]
+    manifest = json.load(open(os.path.join(out, "data", "train", "manifest.json")))
+    assert manifest["seq_len"] == 32 and manifest["format"] == "text"
+    assert os.path.exists(os.path.join(out, "data", "eval", "manifest.json"))
