@@ -35,13 +35,16 @@ def main(argv=None) -> int:
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                timeout=timedelta(seconds=cfg.parallel.timeout_s))
-    from training.job import run
+    from training.job import TrainingStopped, run
 
     try:
         run(cfg)
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TrainingStopped as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

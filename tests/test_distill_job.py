@@ -98,8 +98,8 @@ def _config(assets, name, **sections):
     return str(path), config["output_dir"]
 
 
-def _launch(config_path, num_procs, extra=(), launcher_args=(), check=True):
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+def _launch(config_path, num_procs, extra=(), launcher_args=(), check=True, env=None):
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", **(env or {})}
     command = [DEEPSPEED, *launcher_args] if launcher_args else [DEEPSPEED, "--num_gpus", str(num_procs),
                                                                   "--master_port", str(_free_port())]
     command += ["--module", "launch.distill", "--config", config_path, *extra]
@@ -420,3 +420,28 @@ def test_shell_launcher_with_raw_files_prepared_on_the_fly(assets, demo_dir):
     manifest = json.load(open(os.path.join(out, "data", "train", "manifest.json")))
     assert manifest["seq_len"] == 32 and manifest["format"] == "text"
     assert os.path.exists(os.path.join(out, "data", "eval", "manifest.json"))
+
+
+def _fp32_partitions(tag_dir):
+    return [torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]["fp32_flat_groups"]
+            for path in sorted(os.path.join(tag_dir, name) for name in os.listdir(tag_dir) if "optim_states" in name)]
+
+
+def test_a_non_finite_step_is_skipped_on_every_rank_or_stops_the_job(assets):
+    config, out = _config(assets, "nan", train={"max_steps": 5, "warmup_steps": 1},
+                          checkpoint={"every": 1, "keep": 10})
+    result = _launch(config, 2, extra=[], check=False, env={"DISTILL_TEST_NAN_TEACHER": "1:3"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning: step 3 skipped (non-finite loss on rank(s) [1]); parameters unchanged" in result.stderr
+    records = {r["step"]: r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "loss" in r}
+    assert [records[s]["skipped_steps"] for s in range(1, 6)] == [0, 0, 1, 1, 1]
+    assert all(records[s]["loss"] == records[s]["loss"] for s in (4, 5))  # finite again after the skip
+    checkpoints = os.path.join(out, "checkpoints")
+    before, skipped, after = (_fp32_partitions(os.path.join(checkpoints, f"step_{s}")) for s in (2, 3, 4))
+    same = lambda a, b: all(torch.equal(x, y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))  # noqa: E731
+    assert same(before, skipped) and not same(skipped, after)
+    config, _ = _config(assets, "nan_stop", train={"max_steps": 5, "warmup_steps": 1, "max_consecutive_skips": 0})
+    stopped = _launch(config, 2, check=False, env={"DISTILL_TEST_NAN_TEACHER": "1:3"})
+    assert stopped.returncode != 0
+    assert ("error: step 3: 1 consecutive steps skipped (non-finite loss on rank(s) [1]); stopping "
+            "(train.max_consecutive_skips=0)") in stopped.stderr

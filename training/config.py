@@ -82,6 +82,9 @@ class TrainConfig:
     min_lr: float = 3e-5
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    max_consecutive_skips: int = 10
+    """Steps with non-finite loss or gradients are skipped (on every rank); this many in a row stop
+    the job."""
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     """``auto``: bf16 where the accelerator supports it, fp32 on CPU."""
 
@@ -161,6 +164,7 @@ def _check_section_values(cfg: "RunConfig") -> None:
             raise ConfigError(f"{key}: must be > 0, got {value!r}")
     for key, value in {"loss.top_k": cfg.loss.top_k, "loss.beta": cfg.loss.beta, "train.min_lr": cfg.train.min_lr,
                        "train.weight_decay": cfg.train.weight_decay, "train.grad_clip": cfg.train.grad_clip,
+                       "train.max_consecutive_skips": cfg.train.max_consecutive_skips,
                        "eval.every": cfg.eval.every, "eval.max_batches": cfg.eval.max_batches}.items():
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value!r}")

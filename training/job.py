@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import sys
 import time
 
 import numpy as np
@@ -90,6 +91,10 @@ def _check_layout(cfg: RunConfig, tag: str, layout: dict, world_size: int) -> No
                           f"{layout['data_parallel']}; resume it at that layout (this run is TP {tp} x DP {dp})")
 
 
+class TrainingStopped(RuntimeError):
+    """The job cannot go on (e.g. too many consecutive non-finite steps); the message says why."""
+
+
 def run(cfg: RunConfig) -> dict:
     """Train as configured; returns the last logged scalars (every rank)."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -134,6 +139,7 @@ def run(cfg: RunConfig) -> dict:
     progress = tqdm(total=cfg.train.max_steps, initial=step, desc="distill", unit="step", disable=rank != 0,
                     dynamic_ncols=True)
     scalars = {}
+    consecutive_skips = 0
     while step < end:
         step += 1
         micro_batches = [collator([train_set[int(i)] for i in indices]) for indices in sampler.step_micro_batches()]
@@ -141,8 +147,18 @@ def run(cfg: RunConfig) -> dict:
         means = train_step(engines, cfg.loss, micro_batches)
         checkpoint.pause_for_tests("DISTILL_TEST_STEP_DELAY_S")
         seconds = time.perf_counter() - started
+        skipped, bad_ranks = means.pop("skipped"), means.pop("non_finite_ranks")
         scalars = {f"train/{name}": value for name, value in means.items() if name != "tokens"}
         scalars["train/tokens_per_s"] = means["tokens"] / seconds
+        scalars["train/skipped_steps"] = engines.student.skipped_steps
+        consecutive_skips = consecutive_skips + 1 if skipped else 0
+        if skipped and rank == 0:
+            where = f"non-finite loss on rank(s) {bad_ranks}" if bad_ranks else "non-finite gradients"
+            print(f"warning: step {step} skipped ({where}); parameters unchanged", file=sys.stderr)
+        if consecutive_skips > cfg.train.max_consecutive_skips:
+            where = f"non-finite loss on rank(s) {bad_ranks}" if bad_ranks else "non-finite gradients"
+            raise TrainingStopped(f"step {step}: {consecutive_skips} consecutive steps skipped ({where}); stopping "
+                                  f"(train.max_consecutive_skips={cfg.train.max_consecutive_skips})")
         evaluate_now = step == cfg.train.max_steps or (cfg.eval.every and step % cfg.eval.every == 0)
         if eval_set is not None and evaluate_now:
             scalars.update(_eval_scalars(engines, cfg, eval_set, collator, step))

@@ -6,6 +6,7 @@ The loss is a mean over the valid tokens of the *global* batch (all micro-batche
 ranks), so it does not depend on how the batch is split.
 """
 
+import os
 from collections import defaultdict
 
 import torch
@@ -43,8 +44,16 @@ def _slices(engines, batch, student_logits):
             teacher = engines.teacher(input_ids=batch["input_ids"],
                                       attention_mask=batch["attention_mask"]).logits[:, :-1][valid]
         _mask_padding(teacher, engines.vocab_start, engines.real_vocab_size)
+        _inject_nan_for_tests(teacher, engines.student.global_steps + 1)
     student = _mask_padding(student_logits[:, :-1][valid], engines.vocab_start, engines.real_vocab_size)
     return student, teacher, targets[valid], valid.nonzero()[:, 0]
+
+
+def _inject_nan_for_tests(teacher_logits, step: int) -> None:
+    """``DISTILL_TEST_NAN_TEACHER=RANK:STEP`` poisons that rank's teacher logits at that step."""
+    spec = os.environ.get("DISTILL_TEST_NAN_TEACHER")
+    if spec and [int(x) for x in spec.split(":")] == [dist.get_rank(), step]:
+        teacher_logits.fill_(float("nan"))
 
 
 def _objective(engines, loss_cfg, student, teacher, targets, rows):
@@ -81,10 +90,19 @@ def train_step(engines, loss_cfg, micro_batches) -> dict:
     # DeepSpeed averages gradients over data-parallel ranks; the loss is a global-token mean.
     scale = engines.dp_size / max(tokens, 1.0)
     sums = defaultdict(float)
+    finite = True
     for batch in micro_batches:
         logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        out = _objective(engines, loss_cfg, *_slices(engines, batch, logits))
-        student.backward(out["loss"].sum() * scale, scale_wrt_gas=False)
+        slices = _slices(engines, batch, logits)
+        # Which rank's own logits went bad (NaN or +inf; -inf is padding): the loss itself is
+        # non-finite on every rank of the tensor-parallel group once the statistics are exchanged.
+        finite = finite and not any(bool(torch.isnan(x).any() or torch.isposinf(x).any())
+                                    for x in slices[:2] if x is not None)
+        out = _objective(engines, loss_cfg, *slices)
+        loss = out["loss"].sum()
+        student.backward(loss * scale, scale_wrt_gas=False)
+        # ZeRO-3 skips the optimizer (and scheduler) step when the global gradient norm is not
+        # finite; every rank takes the same decision from the same all-reduced norm.
         student.step()
         for name in _LOGGED + ("top1_agreement",):
             if name in out:
@@ -92,6 +110,10 @@ def train_step(engines, loss_cfg, micro_batches) -> dict:
         del logits, out
     means = _reduce_means(sums, tokens, engines.dp_group)
     means["tokens"] = tokens
+    means["skipped"] = not student.was_step_applied()
+    flags = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, finite)
+    means["non_finite_ranks"] = [rank for rank, ok in enumerate(flags) if not ok]
     means["grad_norm"] = float(student.get_global_grad_norm() or 0.0)
     means["lr"] = student.get_lr()[0]
     return means
