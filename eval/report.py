@@ -19,7 +19,8 @@ TABLE_METRICS = ("eval/loss", "eval/nll", "eval/perplexity", "eval/tail_divergen
 
 
 def read_run(run_dir: str) -> dict:
-    """Curves, final eval scalars, config and calibration bins of one launch.distill output."""
+    """Curves (``{tag: [(step, value), ...]}``), final eval scalars, config and calibration bins of
+    one launch.distill output; FileNotFoundError if it has no metrics.jsonl."""
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(metrics_path):
         raise FileNotFoundError(f"{metrics_path} is missing: not a launch.distill output directory?")

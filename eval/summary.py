@@ -4,22 +4,18 @@
 """
 
 import argparse
-import json
-import os
 import sys
+
+from eval.report import read_run
 
 COLUMNS = ("eval/loss", "eval/nll", "eval/perplexity", "eval/tail_divergence", "eval/top1_agreement", "eval/full_ece")
 
 
 def last_eval(run_dir: str) -> dict:
-    """The last metrics.jsonl record holding eval/* scalars (with its step)."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: not a launch.distill output directory?")
-    with open(path) as lines:
-        records = [json.loads(line) for line in lines if line.strip()]
-    evals = [record for record in records if any(key.startswith("eval/") for key in record)]
-    return evals[-1] if evals else {}
+    """The run's last eval/* scalars, with the step they were logged at (empty without evals)."""
+    run = read_run(run_dir)
+    steps = [points[-1][0] for name, points in run["curves"].items() if name.startswith("eval/")]
+    return {"step": max(steps), **run["final"]} if steps else {}
 
 
 def main(argv=None) -> int:

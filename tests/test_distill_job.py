@@ -309,6 +309,9 @@ def test_report_compares_runs_with_plots(straight, four_ranks, tmp_path):
             image.verify()
             assert image.format == "PNG"
     assert os.path.exists(tmp_path / "report" / "train_loss.png")
+    from eval.summary import last_eval
+
+    assert last_eval(straight)["step"] == STEPS and last_eval(straight)["eval/nll"] == final["eval/nll"]
 
 
 def test_a_damaged_checkpoint_stops_every_rank_before_training(straight, assets, tmp_path):
