@@ -256,7 +256,7 @@ def test_config_error_names_the_key(assets):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: train.max_stepz: unknown key (valid keys here: max_steps, stop_at_step, micro_batch_size, grad_accum, "
-        "lr, warmup_steps, min_lr, weight_decay, grad_clip, dtype)"]
+        "lr, warmup_steps, min_lr, weight_decay, grad_clip, max_consecutive_skips, dtype)"]
 
 
 def test_export_command_converts_a_checkpoint(straight, tmp_path):
