@@ -93,7 +93,7 @@ def _untie_scaled_head(model, zero_only: dict) -> None:
     """
     import deepspeed
 
-    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    embedding = model.get_input_embeddings()
     with deepspeed.zero.GatheredParameters([embedding.weight]):
         weight = embedding.weight.detach().clone()
     with deepspeed.zero.Init(config_dict_or_path=zero_only):
@@ -106,7 +106,6 @@ def _untie_scaled_head(model, zero_only: dict) -> None:
     model.config.tie_word_embeddings = False
     if hasattr(model.config, "get_text_config"):
         model.config.get_text_config().tie_word_embeddings = False
-    assert head is not None
 
 
 def _needs_untie(model) -> bool:
