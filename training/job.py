@@ -152,11 +152,10 @@ def run(cfg: RunConfig) -> dict:
         scalars["train/tokens_per_s"] = means["tokens"] / seconds
         scalars["train/skipped_steps"] = engines.student.skipped_steps
         consecutive_skips = consecutive_skips + 1 if skipped else 0
+        where = f"non-finite loss on rank(s) {bad_ranks}" if bad_ranks else "non-finite gradients"
         if skipped and rank == 0:
-            where = f"non-finite loss on rank(s) {bad_ranks}" if bad_ranks else "non-finite gradients"
             print(f"warning: step {step} skipped ({where}); parameters unchanged", file=sys.stderr)
         if consecutive_skips > cfg.train.max_consecutive_skips:
-            where = f"non-finite loss on rank(s) {bad_ranks}" if bad_ranks else "non-finite gradients"
             raise TrainingStopped(f"step {step}: {consecutive_skips} consecutive steps skipped ({where}); stopping "
                                   f"(train.max_consecutive_skips={cfg.train.max_consecutive_skips})")
         evaluate_now = step == cfg.train.max_steps or (cfg.eval.every and step % cfg.eval.every == 0)
