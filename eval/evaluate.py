@@ -101,13 +101,13 @@ def main(argv=None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     _single_process_defaults()
-    import deepspeed
     import torch
 
     from data.cli import DataError
+    from model_parallel.distributed import init_distributed
     from training.config import ConfigError
 
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    init_distributed()
     try:
         result = evaluate_model(args)
         if torch.distributed.get_rank() == 0:

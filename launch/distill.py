@@ -28,13 +28,11 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    import deepspeed
     import torch
 
-    from datetime import timedelta
+    from model_parallel.distributed import init_distributed
 
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                               timeout=timedelta(seconds=cfg.parallel.timeout_s))
+    init_distributed(timeout_s=cfg.parallel.timeout_s)
     from training.job import TrainingStopped, run
 
     try:

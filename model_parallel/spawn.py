@@ -29,9 +29,9 @@ def _rank_main(rank, world_size, port, use_deepspeed, out_dir, fn, args):
     torch.set_num_threads(1)
     try:
         if use_deepspeed:
-            import deepspeed
+            from model_parallel.distributed import init_distributed
 
-            deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+            init_distributed(backend="gloo")
         else:
             torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
