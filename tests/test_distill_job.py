@@ -203,7 +203,7 @@ def test_tensor_parallel_size_does_not_change_the_losses(straight, assets):
 
 @pytest.fixture(scope="module")
 def four_ranks(assets):
-    config, out = _config(assets, "four", train={"grad_accum": 1})
+    config, out = _config(assets, "four", train={"grad_accum": 1}, checkpoint={"every": 4})
     _launch(config, 4)
     return out
 
@@ -330,6 +330,13 @@ def test_a_damaged_checkpoint_stops_every_rank_before_training(straight, assets,
     # checkpoint.fallback has nothing older to fall back to (keep=2 but only one save): still refused.
 
 
+def _shm_buffers():
+    """DeepSpeed's shm all-reduce buffers in /dev/shm (see model_parallel.distributed)."""
+    import glob
+
+    return set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
+
+
 def _start(config, extra, delays):
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", **delays}
     command = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "launch.distill",
@@ -370,11 +377,13 @@ def _stopped_within(launcher, seconds, marker):
 
 def test_killing_a_rank_mid_training_fails_fast_and_resume_finishes(straight, assets):
     config, out = _config(assets, "killed_training", checkpoint={"every": 2}, parallel={"timeout_s": 30})
+    buffers_before = _shm_buffers()
     launcher = _start(config, [], {"DISTILL_TEST_STEP_DELAY_S": "0.5"})
     _wait_for(lambda: os.path.exists(os.path.join(out, "metrics.jsonl")) and len(_losses(out)) >= 3)
     _kill_rank(launcher, 1)
     returncode, elapsed, leftovers = _stopped_within(launcher, 60, config)
     assert returncode != 0 and elapsed < 60 and not leftovers
+    assert _shm_buffers() <= buffers_before  # nothing of the killed job left in /dev/shm either
     _launch(config, 2)
     assert _losses(out) == _losses(straight)
     # checkpoint.every 2, keep 2: only the last two complete tags remain.
@@ -399,12 +408,46 @@ def test_killing_a_rank_during_a_save_keeps_the_previous_checkpoint(straight, as
     assert _losses(out) == _losses(straight)
 
 
-def test_resume_on_another_layout_or_batch_is_refused(four_ranks, assets):
-    config, _ = _config(assets, "four", train={"grad_accum": 1})
-    relayout = _launch(config, 2, extra=["--set", "train.max_steps=10", "--set", "train.grad_accum=2"], check=False)
-    assert relayout.returncode == 2
-    assert f"error: parallel: checkpoint step_{STEPS} was written at TP 2 x DP 2; resume it at that layout" \
-        in relayout.stderr
+def test_resume_on_another_layout_matches_the_straight_run(four_ranks, assets):
+    """4 steps at TP 2 x DP 2, then resumed at TP 2 x DP 1 and TP 1 x DP 1 (grad_accum doubled, the
+    same global batch) through DeepSpeed's universal checkpoint: the straight run's losses."""
+    step_4 = os.path.join(four_ranks, "checkpoints", "step_4")
+    straight = _losses(four_ranks)
+    buffers_before = _shm_buffers()
+    for name, tensor_parallel, procs in (("relayout_tp2_dp1", 2, 2), ("relayout_tp1_dp1", 1, 1)):
+        config, out = _config(assets, name, train={"grad_accum": 2}, parallel={"tensor_parallel": tensor_parallel},
+                              checkpoint={"resume": step_4})
+        result = _launch(config, procs)
+        converted = "converting checkpoint step_4 to the universal format" in result.stderr
+        assert converted == (name == "relayout_tp2_dp1")  # converted once, then reused
+        resumed = _losses(out)
+        assert sorted(resumed) == [5, 6, 7, 8]
+        for step in resumed:
+            assert resumed[step] == pytest.approx(straight[step], rel=1e-5), (name, step)
+    assert os.path.isfile(os.path.join(four_ranks, "checkpoints", "step_4_universal", "COMPLETE"))
+    assert _shm_buffers() <= buffers_before
+
+
+def test_convert_universal_command(four_ranks, tmp_path):
+    from training.checkpoint import read_layout
+
+    root = os.path.join(four_ranks, "checkpoints")
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    command = [sys.executable, "-m", "launch.convert_universal", root]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1] == os.path.join(root, f"step_{STEPS}_universal")  # what `latest` names
+    assert read_layout(root, f"step_{STEPS}_universal")["data_parallel"] == 2
+    embedding = torch.load(os.path.join(root, f"step_{STEPS}_universal", "zero", "model.embed_tokens.weight",
+                                        "fp32.pt"), weights_only=False)["param"]
+    assert embedding.shape == (512, 32)  # the replicated group, reassembled from all four ranks
+    missing = subprocess.run(command + ["step_3"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and f"error: checkpoint step_3: incomplete ({root}/step_3/COMPLETE is missing)" \
+        in missing.stderr
+
+
+def test_resume_with_another_global_batch_is_refused(four_ranks, assets):
+    config, _ = _config(assets, "four", train={"grad_accum": 1}, checkpoint={"every": 4})
     batch = _launch(config, 2, extra=["--set", "train.max_steps=10"], check=False)
     assert batch.returncode == 2 and "global batch of 4 sequences, this run has 2" in batch.stderr
 

@@ -31,6 +31,8 @@ CLIENT_STATE = "client_state.json"
 MANIFEST = "manifest.sha256"
 COMPLETE = "COMPLETE"
 TAG = re.compile(r"^step_(\d+)$")
+UNIVERSAL_SUFFIX = "_universal"  # <tag>_universal: the tag converted for another layout (training.universal)
+ZERO_PARTITIONS = "zero_partitions"
 
 
 def tag_for(step: int) -> str:
@@ -74,9 +76,11 @@ def save(engine, root: str, step: int, client_state: dict, keep: int) -> str:
     """Save ``step_<step>`` on every rank, then publish it as ``latest`` and prune old tags.
 
     ``client_state["layout"]`` is also written as ``<tag>/layout.json`` (plain JSON), so tools
-    such as ``launch.export`` know the world the checkpoint was sharded for without loading it.
+    such as ``launch.export`` know the world the checkpoint was sharded for without loading it;
+    it gains the ZeRO-3 partitioning of every optimizer file (see :func:`zero_partitions`).
     """
     tag = tag_for(step)
+    client_state = {**client_state, "layout": {**client_state["layout"], ZERO_PARTITIONS: zero_partitions(engine)}}
     if dist.get_rank() == 0 and os.path.isdir(os.path.join(root, tag)):
         shutil.rmtree(os.path.join(root, tag))  # an incomplete leftover of a crashed save
     dist.barrier()
@@ -87,8 +91,25 @@ def save(engine, root: str, step: int, client_state: dict, keep: int) -> str:
         publish(root, tag, step, client_state)
         for old in sorted(_tags(root), key=lambda t: int(TAG.match(t).group(1)))[:-keep]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+            shutil.rmtree(os.path.join(root, old + UNIVERSAL_SUFFIX), ignore_errors=True)
     dist.barrier()
     return tag
+
+
+def zero_partitions(engine) -> dict:
+    """Collective: ``{optimizer file name: [[partition count, partition rank] per sub-group]}``.
+
+    ZeRO-3 partitions a group of tensor-parallel replicated parameters over all TP x DP ranks and
+    a group of sharded ones over DP only; the files do not say which, and converting a checkpoint
+    to another layout (``training.universal``) needs to know.
+    """
+    optimizer = engine.optimizer
+    name = os.path.basename(engine._get_zero_ckpt_name("", ""))
+    groups = [[optimizer._get_sub_group_partition_count(i), optimizer._get_sub_group_partition_rank(i)]
+              for i in range(len(optimizer.fp16_groups))]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (name, groups))
+    return dict(gathered)
 
 
 def _sha256(path: str) -> str:

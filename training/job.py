@@ -12,7 +12,7 @@ import torch.distributed as dist
 import yaml
 
 from data.loader import Collator, GlobalBatchSampler, eval_batches, load_prepared
-from training import checkpoint
+from training import checkpoint, universal
 from training.config import ConfigError, RunConfig, identity, to_dict
 from training.data import ensure_prepared
 from training.deepspeed_config import build_deepspeed_configs
@@ -74,8 +74,8 @@ def _agreed_resume(cfg: RunConfig, root: str):
     return answer[0]
 
 
-def _check_layout(cfg: RunConfig, tag: str, layout: dict, world_size: int) -> None:
-    """Refuse a checkpoint written for another layout or global batch, naming both."""
+def _layout_changed(cfg: RunConfig, tag: str, layout: dict, world_size: int) -> bool:
+    """Whether ``tag`` was written at another TP x DP layout; refuses a changed global batch."""
     tp = cfg.parallel.tensor_parallel
     dp = world_size // tp
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * dp
@@ -84,11 +84,22 @@ def _check_layout(cfg: RunConfig, tag: str, layout: dict, world_size: int) -> No
                           f"{layout['global_batch_size']} sequences, this run has {global_batch} "
                           f"(micro_batch_size x grad_accum x data-parallel {dp}); adjust train.grad_accum or "
                           f"--set checkpoint.allow_batch_change=true")
-    if (layout["tensor_parallel"], layout["data_parallel"]) != (tp, dp):
-        # DeepSpeed 0.19.8's ds_to_universal cannot yet convert these ZeRO-3 + AutoTP checkpoints
-        # (see README, Reliability); loading shards into another layout would be silently wrong.
-        raise ConfigError(f"parallel: checkpoint {tag} was written at TP {layout['tensor_parallel']} x DP "
-                          f"{layout['data_parallel']}; resume it at that layout (this run is TP {tp} x DP {dp})")
+    return (layout["tensor_parallel"], layout["data_parallel"]) != (tp, dp)
+
+
+def _agreed_conversion(root: str, tag: str) -> str:
+    """Rank 0 converts ``tag`` to the universal format (or finds it converted); every rank gets
+    the universal tag, or the same error."""
+    answer = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            answer[0] = universal.convert(root, tag)
+        except Exception as error:  # noqa: BLE001 -- a failed conversion must not leave other ranks waiting
+            answer[1] = f"checkpoint {tag}: conversion to the universal format failed: {error}"
+    dist.broadcast_object_list(answer, src=0)
+    if answer[1]:
+        raise ConfigError(answer[1])
+    return answer[0]
 
 
 class TrainingStopped(RuntimeError):
@@ -108,7 +119,10 @@ def run(cfg: RunConfig) -> dict:
         state = checkpoint.client_state(*resume)
         allowed = [key.strip() for key in cfg.checkpoint.allow_config_change.split(",") if key.strip()]
         checkpoint.refuse_drift(state["run_identity"], identity(cfg), resume[1], allowed)
-        _check_layout(cfg, resume[1], state["layout"], world_size)
+        if _layout_changed(cfg, resume[1], state["layout"], world_size):
+            # Another TP x DP layout: DeepSpeed's universal checkpoint re-partitions every tensor.
+            resume = resume[0], _agreed_conversion(*resume)
+            ds_configs[0].setdefault("checkpoint", {})["load_universal"] = True
     _seed_everything(cfg.seed)
     engines = build_engines(cfg, ds_configs, bf16=bf16)
     train_set, manifest = load_prepared(train_dir)
@@ -120,7 +134,7 @@ def run(cfg: RunConfig) -> dict:
 
     step, consumed = 0, 0
     if resume:
-        checkpoint.load(engines.student, *resume)
+        (universal.load if universal.is_universal(resume[1]) else checkpoint.load)(engines.student, *resume)
         checkpoint.set_rng_state(state["rng"])
         step, consumed = state["step"], state["sampler"]["consumed_samples"]
     sampler = GlobalBatchSampler(len(train_set), micro_batch_size=cfg.train.micro_batch_size,
