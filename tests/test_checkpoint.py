@@ -98,3 +98,13 @@ def test_config_drift_lists_keys_and_accepts_named_changes():
     assert "loss.beta: checkpoint 2.0 vs config 1.0; loss.top_k: checkpoint 10 vs config 5" in str(error.value)
     assert "allow_config_change=loss.beta,loss.top_k" in str(error.value)
     refuse_drift(saved, {"loss.beta": 1.0, "loss.top_k": 10, "teacher.path": "t"}, "step_4", ["loss.beta"])
+
+
+def test_universal_conversion_refuses_a_checkpoint_without_its_partition_record(tmp_path):
+    from training.universal import convert
+
+    tag = _save(tmp_path, 4)  # a layout.json as written before zero_partitions was recorded
+    with pytest.raises(ConfigError, match=r"checkpoint step_4: .*step_4/layout.json has no zero_partitions record"):
+        convert(str(tmp_path), tag)
+    assert not os.path.exists(tmp_path / "step_4_universal")
+    assert not [name for name in os.listdir(tmp_path) if "universal" in name]  # no staging left either

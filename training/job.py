@@ -5,6 +5,7 @@ import os
 import random
 import sys
 import time
+import traceback
 
 import numpy as np
 import torch
@@ -94,8 +95,11 @@ def _agreed_conversion(root: str, tag: str) -> str:
     if dist.get_rank() == 0:
         try:
             answer[0] = universal.convert(root, tag)
+        except ConfigError as error:
+            answer[1] = str(error)
         except Exception as error:  # noqa: BLE001 -- a failed conversion must not leave other ranks waiting
-            answer[1] = f"checkpoint {tag}: conversion to the universal format failed: {error}"
+            traceback.print_exc()
+            answer[1] = f"checkpoint {tag}: conversion to the universal format failed: {error!r}"
     dist.broadcast_object_list(answer, src=0)
     if answer[1]:
         raise ConfigError(answer[1])
@@ -134,7 +138,10 @@ def run(cfg: RunConfig) -> dict:
 
     step, consumed = 0, 0
     if resume:
-        (universal.load if universal.is_universal(resume[1]) else checkpoint.load)(engines.student, *resume)
+        if universal.is_universal(resume[1]):
+            universal.load(engines.student, *resume)
+        else:
+            checkpoint.load(engines.student, *resume)
         checkpoint.set_rng_state(state["rng"])
         step, consumed = state["step"], state["sampler"]["consumed_samples"]
     sampler = GlobalBatchSampler(len(train_set), micro_batch_size=cfg.train.micro_batch_size,
