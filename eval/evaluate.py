@@ -123,4 +123,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from model_parallel.distributed import exit_now
+
+    exit_now(main())
