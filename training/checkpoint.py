@@ -31,12 +31,17 @@ CLIENT_STATE = "client_state.json"
 MANIFEST = "manifest.sha256"
 COMPLETE = "COMPLETE"
 TAG = re.compile(r"^step_(\d+)$")
-UNIVERSAL_SUFFIX = "_universal"  # <tag>_universal: the tag converted for another layout (training.universal)
+UNIVERSAL_SUFFIX = "_universal"
 ZERO_PARTITIONS = "zero_partitions"
 
 
 def tag_for(step: int) -> str:
     return f"step_{step}"
+
+
+def universal_tag(tag: str) -> str:
+    """Where ``training.universal`` writes ``tag`` converted for another layout."""
+    return f"{tag}{UNIVERSAL_SUFFIX}"
 
 
 def write_atomically(path: str, text: str) -> None:
@@ -91,7 +96,7 @@ def save(engine, root: str, step: int, client_state: dict, keep: int) -> str:
         publish(root, tag, step, client_state)
         for old in sorted(_tags(root), key=lambda t: int(TAG.match(t).group(1)))[:-keep]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-            shutil.rmtree(os.path.join(root, old + UNIVERSAL_SUFFIX), ignore_errors=True)
+            shutil.rmtree(os.path.join(root, universal_tag(old)), ignore_errors=True)
     dist.barrier()
     return tag
 
@@ -251,10 +256,20 @@ def client_state(root: str, tag: str) -> dict:
 
 
 def load(engine, root: str, tag: str) -> None:
-    """Load ``root/tag`` into ``engine``; never silently nothing."""
+    """Load ``root/tag`` into ``engine``; never silently nothing.
+
+    An engine built with ``checkpoint.load_universal`` loads a universal tag. DeepSpeed 0.19.8
+    then hands every optimizer group the *same* ``step`` tensor; torch's Adam advances it once per
+    group and every step after the first uses the wrong bias correction, so each group gets its
+    own copy.
+    """
     path, _ = engine.load_checkpoint(root, tag=tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {root}")
+    if engine.load_universal_checkpoint():
+        for state in engine.optimizer.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
 
 
 def refuse_drift(saved: dict, current: dict, tag: str, allowed=()) -> None:

@@ -61,14 +61,19 @@ def _eval_scalars(engines, cfg, eval_set, collator, step) -> dict:
     return {f"eval/{name}": value for name, value in scalars.items() if name != "tokens"}
 
 
-def _agreed_resume(cfg: RunConfig, root: str):
-    """Rank 0 finds and verifies the checkpoint (hashing it once), every rank gets its answer."""
+def _decided_on_rank_0(what: str, decide):
+    """Rank 0 runs ``decide()`` (a file-system decision worth making once); every rank
+    returns its answer or raises the same :class:`ConfigError`. An unexpected error on rank 0
+    is reported too, so the other ranks never wait for an answer that will not come."""
     answer = [None, None]
     if dist.get_rank() == 0:
         try:
-            answer[0] = checkpoint.find_resume(cfg.checkpoint.resume, root, fallback=cfg.checkpoint.fallback)
+            answer[0] = decide()
         except ConfigError as error:
             answer[1] = str(error)
+        except Exception as error:  # noqa: BLE001 -- see the docstring
+            traceback.print_exc()
+            answer[1] = f"{what} failed: {error!r}"
     dist.broadcast_object_list(answer, src=0)
     if answer[1]:
         raise ConfigError(answer[1])
@@ -88,24 +93,6 @@ def _layout_changed(cfg: RunConfig, tag: str, layout: dict, world_size: int) -> 
     return (layout["tensor_parallel"], layout["data_parallel"]) != (tp, dp)
 
 
-def _agreed_conversion(root: str, tag: str) -> str:
-    """Rank 0 converts ``tag`` to the universal format (or finds it converted); every rank gets
-    the universal tag, or the same error."""
-    answer = [None, None]
-    if dist.get_rank() == 0:
-        try:
-            answer[0] = universal.convert(root, tag)
-        except ConfigError as error:
-            answer[1] = str(error)
-        except Exception as error:  # noqa: BLE001 -- a failed conversion must not leave other ranks waiting
-            traceback.print_exc()
-            answer[1] = f"checkpoint {tag}: conversion to the universal format failed: {error!r}"
-    dist.broadcast_object_list(answer, src=0)
-    if answer[1]:
-        raise ConfigError(answer[1])
-    return answer[0]
-
-
 class TrainingStopped(RuntimeError):
     """The job cannot go on (e.g. too many consecutive non-finite steps); the message says why."""
 
@@ -118,14 +105,18 @@ def run(cfg: RunConfig) -> dict:
     train_dir = ensure_prepared(cfg, cfg.data.train, "train")
     eval_dir = ensure_prepared(cfg, cfg.data.eval, "eval") if cfg.data.eval else None
     root = os.path.join(cfg.output_dir, "checkpoints")
-    resume = _agreed_resume(cfg, root)  # before any model is built: a bad checkpoint fails fast
+    # Before any model is built, so a bad checkpoint fails fast; rank 0 hashes it once.
+    resume = _decided_on_rank_0("finding the checkpoint to resume", lambda: checkpoint.find_resume(
+        cfg.checkpoint.resume, root, fallback=cfg.checkpoint.fallback))
     if resume:
         state = checkpoint.client_state(*resume)
         allowed = [key.strip() for key in cfg.checkpoint.allow_config_change.split(",") if key.strip()]
         checkpoint.refuse_drift(state["run_identity"], identity(cfg), resume[1], allowed)
         if _layout_changed(cfg, resume[1], state["layout"], world_size):
             # Another TP x DP layout: DeepSpeed's universal checkpoint re-partitions every tensor.
-            resume = resume[0], _agreed_conversion(*resume)
+            converted = _decided_on_rank_0(f"checkpoint {resume[1]}: conversion to the universal format",
+                                           lambda: universal.convert(*resume))
+            resume = resume[0], converted
             ds_configs[0].setdefault("checkpoint", {})["load_universal"] = True
     _seed_everything(cfg.seed)
     engines = build_engines(cfg, ds_configs, bf16=bf16)
@@ -138,10 +129,7 @@ def run(cfg: RunConfig) -> dict:
 
     step, consumed = 0, 0
     if resume:
-        if universal.is_universal(resume[1]):
-            universal.load(engines.student, *resume)
-        else:
-            checkpoint.load(engines.student, *resume)
+        checkpoint.load(engines.student, *resume)
         checkpoint.set_rng_state(state["rng"])
         step, consumed = state["step"], state["sampler"]["consumed_samples"]
     sampler = GlobalBatchSampler(len(train_set), micro_batch_size=cfg.train.micro_batch_size,

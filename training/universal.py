@@ -1,7 +1,8 @@
 """Convert a checkpoint to DeepSpeed's universal format, so another TP x DP layout can resume it.
 
 DeepSpeed's ``ds_to_universal`` does the work; two things in 0.19.8 break it on our ZeRO-3 +
-AutoTP checkpoints, and this module corrects both around it instead of rewriting it:
+AutoTP checkpoints, and this module corrects both around it instead of rewriting it (a third,
+in loading the result, is corrected in ``training.checkpoint.load``):
 
 - ZeRO-3 partitions the tensor-parallel *replicated* parameters (embedding, norms) over all
   TP x DP ranks, the sharded ones over DP only. The converter assumes DP everywhere and then
@@ -27,14 +28,8 @@ from types import SimpleNamespace
 import torch
 
 from data.cli import atomic_directory
-from training.checkpoint import (COMPLETE, LAYOUT, UNIVERSAL_SUFFIX, ZERO_PARTITIONS, read_layout,
-                                 write_atomically)
-from training.checkpoint import load as load_checkpoint
+from training.checkpoint import COMPLETE, LAYOUT, ZERO_PARTITIONS, read_layout, universal_tag, write_atomically
 from training.config import ConfigError
-
-
-def universal_tag(tag: str) -> str:
-    return f"{tag}{UNIVERSAL_SUFFIX}"
 
 
 def _extract_fragments(partitions, optim_files_grid, param_shapes_grid, dp_degree, temp_dir, indices,
@@ -98,30 +93,21 @@ def _corrected_converter(partitions):
         converter.extract_zero_shards_stage3, converter._load_universal_checkpoint_info_stage3 = originals
 
 
-def is_universal(tag: str) -> bool:
-    return tag.endswith(UNIVERSAL_SUFFIX)
-
-
-def is_converted(root: str, tag: str) -> bool:
-    return os.path.isfile(os.path.join(root, universal_tag(tag), COMPLETE))
-
-
 def convert(root: str, tag: str, workers: int = 1) -> str:
     """Write ``root/<tag>_universal`` from the verified checkpoint ``root/tag`` (one process, no
     collectives) unless it is already complete; returns its tag."""
     target = universal_tag(tag)
-    if is_converted(root, tag):
+    if os.path.isfile(os.path.join(root, target, COMPLETE)):
         return target
     layout = read_layout(root, tag)
     if ZERO_PARTITIONS not in layout:
         raise ConfigError(f"checkpoint {tag}: {os.path.join(root, tag, LAYOUT)} has no {ZERO_PARTITIONS} record "
                           f"(written before this version); resume it at its own layout")
-    args = SimpleNamespace(input_folder=os.path.join(root, tag), output_folder=None, num_extract_workers=workers,
-                           num_merge_workers=workers, keep_temp_folder=False, strict=True,
-                           inject_missing_state=False)
     print(f"converting checkpoint {tag} to the universal format ({os.path.join(root, target)})", file=sys.stderr)
     with atomic_directory(os.path.join(root, target)) as staging:
-        args.output_folder = staging
+        args = SimpleNamespace(input_folder=os.path.join(root, tag), output_folder=staging,
+                               num_extract_workers=workers, num_merge_workers=workers, keep_temp_folder=False,
+                               strict=True, inject_missing_state=False)
         with _corrected_converter(layout[ZERO_PARTITIONS]) as converter, contextlib.redirect_stdout(sys.stderr):
             converter.main(args)
         with contextlib.suppress(FileNotFoundError):
@@ -130,15 +116,3 @@ def convert(root: str, tag: str, workers: int = 1) -> str:
         write_atomically(os.path.join(staging, COMPLETE), f"{tag}\n")
     return target
 
-
-def load(engine, root: str, tag: str) -> None:
-    """Load the universal ``root/tag`` into ``engine`` (built with ``checkpoint.load_universal``).
-
-    DeepSpeed 0.19.8 hands every optimizer group the *same* ``step`` tensor when it loads a
-    universal checkpoint; torch's Adam then advances it once per group and every step after the
-    first uses the wrong bias correction. Each group gets its own copy.
-    """
-    load_checkpoint(engine, root, tag)
-    for state in engine.optimizer.optimizer.state.values():
-        if torch.is_tensor(state.get("step")):
-            state["step"] = state["step"].clone()
