@@ -6,23 +6,17 @@ identical on every rank of the group. Calibration is computed from per-bin sums 
 ranks, never by materialising the ``n × V`` (prediction, outcome) pairs.
 """
 
-from collections import defaultdict
+import math
 
 import torch
 import torch.distributed as dist
 
 from loss import cross_entropy, forward_kl, reverse_kl, tail_divergence_parts
-from model_parallel import gather_rows, global_argmax, is_parallel, resolve_vocab_shard
+from model_parallel import all_reduce_sum, gather_rows, global_argmax, resolve_vocab_shard
 
 IGNORE_INDEX = -100
 # Rows of softmax probabilities are binned this many logits at a time.
 CHUNK_NUMEL = 1 << 22
-
-
-def _all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
-    if is_parallel(group):
-        dist.all_reduce(tensor, group=group)
-    return tensor
 
 
 def _global_log_normaliser(logits: torch.Tensor, group) -> torch.Tensor:
@@ -60,7 +54,7 @@ def full_ece_bins(logits: torch.Tensor, targets: torch.Tensor, *, n_bins: int = 
     owned = (local >= 0) & (local < shard.size)
     hit_probabilities = torch.exp(logits[owned].float().gather(1, local[owned, None]).squeeze(1) - log_z[owned])
     bins[2] += torch.bincount(_bin_index(hit_probabilities, n_bins), minlength=n_bins).double()
-    return _all_reduce_sum(bins, tp_group)
+    return all_reduce_sum(bins, tp_group)
 
 
 def ece_from_bins(bins: torch.Tensor) -> float:
@@ -69,7 +63,7 @@ def ece_from_bins(bins: torch.Tensor) -> float:
     total = count.sum()
     if total == 0:
         return 0.0
-    return float(((hits - confidence).abs() / total).sum())  # |B|/N · |hits/|B| − conf/|B||
+    return float(((hits - confidence).abs() / total).sum())  # |B|/N · |hits/|B| − conf/|B||; host sync
 
 
 def full_ece(logits: torch.Tensor, targets: torch.Tensor, *, n_bins: int = 10, tp_group=None,
@@ -98,27 +92,39 @@ def top1_ece_bins(logits: torch.Tensor, targets: torch.Tensor, *, n_bins: int = 
                         torch.bincount(index, weights=hits, minlength=n_bins)])
 
 
+def _exp(value: float) -> float:
+    return math.inf if value > 709 else math.exp(value)  # e^709 is the largest finite double
+
+
 class EvalSums:
     """Accumulates per-token sums and calibration bins over batches, then reduces and reports.
 
     ``add(student, teacher, targets)`` takes the valid positions only (``[n, V_local]`` slices).
+    Everything stays on ``device`` (the logits' device) until :meth:`result`, the one host sync.
     """
 
-    def __init__(self, *, top_k: int, beta: float, n_bins: int = 10, tp_group=None):
+    def __init__(self, *, top_k: int, beta: float, n_bins: int = 10, tp_group=None, device="cpu"):
         self.top_k, self.beta, self.n_bins, self.tp_group = top_k, beta, n_bins, tp_group
-        self.sums = defaultdict(float)
-        self.full_bins = torch.zeros(3, n_bins, dtype=torch.float64)
-        self.top1_bins = torch.zeros(3, n_bins, dtype=torch.float64)
+        self.device = torch.device(device)
+        self.sums = {}
+        self.full_bins = torch.zeros(3, n_bins, dtype=torch.float64, device=self.device)
+        self.top1_bins = torch.zeros(3, n_bins, dtype=torch.float64, device=self.device)
+
+    def add_sum(self, name: str, value: torch.Tensor) -> None:
+        """Add ``value`` (summed over its tokens) to the per-token sum ``name``."""
+        total = value.detach().double().sum()
+        self.sums[name] = self.sums[name] + total if name in self.sums else total
 
     @torch.no_grad()
     def add(self, student: torch.Tensor, teacher, targets: torch.Tensor) -> None:
         group = self.tp_group
         start = resolve_vocab_shard(student.shape[-1], group, caller="EvalSums", device=student.device).start
-        self.sums["tokens"] += targets.numel()
-        self.sums["nll"] += float(cross_entropy(student, targets, tp_group=group).double().sum())
-        self.sums["accuracy"] += float((global_argmax(student, start, group) == targets).double().sum())
-        self.full_bins += full_ece_bins(student, targets, n_bins=self.n_bins, tp_group=group).cpu()
-        self.top1_bins += top1_ece_bins(student, targets, n_bins=self.n_bins, tp_group=group).cpu()
+        student_top1 = global_argmax(student, start, group)
+        self.add_sum("tokens", torch.ones_like(targets, dtype=torch.float64))
+        self.add_sum("nll", cross_entropy(student, targets, tp_group=group))
+        self.add_sum("accuracy", student_top1 == targets)
+        self.full_bins += full_ece_bins(student, targets, n_bins=self.n_bins, tp_group=group)
+        self.top1_bins += top1_ece_bins(student, targets, n_bins=self.n_bins, tp_group=group)
         if teacher is None:
             return
         parts = tail_divergence_parts(student, teacher, top_k=self.top_k, tp_group=group)
@@ -128,27 +134,28 @@ class EvalSums:
             "tail_divergence": parts.head_kl + self.beta * parts.tail_kl,
             "teacher_tail_mass": parts.teacher_tail_mass,
             "student_tail_mass": parts.student_tail_mass,
-            "top1_agreement": (global_argmax(student, start, group) == global_argmax(teacher, start, group)).float(),
+            "top1_agreement": student_top1 == global_argmax(teacher, start, group),
             "teacher_nll": cross_entropy(teacher, targets, tp_group=group),
         }
         for name, value in values.items():
-            self.sums[name] += float(value.double().sum())
+            self.add_sum(name, value)
 
     def result(self, dp_group=None) -> dict:
         """Means over tokens, perplexity and ECEs, summed over ``dp_group`` first (if given)."""
         names = sorted(self.sums)
-        packed = torch.cat([torch.tensor([self.sums[n] for n in names], dtype=torch.float64),
-                            self.full_bins.view(-1), self.top1_bins.view(-1)])
-        if dp_group is not None and dist.is_initialized() and dist.get_world_size(dp_group) > 1:
-            dist.all_reduce(packed, group=dp_group)
+        values = [self.sums[name].view(1) for name in names]
+        packed = torch.cat(values + [self.full_bins.view(-1), self.top1_bins.view(-1)])
+        if dp_group is not None and dist.is_initialized():
+            all_reduce_sum(packed, dp_group)
+        packed = packed.cpu()  # host sync: the evaluation's results, once
         sums = dict(zip(names, packed[:len(names)].tolist()))
         full_bins = packed[len(names):len(names) + 3 * self.n_bins].view(3, -1)
         top1_bins = packed[len(names) + 3 * self.n_bins:].view(3, -1)
-        tokens = max(sums.pop("tokens"), 1.0)
+        tokens = max(sums.pop("tokens", 0.0), 1.0)
         out = {name: value / tokens for name, value in sums.items()}
-        out["perplexity"] = float(torch.exp(torch.tensor(out["nll"])))
+        out["perplexity"] = _exp(out.get("nll", float("nan")))
         if "teacher_nll" in out:
-            out["teacher_perplexity"] = float(torch.exp(torch.tensor(out["teacher_nll"])))
+            out["teacher_perplexity"] = _exp(out["teacher_nll"])
         out["full_ece"] = ece_from_bins(full_bins)
         out["top1_ece"] = ece_from_bins(top1_bins)
         out["tokens"] = tokens

@@ -10,13 +10,17 @@ from loss.tail import tail_divergence_parts
 KINDS = ("tail", "kl", "reverse_kl", "ce")
 
 
-def sequence_beta(beta: float, teacher_tail_mass: torch.Tensor, sequence_ids: torch.Tensor) -> torch.Tensor:
+def sequence_beta(beta: float, teacher_tail_mass: torch.Tensor, sequence_ids: torch.Tensor,
+                  num_sequences: Optional[int] = None) -> torch.Tensor:
     """β_t = β · P_tail,t / mean of P_tail over the tokens of t's sequence (0 where that mean is 0).
 
-    ``teacher_tail_mass`` and ``sequence_ids`` are ``[n]`` over the valid tokens of a batch.
+    ``teacher_tail_mass`` and ``sequence_ids`` are ``[n]`` over the valid tokens of a batch;
+    ``num_sequences`` (the batch's row count, > every id) spares reading the largest id back.
     """
     mass = teacher_tail_mass.detach().float()
-    count = torch.zeros(int(sequence_ids.max()) + 1 if sequence_ids.numel() else 0, device=mass.device)
+    if num_sequences is None:
+        num_sequences = int(sequence_ids.max()) + 1 if sequence_ids.numel() else 0  # host sync
+    count = torch.zeros(num_sequences, device=mass.device)
     total = torch.zeros_like(count)
     count.index_add_(0, sequence_ids, torch.ones_like(mass))
     total.index_add_(0, sequence_ids, mass)
@@ -35,13 +39,15 @@ def distillation_objective(student_logits: torch.Tensor,
                            temperature: float = 1.0,
                            ce_weight: float = 0.0,
                            sequence_ids: Optional[torch.Tensor] = None,
+                           num_sequences: Optional[int] = None,
                            tp_group=None) -> Dict[str, torch.Tensor]:
     """Per-token loss over ``n`` valid tokens (logits ``[n, V_local]``, ``labels`` ``[n]`` ids).
 
     Returns ``{"loss": [n], "kd": [n], "ce": [n], ...}``: ``loss`` is what to back-propagate (after
     the caller's reduction); the other entries are for logging. With ``kind`` ``tail`` the dict
     also holds ``head_kl``, ``tail_kl``, ``teacher_tail_mass`` and ``student_tail_mass``.
-    ``beta_mode`` ``sequence`` needs ``sequence_ids`` (``[n]``, the row of each token).
+    ``beta_mode`` ``sequence`` needs ``sequence_ids`` (``[n]``, the row of each token) and takes
+    ``num_sequences`` (the batch's row count) where the caller knows it.
     """
     if kind not in KINDS:
         raise ValueError(f"loss.kind: unknown {kind!r}; expected one of {', '.join(KINDS)}")
@@ -54,7 +60,8 @@ def distillation_objective(student_logits: torch.Tensor,
     if kind == "tail":
         parts = tail_divergence_parts(student_logits, teacher_logits, top_k=top_k, temperature=temperature,
                                       tp_group=tp_group)
-        token_beta = sequence_beta(beta, parts.teacher_tail_mass, sequence_ids) if beta_mode == "sequence" else beta
+        token_beta = (sequence_beta(beta, parts.teacher_tail_mass, sequence_ids, num_sequences)
+                      if beta_mode == "sequence" else beta)
         out.update(parts._asdict())
         out["kd"] = parts.head_kl + token_beta * parts.tail_kl
     else:

@@ -269,6 +269,7 @@ def _check_beta(beta, token_shape):
             broadcast = None
         if broadcast != token_shape:
             return f"beta of shape {tuple(beta.shape)} does not broadcast to the per-token shape {tuple(token_shape)}"
+        # host sync: a per-token beta (loss.beta_mode sequence) is checked once per call.
         if beta.numel() and not bool(((beta >= 0) & torch.isfinite(beta)).all()):
             return "beta must be finite and >= 0 everywhere, got a negative or non-finite entry"
         return None

@@ -28,6 +28,13 @@ def group_rank(group) -> int:
     return dist.get_rank(group) if is_parallel(group) else 0
 
 
+def all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
+    """Sum ``tensor`` over ``group`` in place and return it (unchanged without a group)."""
+    if is_parallel(group):
+        dist.all_reduce(tensor, group=group)
+    return tensor
+
+
 def gather_rows(local: torch.Tensor, group) -> torch.Tensor:
     """All-gather per-token rows from every rank of ``group``.
 

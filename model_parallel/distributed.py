@@ -8,10 +8,16 @@ later each rank unlinks its own name; the mappings stay valid until the process 
 nothing is left even after a SIGKILL.
 """
 
+import glob
 import os
+import sys
+import time
 from datetime import timedelta
 
 SHM_DIR = "/dev/shm"
+# A JIT build of DeepSpeed's ops takes about a minute here; a lock this old with no build running
+# on this node was most likely left by a killed launch.
+STALE_LOCK_S = 300
 
 
 def shm_buffer_path(rank: int) -> str:
@@ -21,12 +27,60 @@ def shm_buffer_path(rank: int) -> str:
     return os.path.join(SHM_DIR, name)
 
 
+def extension_build_locks() -> list:
+    """The lock files of torch's JIT extension builds (``TORCH_EXTENSIONS_DIR`` or torch's default)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        root = get_default_build_root()
+    # <root>/<extension>/lock, or <root>/<py311_cu124 or similar>/<extension>/lock by default.
+    return sorted(glob.glob(os.path.join(root, "*", "lock")) + glob.glob(os.path.join(root, "*", "*", "lock")))
+
+
+def _building_here(build_dir: str) -> bool:
+    """Whether a process on this node works in ``build_dir`` (ninja and the compilers run there)."""
+    import psutil
+
+    build_dir = os.path.realpath(build_dir)
+    for process in psutil.process_iter(["cwd", "cmdline"]):
+        cwd, cmdline = process.info.get("cwd"), process.info.get("cmdline") or []
+        if (cwd and os.path.realpath(cwd).startswith(build_dir)) or any(build_dir in arg for arg in cmdline):
+            return True
+    return False
+
+
+def stale_build_locks(max_age_s: float = STALE_LOCK_S) -> list:
+    """Messages for the extension build locks older than ``max_age_s`` with no build alive on this
+    node: torch's lock names no owner and waits on it forever, and a shared cache may be in use by
+    another node, so the lock is never removed here; the user is told how."""
+    messages = []
+    for lock in extension_build_locks():
+        try:
+            age = time.time() - os.path.getmtime(lock)
+        except FileNotFoundError:
+            continue  # released meanwhile
+        if age < max_age_s or _building_here(os.path.dirname(lock)):
+            continue
+        messages.append(f"warning: {lock} is a torch extension build lock {age / 60:.0f} min old and no build runs "
+                        f"on this node (a killed first launch?); unless another node sharing this cache is building "
+                        f"{os.path.basename(os.path.dirname(lock))} now, remove it: rm {lock}")
+        messages.append(f"waiting for {lock} to be removed: torch waits on it before it builds or loads "
+                        f"{os.path.basename(os.path.dirname(lock))}")
+    return messages
+
+
 def init_distributed(timeout_s: float = None, backend: str = None) -> None:
     """``deepspeed.init_distributed`` (``backend``, else NCCL on GPUs and gloo on CPU), then release
-    the shm buffer."""
+    the shm buffer. A stale JIT build lock, which would make that wait forever, is reported first
+    (once per node)."""
     import deepspeed
     import torch
     import torch.distributed as dist
+
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        for message in stale_build_locks():
+            print(message, file=sys.stderr, flush=True)
 
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}

@@ -39,6 +39,7 @@ def resolve_vocab_shard(local_vocab_size: int,
     local = torch.tensor([[float(local_error is not None), float(local_vocab_size)] + [float(must_agree[n]) for n in names]],
                          dtype=torch.float64,
                          device=device)
+    # host sync: every rank must know the layout (and any rank's error) before the data collectives.
     table = gather_rows(local, group)[0].cpu()  # (ranks, 2 + len(names))
     if local_error is not None:
         raise ValueError(f"{caller}: {local_error}")

@@ -23,7 +23,7 @@ def local_topk(x: torch.Tensor, k: int):
     values, indices = torch.topk(x, take, dim=-1, largest=True, sorted=True)
     if take > k:
         ambiguous = values[:, k - 1] == values[:, k]
-        if ambiguous.any():
+        if ambiguous.any():  # host sync: one flag, to skip the stable re-sort when nothing is tied
             rows = ambiguous.nonzero().squeeze(1)
             sorted_values, order = torch.sort(x[rows], dim=-1, descending=True, stable=True)
             values[rows], indices[rows] = sorted_values[:, :take], order[:, :take]

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from data.prepare import prepare
+from tests.tiny_models import gemma2, llama, save_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
@@ -27,48 +28,23 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-def _llama(vocab, hidden=32, layers=2, tie=False):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                       tie_word_embeddings=tie, bos_token_id=2, eos_token_id=3, pad_token_id=0)
-
-
-def _gemma2(vocab, hidden=32, layers=2):
-    from transformers import Gemma2Config
-
-    return Gemma2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                        num_attention_heads=2, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
-                        tie_word_embeddings=True, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
-                        query_pre_attn_scalar=16, sliding_window=16, bos_token_id=2, eos_token_id=3, pad_token_id=0)
-
-
-def _save_model(config, path, tokenizer, seed=1):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, tokenizer_dir, tokenizer, demo_dir):
     root = tmp_path_factory.mktemp("job")
     prepare(str(tokenizer_dir), [str(demo_dir / "pretrain/train.txt")], str(root / "train"), fmt="text", seq_len=32)
     prepare(str(tokenizer_dir), [str(demo_dir / "pretrain/eval.txt")], str(root / "eval"), fmt="text", seq_len=32)
     student_config = root / "student.json"
-    _llama(512, hidden=32, layers=1).to_json_file(str(student_config))
+    llama(512, hidden=32, layers=1).to_json_file(str(student_config))
     gemma_student = root / "gemma_student.json"
-    _gemma2(512, layers=1).to_json_file(str(gemma_student))
+    gemma2(512, layers=1).to_json_file(str(gemma_student))
     return {
         "root": root,
         "tokenizer": str(tokenizer_dir),
-        "teacher": _save_model(_llama(512, hidden=48), root / "teacher", tokenizer),
+        "teacher": save_model(llama(512, hidden=48), root / "teacher", tokenizer),
         # A padded vocabulary (520 rows for 512 tokens) and Gemma-2's tied, scaled, soft-capped head.
-        "gemma_teacher": _save_model(_gemma2(520, hidden=48), root / "gemma_teacher", tokenizer),
+        "gemma_teacher": save_model(gemma2(520, hidden=48), root / "gemma_teacher", tokenizer),
+        # A teacher padded to 520 rows: the untied 512-row student gets 8 rows added by resizing.
+        "padded_teacher": save_model(llama(520, hidden=48), root / "padded_teacher", tokenizer),
         "student_config": str(student_config),
         "gemma_student_config": str(gemma_student),
         "train": str(root / "train"),
@@ -203,7 +179,8 @@ def test_tensor_parallel_size_does_not_change_the_losses(straight, assets):
 
 @pytest.fixture(scope="module")
 def four_ranks(assets):
-    config, out = _config(assets, "four", train={"grad_accum": 1}, checkpoint={"every": 4})
+    config, out = _config(assets, "four", teacher={"path": assets["padded_teacher"]}, train={"grad_accum": 1},
+                          checkpoint={"every": 4})
     _launch(config, 4)
     return out
 
@@ -214,7 +191,7 @@ def test_tp2_dp2_on_four_ranks_learns(four_ranks):
 
 
 def test_two_simulated_nodes_match_one_node(four_ranks, assets):
-    config, out = _config(assets, "two_nodes", train={"grad_accum": 1})
+    config, out = _config(assets, "two_nodes", teacher={"path": assets["padded_teacher"]}, train={"grad_accum": 1})
     hostfile = assets["root"] / "hostfile"
     hostfile.write_text("node-a slots=2\nnode-b slots=2\n")
     port = str(_free_port())
@@ -410,13 +387,15 @@ def test_killing_a_rank_during_a_save_keeps_the_previous_checkpoint(straight, as
 
 def test_resume_on_another_layout_matches_the_straight_run(four_ranks, assets):
     """4 steps at TP 2 x DP 2, then resumed at TP 2 x DP 1 and TP 1 x DP 1 (grad_accum doubled, the
-    same global batch) through DeepSpeed's universal checkpoint: the straight run's losses."""
+    same global batch) through DeepSpeed's universal checkpoint: the straight run's losses. The
+    student's 512-row embedding was resized to the teacher's 520 rows: the added rows must be equal
+    on every rank, or the replicated embedding cannot be re-laid out."""
     step_4 = os.path.join(four_ranks, "checkpoints", "step_4")
     straight = _losses(four_ranks)
     buffers_before = _shm_buffers()
     for name, tensor_parallel, procs in (("relayout_tp2_dp1", 2, 2), ("relayout_tp1_dp1", 1, 1)):
-        config, out = _config(assets, name, train={"grad_accum": 2}, parallel={"tensor_parallel": tensor_parallel},
-                              checkpoint={"resume": step_4})
+        config, out = _config(assets, name, teacher={"path": assets["padded_teacher"]}, train={"grad_accum": 2},
+                              parallel={"tensor_parallel": tensor_parallel}, checkpoint={"resume": step_4})
         result = _launch(config, procs)
         converted = "converting checkpoint step_4 to the universal format" in result.stderr
         assert converted == (name == "relayout_tp2_dp1")  # converted once, then reused
@@ -440,14 +419,15 @@ def test_convert_universal_command(four_ranks, tmp_path):
     assert read_layout(root, f"step_{STEPS}_universal")["data_parallel"] == 2
     embedding = torch.load(os.path.join(root, f"step_{STEPS}_universal", "zero", "model.embed_tokens.weight",
                                         "fp32.pt"), weights_only=False)["param"]
-    assert embedding.shape == (512, 32)  # the replicated group, reassembled from all four ranks
+    assert embedding.shape == (520, 32)  # the replicated group, reassembled from all four ranks
     missing = subprocess.run(command + ["step_3"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and f"error: checkpoint step_3: incomplete ({root}/step_3/COMPLETE is missing)" \
         in missing.stderr
 
 
 def test_resume_with_another_global_batch_is_refused(four_ranks, assets):
-    config, _ = _config(assets, "four", train={"grad_accum": 1}, checkpoint={"every": 4})
+    config, _ = _config(assets, "four", teacher={"path": assets["padded_teacher"]}, train={"grad_accum": 1},
+                        checkpoint={"every": 4})
     batch = _launch(config, 2, extra=["--set", "train.max_steps=10"], check=False)
     assert batch.returncode == 2 and "global batch of 4 sequences, this run has 2" in batch.stderr
 

@@ -58,29 +58,54 @@ def write_atomically(path: str, text: str) -> None:
         os.close(directory)
 
 
+def rng_file(rank: int) -> str:
+    """Each rank's RNG states, in the tag directory (listed in its manifest like every file)."""
+    return f"rng_rank{rank}.json"
+
+
 def rng_state() -> dict:
-    """Python, numpy and torch RNG states as plain lists (no pickled objects in checkpoints)."""
+    """This rank's Python, numpy, torch CPU and accelerator RNG states as plain lists (no pickle)."""
+    from deepspeed.accelerator import get_accelerator
+
     version, internal, gauss = random.getstate()
     name, keys, position, has_gauss, cached = np.random.get_state()
+    accelerator = get_accelerator()
+    on_host = accelerator.device_name() == "cpu"  # the CPU accelerator's generator *is* torch's
     return {
         "python": [version, list(internal), gauss],
         "numpy": [name, keys.tolist(), position, has_gauss, cached],
         "torch": torch.get_rng_state().tolist(),
+        "accelerator": None if on_host else accelerator.get_rng_state().tolist(),
     }
 
 
 def set_rng_state(state: dict) -> None:
+    from deepspeed.accelerator import get_accelerator
+
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, position, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8, device="cpu"))
+    if state.get("accelerator") is not None:
+        get_accelerator().set_rng_state(torch.tensor(state["accelerator"], dtype=torch.uint8, device="cpu"))
+
+
+def read_rng_state(root: str, tag: str, rank: int) -> dict:
+    """``rank``'s RNG states saved in ``root/tag``; rank 0's where the checkpoint had fewer ranks
+    (another layout: every rank was seeded alike, so nothing better exists)."""
+    path = os.path.join(root, tag, rng_file(rank))
+    if not os.path.isfile(path):
+        path = os.path.join(root, tag, rng_file(0))
+    with open(path) as handle:
+        return json.load(handle)
 
 
 def save(engine, root: str, step: int, client_state: dict, keep: int) -> str:
     """Save ``step_<step>`` on every rank, then publish it as ``latest`` and prune old tags.
 
-    ``client_state["layout"]`` is also written as ``<tag>/layout.json`` (plain JSON), so tools
+    Every rank also writes its own RNG states (:func:`rng_file`). ``client_state["layout"]`` is
+    also written as ``<tag>/layout.json`` (plain JSON), so tools
     such as ``launch.export`` know the world the checkpoint was sharded for without loading it;
     it gains the ZeRO-3 partitioning of every optimizer file (see :func:`zero_partitions`).
     """
@@ -90,6 +115,7 @@ def save(engine, root: str, step: int, client_state: dict, keep: int) -> str:
         shutil.rmtree(os.path.join(root, tag))  # an incomplete leftover of a crashed save
     dist.barrier()
     engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+    write_atomically(os.path.join(root, tag, rng_file(dist.get_rank())), json.dumps(rng_state()))
     pause_for_tests("DISTILL_TEST_SAVE_DELAY_S")
     dist.barrier()
     if dist.get_rank() == 0:

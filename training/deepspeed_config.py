@@ -46,6 +46,13 @@ def build_deepspeed_configs(cfg: RunConfig, world_size: int, bf16: bool):
         raise ConfigError(f"parallel.tensor_parallel: {tp} does not divide the world size {world_size}")
     if ds.get("zero_optimization", {}).get("stage", 3) != 3:
         raise ConfigError(f"{source}: zero_optimization.stage must be 3 (both models are ZeRO-3 partitioned)")
+    if tp > 1 and ds.get("zero_optimization", {}).get("zero_hpz_partition_size", 1) > 1:
+        # Measured (DESIGN.md §5): transformers opens a second zero.Init inside ours and start-up stops;
+        # forced past that, hpZ's groups coincide with the tensor-parallel groups and the teacher's
+        # logits come out wrong. With TP = GPUs per node there is no intra-node DP group for hpZ anyway.
+        raise ConfigError(f"{source}: zero_optimization.zero_hpz_partition_size > 1 does not work with "
+                          f"tensor parallelism (parallel.tensor_parallel={tp}): its groups coincide with the "
+                          f"tensor-parallel ones and the logits come out wrong; remove it or set it to 1")
     train = cfg.train
     _put(ds, "train_micro_batch_size_per_gpu", train.micro_batch_size, source)
     _put(ds, "gradient_accumulation_steps", train.grad_accum, source)
@@ -68,6 +75,9 @@ def build_deepspeed_configs(cfg: RunConfig, world_size: int, bf16: bool):
     _put(ds, "scheduler.params.warmup_type", "linear", source)
     _put(ds, "scheduler.params.cos_min_ratio", train.min_lr / train.lr, source)
     _put(ds, "bf16.enabled", bf16, source)
+    if bf16:
+        # Otherwise ZeRO accumulates gradients over micro-batches in bf16 (8 mantissa bits).
+        _put(ds, "data_types.grad_accum_dtype", "fp32", source)
     if not torch.cuda.is_available():
         # torch's AdamW: the same update without JIT-compiling DeepSpeed's fused CPU Adam (minutes).
         ds["optimizer"].setdefault("params", {}).setdefault("torch_adam", True)

@@ -32,6 +32,8 @@ class Engines:
     dp_group: object
     dp_rank: int
     dp_size: int
+    device: torch.device
+    """The accelerator device both engines compute on: every batch and every tensor of the step goes here."""
 
 
 def _load_tokenizer(name: str):
@@ -108,12 +110,37 @@ def _untie_scaled_head(model, zero_only: dict) -> None:
         model.config.get_text_config().tie_word_embeddings = False
 
 
+def _init_added_rows(model, first_added: int, seed: int) -> None:
+    """Give the rows ``resize_token_embeddings`` added (``first_added`` onwards, in the embedding
+    and an untied head) values drawn from ``seed`` alone: bitwise the same on every rank and at every
+    tensor-parallel size. Left to transformers under ZeRO-3 they differ between ranks, and a
+    checkpoint's replicated embedding then cannot be re-laid out. Collective (ZeRO-3 gather).
+
+    They are padding (at or past ``len(tokenizer)``): their logits are masked and no input holds
+    their ids, so any finite values would train the same; random ones match a fresh init.
+    """
+    import deepspeed
+
+    std = getattr(model.config.get_text_config(), "initializer_range", 0.02)
+    weights = {id(module.weight): module.weight for module in (model.get_input_embeddings(),
+                                                               model.get_output_embeddings()) if module is not None}
+    for offset, weight in enumerate(weights.values()):
+        # transformers builds the resized matrices unpartitioned, so each rank holds its own copy
+        # until deepspeed.initialize partitions it: every rank writes the same values (a
+        # ZeRO-partitioned one is gathered, and rank 0's write is what it keeps).
+        with deepspeed.zero.GatheredParameters([weight], modifier_rank=0):
+            generator = torch.Generator(device="cpu").manual_seed(seed + offset)
+            rows = torch.empty(weight.shape[0] - first_added, weight.shape[1], dtype=torch.float32,
+                               device="cpu").normal_(0.0, std, generator=generator)
+            weight.data[first_added:] = rows.to(device=weight.device, dtype=weight.dtype)
+
+
 def _needs_untie(model) -> bool:
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     return head is not None and head.weight is embedding.weight and type(embedding) is not torch.nn.Embedding
 
 
-def _build_model(section, key: str, vocab_size: int, zero_only: dict, dtype, tp: int, frozen: bool):
+def _build_model(section, key: str, vocab_size: int, zero_only: dict, dtype, tp: int, frozen: bool, seed: int):
     import deepspeed
     from transformers import AutoModelForCausalLM
 
@@ -134,8 +161,10 @@ def _build_model(section, key: str, vocab_size: int, zero_only: dict, dtype, tp:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                      trust_remote_code=section.trust_remote_code)
     embedding = model.get_input_embeddings().weight
-    if getattr(embedding, "ds_shape", embedding.shape)[0] != vocab_size:
+    rows = getattr(embedding, "ds_shape", embedding.shape)[0]
+    if rows != vocab_size:
         model.resize_token_embeddings(vocab_size, mean_resizing=False)
+        _init_added_rows(model, rows, seed)
     if tp > 1 and _needs_untie(model):
         _untie_scaled_head(model, zero_only)
     if frozen:
@@ -152,6 +181,7 @@ def build_engines(cfg: RunConfig, ds_configs, *, bf16: bool, with_teacher: bool 
     ``train_student=False`` (evaluation) builds the student frozen, without optimizer state.
     """
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
     from deepspeed.utils import groups
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -168,11 +198,13 @@ def build_engines(cfg: RunConfig, ds_configs, *, bf16: bool, with_teacher: bool 
     hf_ds_config = HfDeepSpeedConfig(zero_only)
     teacher = None
     if cfg.loss.kind != "ce" and with_teacher:
-        teacher_model = _build_model(cfg.teacher, "teacher", vocab_size, zero_only, dtype, tp, frozen=True)
+        teacher_model = _build_model(cfg.teacher, "teacher", vocab_size, zero_only, dtype, tp, frozen=True,
+                                     seed=cfg.seed)
         teacher, *_ = deepspeed.initialize(model=teacher_model, config=teacher_ds)
         teacher.eval()
     torch.manual_seed(cfg.seed)  # a fresh student's initial weights depend on the seed alone
-    student_model = _build_model(cfg.student, "student", vocab_size, zero_only, dtype, tp, frozen=not train_student)
+    student_model = _build_model(cfg.student, "student", vocab_size, zero_only, dtype, tp, frozen=not train_student,
+                                 seed=cfg.seed)
     if train_student:
         student, *_ = deepspeed.initialize(model=student_model, config=student_ds,
                                            model_parameters=[p for p in student_model.parameters() if p.requires_grad])
@@ -191,7 +223,8 @@ def build_engines(cfg: RunConfig, ds_configs, *, bf16: bool, with_teacher: bool 
     dp_size = torch.distributed.get_world_size(dp_group)
     return Engines(student=student, teacher=teacher, tokenizer=tokenizer, vocab_size=vocab_size,
                    real_vocab_size=len(tokenizer), vocab_start=vocab_start, tp_group=tp_group, dp_group=dp_group,
-                   dp_rank=torch.distributed.get_rank(dp_group), dp_size=dp_size)
+                   dp_rank=torch.distributed.get_rank(dp_group), dp_size=dp_size,
+                   device=torch.device(get_accelerator().current_device_name()))
 
 
 def check_data_tokenizer(manifest: dict, tokenizer, path: str) -> None:

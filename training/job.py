@@ -20,7 +20,7 @@ from training.deepspeed_config import build_deepspeed_configs
 from training.engines import build_engines, check_data_tokenizer
 from training.export import export_student
 from training.metrics import MetricsWriter
-from training.step import evaluate, train_step
+from training.step import evaluate, step_means, train_step
 
 
 def use_bf16(cfg: RunConfig) -> bool:
@@ -39,7 +39,6 @@ def _client_state(cfg, step, sampler, engines) -> dict:
     return {
         "step": step,
         "sampler": sampler.state_dict(),
-        "rng": checkpoint.rng_state(),
         "run_identity": identity(cfg),
         "layout": {"tensor_parallel": cfg.parallel.tensor_parallel, "data_parallel": engines.dp_size,
                    "global_batch_size": sampler.global_batch_size, "vocab_size": engines.vocab_size,
@@ -110,6 +109,7 @@ def run(cfg: RunConfig) -> dict:
         cfg.checkpoint.resume, root, fallback=cfg.checkpoint.fallback))
     if resume:
         state = checkpoint.client_state(*resume)
+        rng = checkpoint.read_rng_state(*resume, rank)
         allowed = [key.strip() for key in cfg.checkpoint.allow_config_change.split(",") if key.strip()]
         checkpoint.refuse_drift(state["run_identity"], identity(cfg), resume[1], allowed)
         if _layout_changed(cfg, resume[1], state["layout"], world_size):
@@ -130,7 +130,7 @@ def run(cfg: RunConfig) -> dict:
     step, consumed = 0, 0
     if resume:
         checkpoint.load(engines.student, *resume)
-        checkpoint.set_rng_state(state["rng"])
+        checkpoint.set_rng_state(rng)
         step, consumed = state["step"], state["sampler"]["consumed_samples"]
     sampler = GlobalBatchSampler(len(train_set), micro_batch_size=cfg.train.micro_batch_size,
                                  grad_accum=cfg.train.grad_accum, dp_size=engines.dp_size, dp_rank=engines.dp_rank,
@@ -153,27 +153,32 @@ def run(cfg: RunConfig) -> dict:
         step += 1
         micro_batches = [collator([train_set[int(i)] for i in indices]) for indices in sampler.step_micro_batches()]
         started = time.perf_counter()
-        means = train_step(engines, cfg.loss, micro_batches)
+        result = train_step(engines, cfg.loss, micro_batches)  # ends with its host sync: timing is real
         checkpoint.pause_for_tests("DISTILL_TEST_STEP_DELAY_S")
         seconds = time.perf_counter() - started
-        skipped, bad_ranks = means.pop("skipped"), means.pop("non_finite_ranks")
-        scalars = {f"train/{name}": value for name, value in means.items() if name != "tokens"}
-        scalars["train/tokens_per_s"] = means["tokens"] / seconds
-        scalars["train/skipped_steps"] = engines.student.skipped_steps
-        consecutive_skips = consecutive_skips + 1 if skipped else 0
-        where = f"non-finite loss on rank(s) {bad_ranks}" if bad_ranks else "non-finite gradients"
-        if skipped and rank == 0:
+        consecutive_skips = consecutive_skips + 1 if result.skipped else 0
+        where = f"non-finite loss on rank(s) {result.non_finite_ranks}" if result.non_finite_ranks else \
+            "non-finite gradients"
+        if result.skipped and rank == 0:
             print(f"warning: step {step} skipped ({where}); parameters unchanged", file=sys.stderr)
         if consecutive_skips > cfg.train.max_consecutive_skips:
             raise TrainingStopped(f"step {step}: {consecutive_skips} consecutive steps skipped ({where}); stopping "
                                   f"(train.max_consecutive_skips={cfg.train.max_consecutive_skips})")
-        evaluate_now = step == cfg.train.max_steps or (cfg.eval.every and step % cfg.eval.every == 0)
-        if eval_set is not None and evaluate_now:
-            scalars.update(_eval_scalars(engines, cfg, eval_set, collator, step))
-        if step % cfg.logging.every == 0 or step == end:
+        evaluate_now = eval_set is not None and (step == cfg.train.max_steps or
+                                                 (cfg.eval.every and step % cfg.eval.every == 0))
+        if evaluate_now or step % cfg.logging.every == 0 or step == end:
+            # Logging steps only: the step's sums are reduced and read back here (host syncs).
+            means = step_means(result, engines)
+            scalars = {f"train/{name}": value for name, value in means.items() if name != "tokens"}
+            scalars["train/tokens_per_s"] = means["tokens"] / seconds
+            scalars["train/skipped_steps"] = engines.student.skipped_steps
+            if engines.device.type == "cuda":
+                scalars["train/peak_memory_gb"] = torch.cuda.max_memory_allocated(engines.device) / 1e9
+            if evaluate_now:
+                scalars.update(_eval_scalars(engines, cfg, eval_set, collator, step))
             writer.log(step, scalars)
+            progress.set_postfix(loss=f"{means['loss']:.4f}")  # host: a number already read
         progress.update(1)
-        progress.set_postfix(loss=f"{means['loss']:.4f}")
         if step % cfg.checkpoint.every == 0 or step == end:
             checkpoint.save(engines.student, root, step, _client_state(cfg, step, sampler, engines),
                             cfg.checkpoint.keep)

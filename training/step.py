@@ -4,21 +4,27 @@ Per micro-batch: the frozen teacher's forward under ``no_grad``, the student's f
 objective on the valid next-token positions only (labels != -100, shifted by one), then backward.
 The loss is a mean over the valid tokens of the *global* batch (all micro-batches, all data-parallel
 ranks), so it does not depend on how the batch is split.
+
+Device discipline (DESIGN.md §6): each batch is moved once onto the engine's device; every tensor
+made here lives there; sums stay on the device. The step's one host sync is the finite-step flag
+agreed by all ranks; :func:`step_means` (called on logging steps only) is the other.
 """
 
 import os
-from collections import defaultdict
+from dataclasses import dataclass
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
 
-from loss.objective import distillation_objective
+from data.loader import to_device
 from eval.metrics import EvalSums
-from model_parallel import global_argmax
+from loss.objective import distillation_objective
+from model_parallel import all_reduce_sum, gather_rows, global_argmax
 
 IGNORE_INDEX = -100
 # Summed per token, reported as means over the valid tokens of the step.
-_LOGGED = ("loss", "kd", "ce", "head_kl", "tail_kl", "teacher_tail_mass", "student_tail_mass")
+_LOGGED = ("loss", "kd", "ce", "head_kl", "tail_kl", "teacher_tail_mass", "student_tail_mass", "top1_agreement")
 
 
 def _valid_positions(batch):
@@ -38,11 +44,12 @@ def _slices(engines, batch, student_logits):
     """(student, teacher, targets, rows) on the valid next-token positions: logit slices ``[n, V_local]``
     with padded vocabulary columns at -inf, the target ids ``[n]`` and each position's row ``[n]``."""
     targets, valid = _valid_positions(batch)
+    # host sync: boolean indexing sizes the [n, V_local] slices by the number of valid tokens.
     teacher = None
     if engines.teacher is not None:
         with torch.no_grad():
-            teacher = engines.teacher(input_ids=batch["input_ids"],
-                                      attention_mask=batch["attention_mask"]).logits[:, :-1][valid]
+            teacher = engines.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                      use_cache=False).logits[:, :-1][valid]
         _mask_padding(teacher, engines.vocab_start, engines.real_vocab_size)
         _inject_nan_for_tests(teacher, engines.student.global_steps + 1)
     student = _mask_padding(student_logits[:, :-1][valid], engines.vocab_start, engines.real_vocab_size)
@@ -56,11 +63,11 @@ def _inject_nan_for_tests(teacher_logits, step: int) -> None:
         teacher_logits.fill_(float("nan"))
 
 
-def _objective(engines, loss_cfg, student, teacher, targets, rows):
+def _objective(engines, loss_cfg, student, teacher, targets, rows, num_rows):
     out = distillation_objective(student, teacher, targets, kind=loss_cfg.kind, top_k=loss_cfg.top_k,
                                  beta=loss_cfg.beta, beta_mode=loss_cfg.beta_mode,
                                  temperature=loss_cfg.temperature, ce_weight=loss_cfg.ce_weight,
-                                 sequence_ids=rows, tp_group=engines.tp_group)
+                                 sequence_ids=rows, num_sequences=num_rows, tp_group=engines.tp_group)
     if teacher is not None:
         with torch.no_grad():
             agree = global_argmax(student.detach(), engines.vocab_start, engines.tp_group) == global_argmax(
@@ -69,53 +76,69 @@ def _objective(engines, loss_cfg, student, teacher, targets, rows):
     return out
 
 
-def _global_sum(value: float, group) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(tensor, group=group)
-    return tensor.item()
+def _non_finite(*logits) -> torch.Tensor:
+    """0-dim bool on the logits' device: NaN or +inf in any of ``logits`` (-inf is padding)."""
+    flags = [torch.isnan(x).any() | torch.isposinf(x).any() for x in logits if x is not None]
+    return torch.stack(flags).any()
 
 
-def _reduce_means(sums: dict, tokens: float, group) -> dict:
-    names = sorted(sums)
-    tensor = torch.tensor([sums[name] for name in names], dtype=torch.float64)
-    dist.all_reduce(tensor, group=group)
-    return {name: value / max(tokens, 1.0) for name, value in zip(names, tensor.tolist())}
+@dataclass
+class StepResult:
+    """What :func:`train_step` leaves for the job: device tensors, read only on logging steps."""
+
+    sums: Dict[str, torch.Tensor]
+    """Per-token sums over this rank's valid tokens (0-dim float64, on the device)."""
+    tokens: torch.Tensor
+    """Valid tokens of the global batch (0-dim float64, on the device; all-reduced)."""
+    skipped: bool
+    """The optimizer step was not applied (non-finite gradients or loss), agreed on every rank."""
+    non_finite_ranks: List[int]
+    """Ranks whose own teacher or student logits held NaN or +inf at this step."""
 
 
-def train_step(engines, loss_cfg, micro_batches) -> dict:
-    """Run ``grad_accum`` micro-batches and the optimizer step; return the step's means."""
-    student = engines.student
-    local_tokens = sum(int(_valid_positions(batch)[1].sum()) for batch in micro_batches)
-    tokens = _global_sum(local_tokens, engines.dp_group)
+def train_step(engines, loss_cfg, micro_batches) -> StepResult:
+    """Run ``grad_accum`` micro-batches (host tensors) and the optimizer step."""
+    student, device = engines.student, engines.device
+    micro_batches = [to_device(batch, device) for batch in micro_batches]
+    local_tokens = torch.stack([_valid_positions(batch)[1].sum() for batch in micro_batches]).sum().double()
+    tokens = all_reduce_sum(local_tokens, engines.dp_group)
     # DeepSpeed averages gradients over data-parallel ranks; the loss is a global-token mean.
-    scale = engines.dp_size / max(tokens, 1.0)
-    sums = defaultdict(float)
-    finite = True
+    scale = (engines.dp_size / tokens.clamp(min=1.0)).float()
+    sums: Dict[str, torch.Tensor] = {}
+    bad = torch.zeros((), dtype=torch.bool, device=device)
     for batch in micro_batches:
-        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         slices = _slices(engines, batch, logits)
-        # Which rank's own logits went bad (NaN or +inf; -inf is padding): the loss itself is
-        # non-finite on every rank of the tensor-parallel group once the statistics are exchanged.
-        finite = finite and not any(bool(torch.isnan(x).any() or torch.isposinf(x).any())
-                                    for x in slices[:2] if x is not None)
-        out = _objective(engines, loss_cfg, *slices)
-        loss = out["loss"].sum()
-        student.backward(loss * scale, scale_wrt_gas=False)
+        # Which rank's own logits went bad: the loss itself is non-finite on every rank of the
+        # tensor-parallel group once the statistics are exchanged.
+        bad |= _non_finite(*slices[:2])
+        out = _objective(engines, loss_cfg, *slices, num_rows=batch["input_ids"].shape[0])
+        student.backward(out["loss"].sum() * scale, scale_wrt_gas=False)
         # ZeRO-3 skips the optimizer (and scheduler) step when the global gradient norm is not
         # finite; every rank takes the same decision from the same all-reduced norm.
         student.step()
-        for name in _LOGGED + ("top1_agreement",):
+        for name in _LOGGED:
             if name in out:
-                sums[name] += float(out[name].detach().float().sum())
-        del logits, out
-    means = _reduce_means(sums, tokens, engines.dp_group)
+                total = out[name].detach().double().sum()
+                sums[name] = sums[name] + total if name in sums else total
+        del logits, out, slices
+    flags = gather_rows(bad.view(1, 1).float(), dist.group.WORLD)[0, :, 0]  # (world,)
+    flags = flags.tolist()  # host sync: the finite-step decision, one flag per rank
+    return StepResult(sums=sums, tokens=tokens, skipped=not student.was_step_applied(),
+                      non_finite_ranks=[rank for rank, flag in enumerate(flags) if flag])
+
+
+def step_means(result: StepResult, engines) -> dict:
+    """Collective over the data-parallel group, on logging steps only: the step's means, its token
+    count, the gradient norm and the learning rate, as Python numbers."""
+    names = sorted(result.sums)
+    packed = all_reduce_sum(torch.stack([result.sums[name] for name in names]), engines.dp_group)
+    *values, tokens = torch.cat([packed, result.tokens.view(1)]).tolist()  # host sync: the logged values
+    means = {name: value / max(tokens, 1.0) for name, value in zip(names, values)}
+    norm = engines.student.get_global_grad_norm()
+    means["grad_norm"] = float(norm) if norm is not None else 0.0  # host sync (a device tensor under ZeRO-3)
+    means["lr"] = engines.student.get_lr()[0]
     means["tokens"] = tokens
-    means["skipped"] = not student.was_step_applied()
-    flags = [None] * dist.get_world_size()
-    dist.all_gather_object(flags, finite)
-    means["non_finite_ranks"] = [rank for rank, ok in enumerate(flags) if not ok]
-    means["grad_norm"] = float(student.get_global_grad_norm() or 0.0)
-    means["lr"] = student.get_lr()[0]
     return means
 
 
@@ -123,17 +146,21 @@ def train_step(engines, loss_cfg, micro_batches) -> dict:
 def evaluate(engines, loss_cfg, batches, n_bins: int = 10):
     """``(scalars, bins)`` over the valid tokens of ``batches`` (this rank's share, reduced over data
     parallel): the objective as ``loss`` plus :class:`eval.metrics.EvalSums`' metrics, and the
-    calibration bins for reliability diagrams."""
+    calibration bins for reliability diagrams. Sums stay on the device until the end."""
     engines.student.eval()
-    sums = EvalSums(top_k=loss_cfg.top_k, beta=loss_cfg.beta, n_bins=n_bins, tp_group=engines.tp_group)
-    loss_sum = 0.0
+    sums = EvalSums(top_k=loss_cfg.top_k, beta=loss_cfg.beta, n_bins=n_bins, tp_group=engines.tp_group,
+                    device=engines.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=engines.device)
     for batch in batches:
-        logits = engines.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        batch = to_device(batch, engines.device)
+        logits = engines.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 use_cache=False).logits
         student, teacher, targets, rows = _slices(engines, batch, logits)
-        loss_sum += float(_objective(engines, loss_cfg, student, teacher, targets, rows)["loss"].double().sum())
+        out = _objective(engines, loss_cfg, student, teacher, targets, rows, num_rows=batch["input_ids"].shape[0])
+        loss_sum += out["loss"].double().sum()
         sums.add(student, teacher, targets)
-        del logits, student, teacher
+        del logits, student, teacher, out
     engines.student.train()
+    sums.add_sum("loss", loss_sum)
     scalars = sums.result(engines.dp_group)
-    scalars["loss"] = _global_sum(loss_sum, engines.dp_group) / max(scalars["tokens"], 1.0)
     return scalars, sums.last_bins

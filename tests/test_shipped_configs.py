@@ -1,0 +1,151 @@
+"""Every run config we ship starts: 2 steps on 4 gloo ranks as 2 simulated nodes, through two copies of
+``launch/distill.sh``'s own command line, with its DeepSpeed JSON unchanged. Only what cannot run
+here is overridden: model paths (tiny local models of the same architecture), tokenizer and data
+paths, the tensor-parallel size, the sequence length (through the data), steps and batch sizes.
+``launch/slurm.sbatch`` is checked in its dry-run mode.
+"""
+
+import glob
+import json
+import math
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+import yaml
+
+from data.prepare import prepare
+from tests.tiny_models import gemma2, save_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, "launch/configs/*.yaml")))
+TOKENS = 512  # the test tokenizer's size; the shipped demo models have 1024 rows (the rest is padding)
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, tokenizer_dir, tokenizer, demo_dir):
+    from transformers import AutoConfig
+
+    root = tmp_path_factory.mktemp("shipped")
+    for split in ("train", "eval"):
+        prepare(str(tokenizer_dir), [str(demo_dir / f"pretrain/{split}.txt")], str(root / split), fmt="text",
+                seq_len=32)
+    # Gemma-2 as in the paper's pair: tied, soft-capped, GQA (4 heads, 2 KV heads), sliding window 8 < 32.
+    gemma_student = root / "gemma2_student.json"
+    gemma2(TOKENS, hidden=64, layers=2, heads=4, kv_heads=2, sliding_window=8).to_json_file(str(gemma_student))
+    demo_teacher = AutoConfig.from_pretrained(os.path.join(ROOT, "launch/configs/models/demo_teacher.json"))
+    return {
+        "root": root, "train": str(root / "train"), "eval": str(root / "eval"),
+        # The demo teacher's own architecture (what demo_teacher.yaml trains), randomly initialised.
+        "demo_teacher": save_model(demo_teacher, root / "demo_teacher", tokenizer),
+        "gemma2_teacher": save_model(gemma2(TOKENS, hidden=96, layers=2, heads=4, kv_heads=2, sliding_window=8),
+                                     root / "gemma2_teacher", tokenizer),
+        "gemma2_student": str(gemma_student),
+    }
+
+
+def _overrides(name, shipped, assets, tokenizer_dir):
+    out = assets["root"] / name
+    overrides = {"output_dir": str(out), "tokenizer": str(tokenizer_dir), "data.train": assets["train"],
+                 "data.eval": assets["eval"], "parallel.tensor_parallel": 2, "train.max_steps": 2,
+                 "train.warmup_steps": 1, "train.micro_batch_size": 2, "train.grad_accum": 1,
+                 "eval.max_batches": 1, "eval.every": 0}
+    if "teacher" in shipped:
+        # The paper's teacher is a Gemma-2; the demo's is the model demo_teacher.yaml trains.
+        overrides["teacher.path"] = assets["gemma2_teacher" if "gemma-2" in shipped["teacher"]["path"] else "demo_teacher"]
+    if shipped["student"].get("config", "").endswith("gemma2_1b.json"):
+        overrides["student.config"] = assets["gemma2_student"]
+    return overrides, str(out)
+
+
+def _two_nodes(config, overrides):
+    """Two copies of launch/distill.sh (NO_SSH, NODE_RANK 0 and 1), 2 processes each, as SLURM runs it."""
+    hostfile = os.path.join(os.path.dirname(overrides["output_dir"]), "hostfile")
+    with open(hostfile, "w") as out:
+        out.write("node-a slots=2\nnode-b slots=2\n")
+    args = ["--config", config] + [item for key, value in overrides.items() for item in ("--set", f"{key}={value}")]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "NNODES": "2", "GPUS_PER_NODE": "2",
+           "HOSTFILE": hostfile, "NO_SSH": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    results = [None, None]
+
+    def node(rank):
+        results[rank] = subprocess.run(["bash", "launch/distill.sh", *args], cwd=ROOT, env={**env, "NODE_RANK": str(rank)},
+                                       capture_output=True, text=True, timeout=600)
+
+    threads = [threading.Thread(target=node, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for result in results:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_shipped_config_starts_on_two_simulated_nodes(config, assets, tokenizer_dir):
+    from transformers import AutoConfig
+
+    shipped = yaml.safe_load(open(os.path.join(ROOT, config)))
+    overrides, out = _overrides(os.path.basename(config).removesuffix(".yaml"), shipped, assets, tokenizer_dir)
+    _two_nodes(config, overrides)
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    losses = {record["step"]: record["loss"] for record in records}
+    assert sorted(losses) == [1, 2] and all(math.isfinite(value) for value in losses.values())
+    if shipped["loss"]["kind"] == "ce":
+        # Freshly initialised (std 0.02): nearly uniform over the 512 real tokens (padding is masked).
+        assert losses[1] == pytest.approx(math.log(TOKENS), rel=0.02)
+    # Everything else is the shipped config, DeepSpeed JSON included.
+    written = yaml.safe_load(open(os.path.join(out, "config.yaml")))
+    for section, values in shipped.items():
+        for key, value in (values.items() if isinstance(values, dict) else [(None, values)]):
+            dotted = f"{section}.{key}" if key else section
+            if dotted not in overrides:
+                assert (written[section][key] if key else written[section]) == value, dotted
+    exported = AutoConfig.from_pretrained(os.path.join(out, "student"))
+    assert exported.model_type == ("gemma2" if "gemma2" in config else "llama")
+
+
+def test_slurm_dry_run_prints_the_per_node_command(tmp_path):
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text("#!/usr/bin/env bash\nprintf 'gpu-a\\ngpu-b\\n'\n")
+    scontrol.chmod(0o755)
+    env = {**os.environ, "DRY_RUN": "1", "SLURM_JOB_NODELIST": "gpu-[a-b]", "SLURM_NNODES": "2",
+           "SLURM_GPUS_ON_NODE": "8", "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(["bash", "launch/slurm.sbatch", "--config", "launch/configs/gemma2_9b_to_1b.yaml",
+                             "--set", "train.stop_at_step=100"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    environment, *hosts, command = result.stdout.strip().splitlines()
+    assert environment.startswith("NNODES=2 GPUS_PER_NODE=8 NO_SSH=1 MASTER_ADDR=gpu-a MASTER_PORT=29500 HOSTFILE=")
+    assert hosts == ["hostfile: gpu-a slots=8", "hostfile: gpu-b slots=8"]
+    assert shlex.split(command) == ["srun", "--kill-on-bad-exit=1", "bash", "-c",
+                                    'NODE_RANK=$SLURM_NODEID exec bash launch/distill.sh "$@"', "_", "--config",
+                                    "launch/configs/gemma2_9b_to_1b.yaml", "--set", "train.stop_at_step=100"]
+
+
+@pytest.mark.parametrize("name, parameters", [("gemma2_9b", 9_241_705_984), ("gemma2_1b", None)])
+def test_shipped_architectures_build_on_the_meta_device(name, parameters):
+    """The model configs the planner and gpu_check use load offline and have their published size."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(os.path.join(ROOT, f"launch/configs/models/{name}.json"))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    count = sum(p.numel() for p in model.parameters())  # tied: the embedding counts once
+    if parameters:
+        assert count == parameters  # google/gemma-2-9b's published parameter count
+    else:
+        assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+        assert 1.0e9 < count < 1.1e9  # the ~1B student of the header, tied
