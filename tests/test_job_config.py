@@ -77,12 +77,25 @@ def test_deepspeed_config_is_completed_from_the_run_config(base):
     ({"tensor_parallel": {"autotp_size": 4}}, "tensor_parallel.autotp_size is 4 but the run config implies 2"),
     ({"zero_optimization": {"stage": 2}}, "zero_optimization.stage must be 3"),
     ({"train_batch_size": 7}, "train_batch_size disagrees"),
+    ({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 8}},
+     "zero_optimization.zero_hpz_partition_size > 1 does not work with tensor parallelism "
+     r"\(parallel.tensor_parallel=2\)"),
+    ({"data_types": {"grad_accum_dtype": "bf16"}}, "data_types.grad_accum_dtype is 'bf16' but the run config implies"),
 ])
 def test_deepspeed_config_disagreements_are_refused(base, tmp_path, ds, message):
     path = tmp_path / "other.json"
     path.write_text(json.dumps(ds))
     with pytest.raises(ConfigError, match=message):
-        build_deepspeed_configs(load_config(base, [f"parallel.deepspeed_config={path}"]), world_size=4, bf16=False)
+        build_deepspeed_configs(load_config(base, [f"parallel.deepspeed_config={path}"]), world_size=4, bf16=True)
+
+
+def test_bf16_accumulates_gradients_in_fp32_and_hpz_is_allowed_without_tensor_parallelism(base, tmp_path):
+    path = tmp_path / "hpz.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 8}}))
+    cfg = load_config(base, [f"parallel.deepspeed_config={path}", "parallel.tensor_parallel=1"])
+    student, teacher, _ = build_deepspeed_configs(cfg, world_size=16, bf16=True)
+    assert student["data_types"] == {"grad_accum_dtype": "fp32"} and student["bf16"] == {"enabled": True}
+    assert "data_types" not in build_deepspeed_configs(cfg, world_size=16, bf16=False)[0]
 
 
 def test_tensor_parallel_must_divide_the_world(base):

@@ -59,7 +59,7 @@ def _overrides(name, shipped, assets, tokenizer_dir):
     overrides = {"output_dir": str(out), "tokenizer": str(tokenizer_dir), "data.train": assets["train"],
                  "data.eval": assets["eval"], "parallel.tensor_parallel": 2, "train.max_steps": 2,
                  "train.warmup_steps": 1, "train.micro_batch_size": 2, "train.grad_accum": 1,
-                 "eval.max_batches": 1, "eval.every": 0}
+                 "eval.max_batches": 1, "eval.every": 0, "logging.every": 1}
     if "teacher" in shipped:
         # The paper's teacher is a Gemma-2; the demo's is the model demo_teacher.yaml trains.
         overrides["teacher.path"] = assets["gemma2_teacher" if "gemma-2" in shipped["teacher"]["path"] else "demo_teacher"]
