@@ -83,6 +83,9 @@ def init_distributed(timeout_s: float = None, backend: str = None) -> None:
             print(message, file=sys.stderr, flush=True)
 
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        # Before the first collective: NCCL binds each rank's communicator to the current device.
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
     deepspeed.init_distributed(dist_backend=backend, verbose=False, **kwargs)
     dist.barrier()  # every rank has opened every buffer it needs

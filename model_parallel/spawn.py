@@ -1,10 +1,11 @@
-"""Run a function on N local gloo ranks and collect what each rank returns (tests, benchmarks).
+"""Run a function on N local ranks and collect what each rank returns (tests, benchmarks).
 
 Each rank runs ``fn(rank, world_size, *args)`` after ``torch.distributed`` is initialised with gloo
-(or ``deepspeed.init_distributed`` when ``deepspeed=True``). What it returns (tensors, numbers,
-strings) comes back per rank; an exception on any rank fails the test with that rank's traceback,
-and a group that does not finish in ``timeout`` seconds is killed, so a hang is a failure, not a
-stuck CI. ``fn`` must be importable (a module-level function) because ranks are spawned.
+(or ``deepspeed.init_distributed`` when ``deepspeed=True``: NCCL where each rank has a GPU, gloo
+otherwise). What it returns (tensors, numbers, strings) comes back per rank; an exception on any
+rank fails the test with that rank's traceback, and a group that does not finish in ``timeout``
+seconds is killed, so a hang is a failure, not a stuck CI. ``fn`` must be importable (a
+module-level function) because ranks are spawned.
 """
 
 import os
@@ -23,7 +24,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _rank_main(rank, world_size, port, use_deepspeed, out_dir, fn, args):
+def _rank_main(rank, world_size, port, use_deepspeed, backend, out_dir, fn, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -31,7 +32,7 @@ def _rank_main(rank, world_size, port, use_deepspeed, out_dir, fn, args):
         if use_deepspeed:
             from model_parallel.distributed import init_distributed
 
-            init_distributed(backend="gloo")
+            init_distributed(backend=backend)
         else:
             torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
@@ -44,10 +45,14 @@ def _rank_main(rank, world_size, port, use_deepspeed, out_dir, fn, args):
 
 
 def run_on_ranks(world_size, fn, *args, deepspeed=False, timeout=120):
-    """``[result of rank 0, result of rank 1, ...]``; raises if any rank failed or the group hung."""
+    """``[result of rank 0, result of rank 1, ...]``; raises if any rank failed or the group hung.
+
+    With ``deepspeed=True`` on a machine with a GPU per rank the group is NCCL (each rank on its
+    own GPU, as under the launcher); otherwise gloo."""
+    backend = "nccl" if deepspeed and torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo"
     with tempfile.TemporaryDirectory() as out_dir:
         context = mp.start_processes(_rank_main,
-                                     args=(world_size, _free_port(), deepspeed, out_dir, fn, args),
+                                     args=(world_size, _free_port(), deepspeed, backend, out_dir, fn, args),
                                      nprocs=world_size,
                                      join=False,
                                      start_method="spawn")

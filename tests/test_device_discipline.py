@@ -116,7 +116,7 @@ def _rank(rank, world_size, config_path):
     out["accumulation"] = seen
     embedding = student.module.get_input_embeddings().weight
     with deepspeed.zero.GatheredParameters([embedding]):
-        out["added_rows"] = embedding.detach()[STUDENT_ROWS:].float().clone()
+        out["added_rows"] = embedding.detach()[STUDENT_ROWS:].float().cpu()
     return out
 
 
