@@ -18,7 +18,8 @@ import torch
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a local rendezvous)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -52,7 +53,7 @@ def run_on_ranks(world_size, fn, *args, deepspeed=False, timeout=120):
     backend = "nccl" if deepspeed and torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo"
     with tempfile.TemporaryDirectory() as out_dir:
         context = mp.start_processes(_rank_main,
-                                     args=(world_size, _free_port(), deepspeed, backend, out_dir, fn, args),
+                                     args=(world_size, free_port(), deepspeed, backend, out_dir, fn, args),
                                      nprocs=world_size,
                                      join=False,
                                      start_method="spawn")

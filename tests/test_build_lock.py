@@ -1,20 +1,14 @@
 """A JIT build lock left by a killed first launch is reported (never removed) before the next launch waits on it."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
 
 from model_parallel.distributed import stale_build_locks
+from model_parallel.spawn import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _lock(root, name, age_s):
@@ -55,7 +49,7 @@ def test_a_launch_names_the_lock_it_is_about_to_wait_on(tmp_path):
     and then waits in torch's build lock, as it would forever; the test stops it there."""
     _, old = _lock(tmp_path, "deepspeed_shm_comm", age_s=900)
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "PYTHONPATH": ROOT, "RANK": "0", "LOCAL_RANK": "0",
-           "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+           "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     launch = subprocess.Popen([sys.executable, "-m", "launch.distill", "--config", "launch/configs/demo_distill.yaml"],
                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

@@ -5,16 +5,16 @@ Runs are shared between tests (module fixtures) because each costs 15-40 s on th
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch
 import yaml
 
 from data.prepare import prepare
+from model_parallel.spawn import free_port
+from tests.nodes import run_simulated_nodes
 from tests.tiny_models import gemma2, llama, save_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,12 +24,6 @@ STEPS = 8
 # 8 losses differ from fp32 by at most 9.3e-4 relative. 5e-3 (2.5 roundoffs, 5x the measurement)
 # leaves room for other BLAS orderings, and still catches a loss computed in bf16 or lost casts.
 BF16_TOLERANCE = 5e-3
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +75,7 @@ def _config(assets, name, **sections):
 def _launch(config_path, num_procs, extra=(), launcher_args=(), check=True, env=None):
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", **(env or {})}
     command = [DEEPSPEED, *launcher_args] if launcher_args else [DEEPSPEED, "--num_gpus", str(num_procs),
-                                                                  "--master_port", str(_free_port())]
+                                                                  "--master_port", str(free_port())]
     command += ["--module", "launch.distill", "--config", config_path, *extra]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if check:
@@ -209,21 +203,10 @@ def test_two_simulated_nodes_match_one_node(four_ranks, assets):
     config, out = _config(assets, "two_nodes", teacher={"path": assets["padded_teacher"]}, train={"grad_accum": 1})
     hostfile = assets["root"] / "hostfile"
     hostfile.write_text("node-a slots=2\nnode-b slots=2\n")
-    port = str(_free_port())
-    results = [None, None]
-
-    def node(rank):
-        results[rank] = _launch(config, 2, check=False, launcher_args=[
-            "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank), "--master_addr", "127.0.0.1",
-            "--master_port", port])
-
-    threads = [threading.Thread(target=node, args=(rank,)) for rank in (0, 1)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    for result in results:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    port = str(free_port())
+    run_simulated_nodes(lambda rank: _launch(config, 2, check=False, launcher_args=[
+        "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank), "--master_addr", "127.0.0.1",
+        "--master_port", port]))
     one_node, two_nodes = _losses(four_ranks), _losses(out)
     assert one_node.keys() == two_nodes.keys()
     for step in one_node:
@@ -275,7 +258,7 @@ def test_evaluate_command_matches_the_jobs_evaluation(straight, assets, tmp_path
             "--tensor-parallel", str(tensor_parallel)]
     env = {**os.environ, "PYTHONPATH": ROOT}
     command = ([sys.executable, "-m", "eval.evaluate"] if tensor_parallel == 1 else
-               [DEEPSPEED, "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "eval.evaluate"])
+               [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "eval.evaluate"])
     result = subprocess.run(command + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.load(open(out))["metrics"]
@@ -331,7 +314,7 @@ def _shm_buffers():
 
 def _start(config, extra, delays):
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", **delays}
-    command = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "launch.distill",
+    command = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "launch.distill",
                "--config", config, *extra]
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -453,7 +436,7 @@ def test_shell_launcher_with_raw_files_prepared_on_the_fly(assets, demo_dir):
                                                  "eval": str(demo_dir / "pretrain/eval.txt"), "seq_len": 32},
                           train={"max_steps": 2, "warmup_steps": 1})
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "GPUS_PER_NODE": "2",
-           "MASTER_PORT": str(_free_port()), "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+           "MASTER_PORT": str(free_port()), "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     result = subprocess.run(["bash", "launch/distill.sh", "--config", config], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

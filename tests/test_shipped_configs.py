@@ -10,26 +10,20 @@ import json
 import math
 import os
 import shlex
-import socket
 import subprocess
 import sys
-import threading
 
 import pytest
 import yaml
 
 from data.prepare import prepare
+from model_parallel.spawn import free_port
+from tests.nodes import run_simulated_nodes
 from tests.tiny_models import gemma2, save_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, "launch/configs/*.yaml")))
 TOKENS = 512  # the test tokenizer's size; the shipped demo models have 1024 rows (the rest is padding)
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -75,21 +69,11 @@ def _two_nodes(config, overrides):
         out.write("node-a slots=2\nnode-b slots=2\n")
     args = ["--config", config] + [item for key, value in overrides.items() for item in ("--set", f"{key}={value}")]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "NNODES": "2", "GPUS_PER_NODE": "2",
-           "HOSTFILE": hostfile, "NO_SSH": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "HOSTFILE": hostfile, "NO_SSH": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
-    results = [None, None]
-
-    def node(rank):
-        results[rank] = subprocess.run(["bash", "launch/distill.sh", *args], cwd=ROOT, env={**env, "NODE_RANK": str(rank)},
-                                       capture_output=True, text=True, timeout=600)
-
-    threads = [threading.Thread(target=node, args=(rank,)) for rank in (0, 1)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    for result in results:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_simulated_nodes(lambda rank: subprocess.run(["bash", "launch/distill.sh", *args], cwd=ROOT,
+                                                    env={**env, "NODE_RANK": str(rank)}, capture_output=True,
+                                                    text=True, timeout=600))
 
 
 @pytest.mark.parametrize("config", CONFIGS)
