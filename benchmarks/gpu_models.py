@@ -16,6 +16,20 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _cut(path: str, layers: int):
+    """The config at ``path`` with ``layers`` layers, built anew so that its alternating
+    sliding-window / global layer pattern is derived for that depth."""
+    import json
+
+    from transformers import AutoConfig
+
+    with open(path) as handle:
+        fields = json.load(handle)
+    fields.pop("architectures", None)
+    fields["num_hidden_layers"] = layers
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -25,15 +39,13 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     models = os.path.join(ROOT, "launch/configs/models")
     os.makedirs(args.out, exist_ok=True)
-    student = AutoConfig.from_pretrained(os.path.join(models, "gemma2_1b.json"))
-    student.num_hidden_layers = args.student_layers
+    student = _cut(os.path.join(models, "gemma2_1b.json"), args.student_layers)
     student.to_json_file(os.path.join(args.out, "student.json"))
-    teacher = AutoConfig.from_pretrained(os.path.join(models, "gemma2_9b.json"))
-    teacher.num_hidden_layers = args.teacher_layers
+    teacher = _cut(os.path.join(models, "gemma2_9b.json"), args.teacher_layers)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(teacher, dtype=torch.bfloat16)
     model.save_pretrained(os.path.join(args.out, "teacher"))

@@ -117,6 +117,11 @@ def test_tp2_run_learns_logs_and_exports(straight):
         assert tag in events.Tags()["scalars"], tag
     assert yaml.safe_load(open(os.path.join(straight, "config.yaml")))["loss"]["kind"] == "tail"
     assert open(os.path.join(straight, "checkpoints", "latest")).read() == f"step_{STEPS}"
+    # Each rank's RNG states are a file of its own, listed in (and so verified by) the manifest.
+    manifest = open(os.path.join(straight, "checkpoints", f"step_{STEPS}", "manifest.sha256")).read().split()
+    assert {"rng_rank0.json", "rng_rank1.json"} <= set(manifest)
+    state = json.load(open(os.path.join(straight, "checkpoints", f"step_{STEPS}", "rng_rank1.json")))
+    assert set(state) == {"python", "numpy", "torch", "accelerator"} and len(state["torch"]) > 0
 
 
 def test_export_round_trip_gives_the_engine_logits(straight, assets):
