@@ -17,17 +17,21 @@ import datasets
 import numpy as np
 import torch
 
-from data.cli import DataError
+from core.errors import DataError
 from data.manifest import check_tokenizer, read_manifest
 
 IGNORE_INDEX = -100
 
 
-def load_prepared(directory: str, tokenizer=None):
-    """``(dataset, manifest)`` of a ``data.prepare`` output; refuses data of another tokenizer."""
+def load_prepared(directory: str, tokenizer=None, *, key: str = None):
+    """``(dataset, manifest)`` of a ``data.prepare`` output; refuses data of another tokenizer
+    (the :class:`DataError` starts with ``key``, the config section, where given)."""
     manifest = read_manifest(directory)
     if tokenizer is not None:
-        check_tokenizer(directory, manifest, tokenizer)
+        try:
+            check_tokenizer(directory, manifest, tokenizer)
+        except DataError as error:
+            raise DataError(f"{key}: {error}" if key else str(error)) from None
     return datasets.load_from_disk(directory), manifest
 
 

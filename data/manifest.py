@@ -4,7 +4,7 @@ import hashlib
 import json
 import os
 
-from data.cli import DataError
+from core.errors import DataError
 
 MANIFEST = "manifest.json"
 

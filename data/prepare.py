@@ -23,7 +23,9 @@ import tempfile
 import datasets
 import numpy as np
 
-from data.cli import DataError, atomic_directory, run_cli
+from core.cli import run_main
+from core.errors import DataError
+from core.files import atomic_directory
 from data.manifest import tokenizer_summary, write_manifest
 from data.sources import Fields, load_records
 
@@ -180,4 +182,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    raise SystemExit(run_main(main))

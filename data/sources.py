@@ -2,7 +2,7 @@
 
 Text data comes out with a ``text`` column, SFT data with ``prompt`` and ``response``; rows keep
 input order (files in the order given, lines in file order). Problems are reported as
-:class:`data.cli.DataError` naming the file, line and field.
+:class:`core.errors.DataError` naming the file, line and field.
 """
 
 import json
@@ -11,7 +11,16 @@ from dataclasses import dataclass
 
 import datasets
 
-from data.cli import DataError, require_files
+from core.errors import DataError
+
+
+def require_files(paths, what="input") -> None:
+    """Every path must be an existing, non-empty file."""
+    for path in paths:
+        if not os.path.isfile(path):
+            raise DataError(f"{what} file not found: {path}")
+        if os.path.getsize(path) == 0:
+            raise DataError(f"{what} file is empty: {path}")
 
 
 @dataclass(frozen=True)

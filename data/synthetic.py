@@ -16,7 +16,9 @@ import json
 import os
 import random
 
-from data.cli import DataError, atomic_directory, run_cli
+from core.cli import run_main
+from core.errors import DataError
+from core.files import atomic_directory
 
 NAMES = ["Maya", "Tom", "Aisha", "Leo", "Priya", "Sam", "Nora", "Kenji", "Lucia", "Omar", "Ines", "Felix", "Hana",
          "Ravi", "Zoe", "Mateo", "Elena", "Kofi", "Mei", "Jonas"]
@@ -187,4 +189,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    raise SystemExit(run_main(main))

@@ -15,7 +15,10 @@ import json
 import os
 import tempfile
 
-from data.cli import DataError, atomic_directory, require_files, run_cli
+from core.cli import run_main
+from core.errors import DataError
+from core.files import atomic_directory
+from data.sources import require_files
 
 SPECIAL = dict(pad_id=0, unk_id=1, bos_id=2, eos_id=3, pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>",
                eos_piece="</s>")
@@ -87,4 +90,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    raise SystemExit(run_main(main))

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import socket
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,7 +54,7 @@ def evaluate_model(args) -> dict:
 
     from data.loader import Collator, eval_batches, load_prepared
     from training.deepspeed_config import build_deepspeed_configs
-    from training.engines import build_engines, check_data_tokenizer
+    from training.engines import build_engines
     from training.job import use_bf16
     from training.step import evaluate
 
@@ -63,8 +62,7 @@ def evaluate_model(args) -> dict:
     bf16 = use_bf16(cfg)
     engines = build_engines(cfg, build_deepspeed_configs(cfg, dist.get_world_size(), bf16), bf16=bf16,
                             train_student=False)
-    dataset, manifest = load_prepared(args.data)
-    check_data_tokenizer(manifest, engines.tokenizer, args.data)
+    dataset, _ = load_prepared(args.data, engines.tokenizer, key="data")
     batches = eval_batches(dataset, batch_size=args.batch_size, dp_size=engines.dp_size, dp_rank=engines.dp_rank,
                            collator=Collator(engines.tokenizer.pad_token_id))
     if args.max_batches:
@@ -103,9 +101,7 @@ def main(argv=None) -> int:
     _single_process_defaults()
     import torch
 
-    from data.cli import DataError
     from model_parallel.distributed import init_distributed
-    from training.config import ConfigError
 
     init_distributed()
     try:
@@ -114,9 +110,6 @@ def main(argv=None) -> int:
             print_table(result["metrics"])
             with open(args.out, "w") as out:
                 json.dump(result, out, indent=2)
-    except (ConfigError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     finally:
         torch.distributed.destroy_process_group()
     return 0
@@ -125,4 +118,6 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     from model_parallel.distributed import exit_now
 
-    exit_now(main())
+    from core.cli import run_main
+
+    exit_now(run_main(main))

@@ -72,13 +72,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
-    try:
-        results = run_harness(args.model, args.tasks, demo_data=args.demo_data, limit=args.limit,
-                              num_fewshot=args.num_fewshot, batch_size=args.batch_size,
-                              max_new_tokens=args.max_new_tokens)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    results = run_harness(args.model, args.tasks, demo_data=args.demo_data, limit=args.limit,
+                          num_fewshot=args.num_fewshot, batch_size=args.batch_size,
+                          max_new_tokens=args.max_new_tokens)
     text = json.dumps(results, indent=2, default=str)
     print(text)
     if args.out:
@@ -88,4 +84,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from core.cli import run_main
+
+    sys.exit(run_main(main, user_errors=(ValueError,)))

@@ -128,15 +128,13 @@ def main(argv=None) -> int:
     parser.add_argument("runs", nargs="+", help="launch.distill output directories")
     parser.add_argument("--out", required=True, help="report directory")
     args = parser.parse_args(argv)
-    try:
-        report = write_report(args.runs, args.out)
-    except FileNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    report = write_report(args.runs, args.out)
     print(report["table"])
     print(f"report and {len(report['plots']) + bool(report['reliability'])} plots written to {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from core.cli import run_main
+
+    sys.exit(run_main(main, user_errors=(FileNotFoundError,)))

@@ -24,11 +24,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     rows = []
     for run in args.runs:
-        try:
-            rows.append((run, last_eval(run)))
-        except FileNotFoundError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+        rows.append((run, last_eval(run)))
     width = max(len(run) for run, _ in rows)
     print(f"{'run':<{width}}  {'step':>5}  " + "  ".join(f"{c.removeprefix('eval/'):>16}" for c in COLUMNS))
     for run, record in rows:
@@ -38,4 +34,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from core.cli import run_main
+
+    sys.exit(run_main(main, user_errors=(FileNotFoundError,)))

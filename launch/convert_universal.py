@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from training.config import ConfigError
+from core.cli import run_main
 
 
 def main(argv=None) -> int:
@@ -24,19 +24,15 @@ def main(argv=None) -> int:
     from training import checkpoint, universal
 
     root = os.path.abspath(args.checkpoints)
-    try:
-        if args.tag:
-            checkpoint.verify(root, args.tag)
-            tag = args.tag
-        else:
-            _, tag = checkpoint.find_resume(root, default_root=root)
-        target = universal.convert(root, tag, workers=args.workers)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if args.tag:
+        checkpoint.verify(root, args.tag)
+        tag = args.tag
+    else:
+        _, tag = checkpoint.find_resume(root, default_root=root)
+    target = universal.convert(root, tag, workers=args.workers)
     print(os.path.join(root, target))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

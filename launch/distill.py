@@ -9,10 +9,9 @@ one line on stderr and exit code 2, before any model is built.
 """
 
 import argparse
-import sys
 
-from data.cli import DataError
-from training.config import ConfigError, load_config
+from core.cli import run_main
+from training.config import load_config
 
 
 def main(argv=None) -> int:
@@ -22,27 +21,17 @@ def main(argv=None) -> int:
                         help="override a config key (repeatable)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
 
     import torch
 
     from model_parallel.distributed import init_distributed
 
     init_distributed(timeout_s=cfg.parallel.timeout_s)
-    from training.job import TrainingStopped, run
+    from training.job import run
 
     try:
         run(cfg)
-    except (ConfigError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except TrainingStopped as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 3
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -52,4 +41,4 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     from model_parallel.distributed import exit_now
 
-    exit_now(main())
+    exit_now(run_main(main))

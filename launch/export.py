@@ -13,8 +13,8 @@ import argparse
 import os
 import sys
 
-from data.cli import DataError
-from training.config import ConfigError
+from core.cli import run_main
+from core.errors import ConfigError
 
 
 def _export_worker(rank, world_size, config_path, root, tag, out_dir, bf16):
@@ -37,15 +37,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from training import checkpoint
 
-    try:
-        root, tag = checkpoint.find_resume(os.path.abspath(args.checkpoint), default_root="")
-        config_path = os.path.join(os.path.dirname(root), "config.yaml")
-        if not os.path.isfile(config_path):
-            raise ConfigError(f"{config_path} is missing: launch.export needs the run's resolved config")
-        layout = checkpoint.read_layout(root, tag)
-    except (ConfigError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    root, tag = checkpoint.find_resume(os.path.abspath(args.checkpoint), default_root="")
+    config_path = os.path.join(os.path.dirname(root), "config.yaml")
+    if not os.path.isfile(config_path):
+        raise ConfigError(f"{config_path} is missing: launch.export needs the run's resolved config")
+    layout = checkpoint.read_layout(root, tag)
     from model_parallel.spawn import run_on_ranks
 
     run_on_ranks(layout["world_size"], _export_worker, config_path, root, tag, os.path.abspath(args.out),
@@ -55,4 +51,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

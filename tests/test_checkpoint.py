@@ -5,7 +5,7 @@ import os
 import pytest
 
 from training.checkpoint import COMPLETE, LATEST, find_resume, publish, refuse_drift, verify
-from training.config import ConfigError
+from core.errors import CheckpointError
 
 
 def _save(root, step, ranks=2):
@@ -62,7 +62,7 @@ def test_damage_is_refused_naming_the_file_and_tag_or_falls_back(tmp_path, damag
         (tmp_path / LATEST).write_text("step_12")
     else:
         (tmp_path / LATEST).unlink()
-    with pytest.raises(ConfigError) as error:
+    with pytest.raises(CheckpointError) as error:
         find_resume("auto", str(tmp_path), warn=lambda message: None)
     assert message in str(error.value) and "\n" not in str(error.value)
     messages, warn = _warnings()
@@ -87,13 +87,13 @@ def test_an_incomplete_tag_is_ignored_with_a_warning(tmp_path):
 def test_extra_file_in_a_tag_is_refused(tmp_path):
     _save(tmp_path, 4)
     (tmp_path / "step_4" / "stray.pt").write_bytes(b"x")
-    with pytest.raises(ConfigError, match="stray.pt is not in the manifest"):
+    with pytest.raises(CheckpointError, match="stray.pt is not in the manifest"):
         verify(str(tmp_path), "step_4")
 
 
 def test_config_drift_lists_keys_and_accepts_named_changes():
     saved = {"loss.beta": 2.0, "loss.top_k": 10, "teacher.path": "t"}
-    with pytest.raises(ConfigError) as error:
+    with pytest.raises(CheckpointError) as error:
         refuse_drift(saved, {"loss.beta": 1.0, "loss.top_k": 5, "teacher.path": "t"}, "step_4")
     assert "loss.beta: checkpoint 2.0 vs config 1.0; loss.top_k: checkpoint 10 vs config 5" in str(error.value)
     assert "allow_config_change=loss.beta,loss.top_k" in str(error.value)
@@ -104,7 +104,7 @@ def test_universal_conversion_refuses_a_checkpoint_without_its_partition_record(
     from training.universal import convert
 
     tag = _save(tmp_path, 4)  # a layout.json as written before zero_partitions was recorded
-    with pytest.raises(ConfigError, match=r"checkpoint step_4: .*step_4/layout.json has no zero_partitions record"):
+    with pytest.raises(CheckpointError, match=r"checkpoint step_4: .*step_4/layout.json has no zero_partitions record"):
         convert(str(tmp_path), tag)
     assert not os.path.exists(tmp_path / "step_4_universal")
     assert not [name for name in os.listdir(tmp_path) if "universal" in name]  # no staging left either

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from data.cli import DataError
+from core.errors import DataError
 from data.loader import Collator, GlobalBatchSampler, eval_batches
 
 N = 103  # not a multiple of any global batch below: batches straddle epochs

@@ -9,7 +9,8 @@ import sys
 import datasets
 import pytest
 
-from data.cli import DataError, run_cli
+from core.cli import run_main
+from core.errors import DataError
 from data.loader import load_prepared
 from data.prepare import main as prepare_main
 from data.prepare import prepare
@@ -151,7 +152,7 @@ def test_parquet_and_custom_fields(tokenizer_dir, tmp_path):
     rows = [{"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(10)]
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "rows.parquet"))
     jsonl = _write_jsonl(tmp_path / "rows.jsonl", [{"prompt": r["question"], "response": r["answer"]} for r in rows])
-    assert run_cli(prepare_main, ["--tokenizer", str(tokenizer_dir), "--input", str(tmp_path / "rows.parquet"),
+    assert run_main(prepare_main, ["--tokenizer", str(tokenizer_dir), "--input", str(tmp_path / "rows.parquet"),
                                   "--format", "sft", "--seq-len", "64", "--out", str(tmp_path / "pq"),
                                   "--prompt-field", "question", "--response-field", "answer"]) == 0
     prepare(str(tokenizer_dir), [jsonl], str(tmp_path / "js"), fmt="sft", seq_len=64)
@@ -194,7 +195,7 @@ def test_bad_input_is_one_line_and_writes_nothing(case, named, tokenizer_dir, to
     out = tmp_path / "out"
     argv = ["--tokenizer", tokenizer_path, "--input", inputs, "--format", "sft", "--out", str(out), "--seq-len",
             "1" if case == "seq_len 1" else "32"]
-    assert run_cli(prepare_main, argv) == 2
+    assert run_main(prepare_main, argv) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and error.startswith("error: ")
     assert named.format(tmp=tmp) in error
@@ -212,7 +213,7 @@ def test_failed_run_keeps_the_previous_output(tokenizer_dir, demo_dir, tmp_path)
 
 def test_data_of_another_tokenizer_is_refused(tokenizer_dir, demo_dir, tmp_path):
     prepare(str(tokenizer_dir), [str(demo_dir / "sft/eval.jsonl")], str(tmp_path / "out"), fmt="sft", seq_len=128)
-    assert run_cli(tokenizer_main, ["--input", str(demo_dir / "pretrain/eval.txt"), "--vocab-size", "400", "--out",
+    assert run_main(tokenizer_main, ["--input", str(demo_dir / "pretrain/eval.txt"), "--vocab-size", "400", "--out",
                                     str(tmp_path / "other")]) == 0
     from transformers import AutoTokenizer
 

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from training.config import ConfigError
+from core.errors import CheckpointError
+from core.files import write_atomically
 
 LATEST = "latest"
 LAYOUT = "layout.json"
@@ -42,20 +43,6 @@ def tag_for(step: int) -> str:
 def universal_tag(tag: str) -> str:
     """Where ``training.universal`` writes ``tag`` converted for another layout."""
     return f"{tag}{UNIVERSAL_SUFFIX}"
-
-
-def write_atomically(path: str, text: str) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 def rng_file(rank: int) -> str:
@@ -166,27 +153,27 @@ def _manifest(tag_dir: str) -> str:
 
 
 def verify(root: str, tag: str) -> None:
-    """Raise :class:`ConfigError` naming the file and tag unless ``tag`` is complete and intact."""
+    """Raise :class:`CheckpointError` naming the file and tag unless ``tag`` is complete and intact."""
     tag_dir = os.path.join(root, tag)
     if not os.path.isfile(os.path.join(tag_dir, COMPLETE)):
-        raise ConfigError(f"checkpoint {tag}: incomplete ({os.path.join(tag_dir, COMPLETE)} is missing)")
+        raise CheckpointError(f"checkpoint {tag}: incomplete ({os.path.join(tag_dir, COMPLETE)} is missing)")
     try:
         with open(os.path.join(tag_dir, MANIFEST)) as handle:
             listed = [line.rstrip("\n").split("  ", 2) for line in handle if line.strip()]
     except FileNotFoundError:
-        raise ConfigError(f"checkpoint {tag}: {os.path.join(tag_dir, MANIFEST)} is missing") from None
+        raise CheckpointError(f"checkpoint {tag}: {os.path.join(tag_dir, MANIFEST)} is missing") from None
     present = dict(_files(tag_dir))
     for digest, size, relative in listed:
         path = os.path.join(tag_dir, relative)
         if relative not in present:
-            raise ConfigError(f"checkpoint {tag}: {path} is missing")
+            raise CheckpointError(f"checkpoint {tag}: {path} is missing")
         if os.path.getsize(path) != int(size):
-            raise ConfigError(f"checkpoint {tag}: {path} has {os.path.getsize(path)} bytes, the manifest says {size}")
+            raise CheckpointError(f"checkpoint {tag}: {path} has {os.path.getsize(path)} bytes, the manifest says {size}")
         if _sha256(path) != digest:
-            raise ConfigError(f"checkpoint {tag}: {path} does not match its sha256 in the manifest")
+            raise CheckpointError(f"checkpoint {tag}: {path} does not match its sha256 in the manifest")
     unlisted = sorted(set(present) - {relative for _, _, relative in listed})
     if unlisted:
-        raise ConfigError(f"checkpoint {tag}: {os.path.join(tag_dir, unlisted[0])} is not in the manifest")
+        raise CheckpointError(f"checkpoint {tag}: {os.path.join(tag_dir, unlisted[0])} is not in the manifest")
 
 
 def _complete_tags(root: str):
@@ -221,7 +208,7 @@ def find_resume(resume: str, default_root: str, *, fallback: bool = False, warn=
 
     Only ``resume: auto`` with no complete checkpoint at all starts fresh. A missing, empty or
     dangling ``latest`` (while complete tags exist), an incomplete tag or a manifest mismatch
-    raises :class:`ConfigError` naming the file and tag, unless ``fallback`` is set: then the
+    raises :class:`CheckpointError` naming the file and tag, unless ``fallback`` is set: then the
     newest complete tag that verifies is used, with a warning.
     """
     if resume == "never":
@@ -235,7 +222,7 @@ def find_resume(resume: str, default_root: str, *, fallback: bool = False, warn=
     if not os.path.isdir(root):
         if resume == "auto":
             return None
-        raise ConfigError(f"checkpoint.resume: {root} does not exist")
+        raise CheckpointError(f"checkpoint.resume: {root} does not exist")
     for tag in _tags(root):
         if tag not in _complete_tags(root):
             warn(f"warning: checkpoint {os.path.join(root, tag)} is incomplete (no {COMPLETE} marker); ignoring it")
@@ -244,26 +231,26 @@ def find_resume(resume: str, default_root: str, *, fallback: bool = False, warn=
         if not os.path.isfile(latest):
             if not _complete_tags(root) and resume == "auto":
                 return None
-            raise ConfigError(f"checkpoint.resume: {latest} is missing")
+            raise CheckpointError(f"checkpoint.resume: {latest} is missing")
         with open(latest) as handle:
             tag = handle.read().strip()
         if not tag:
-            raise ConfigError(f"checkpoint.resume: {latest} is empty")
+            raise CheckpointError(f"checkpoint.resume: {latest} is empty")
         if not os.path.isdir(os.path.join(root, tag)):
-            raise ConfigError(f"checkpoint.resume: {latest} names {tag!r}, which does not exist")
+            raise CheckpointError(f"checkpoint.resume: {latest} names {tag!r}, which does not exist")
         verify(root, tag)
         return root, tag
-    except ConfigError as error:
+    except CheckpointError as error:
         if not fallback:
             raise
         for tag in _complete_tags(root):
             try:
                 verify(root, tag)
-            except ConfigError:
+            except CheckpointError:
                 continue
             warn(f"warning: {error}; checkpoint.fallback: resuming from {os.path.join(root, tag)} instead")
             return root, tag
-        raise ConfigError(f"{error}; checkpoint.fallback found no complete, verified checkpoint in {root}") from None
+        raise CheckpointError(f"{error}; checkpoint.fallback found no complete, verified checkpoint in {root}") from None
 
 
 def read_layout(root: str, tag: str) -> dict:
@@ -272,7 +259,7 @@ def read_layout(root: str, tag: str) -> dict:
         with open(path) as handle:
             return json.load(handle)
     except FileNotFoundError:
-        raise ConfigError(f"checkpoint {tag}: {path} is missing (not written by launch.distill?)") from None
+        raise CheckpointError(f"checkpoint {tag}: {path} is missing (not written by launch.distill?)") from None
 
 
 def client_state(root: str, tag: str) -> dict:
@@ -305,5 +292,5 @@ def refuse_drift(saved: dict, current: dict, tag: str, allowed=()) -> None:
                        if saved.get(key) != current.get(key) and key not in allowed)
     if differing:
         details = "; ".join(f"{key}: checkpoint {saved.get(key)!r} vs config {current.get(key)!r}" for key in differing)
-        raise ConfigError(f"checkpoint {tag} was written by a different run ({details}); "
+        raise CheckpointError(f"checkpoint {tag} was written by a different run ({details}); "
                           f"--set checkpoint.allow_config_change={','.join(differing)} accepts the change")

@@ -15,9 +15,7 @@ from typing import Literal, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad run config; the message starts with the dotted key."""
+from core.errors import ConfigError
 
 
 @dataclass

@@ -4,7 +4,7 @@ import os
 
 import torch.distributed as dist
 
-from data.cli import DataError
+from core.errors import DataError
 from data.manifest import MANIFEST
 from data.prepare import prepare
 

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import torch
 
-from data.cli import DataError
 from data.manifest import tokenizer_fingerprint
 from training.config import ConfigError, RunConfig
 
@@ -225,13 +224,3 @@ def build_engines(cfg: RunConfig, ds_configs, *, bf16: bool, with_teacher: bool 
                    real_vocab_size=len(tokenizer), vocab_start=vocab_start, tp_group=tp_group, dp_group=dp_group,
                    dp_rank=torch.distributed.get_rank(dp_group), dp_size=dp_size,
                    device=torch.device(get_accelerator().current_device_name()))
-
-
-def check_data_tokenizer(manifest: dict, tokenizer, path: str) -> None:
-    """Prepared data must come from the run's tokenizer (raised as a config error for the job)."""
-    from data.manifest import check_tokenizer
-
-    try:
-        check_tokenizer(path, manifest, tokenizer)
-    except DataError as error:
-        raise ConfigError(f"data: {error}") from None

@@ -14,10 +14,11 @@ import yaml
 
 from data.loader import Collator, GlobalBatchSampler, eval_batches, load_prepared
 from training import checkpoint, universal
-from training.config import ConfigError, RunConfig, identity, to_dict
+from core.errors import CheckpointError, TrainingStopped, UserError
+from training.config import RunConfig, identity, to_dict
 from training.data import ensure_prepared
 from training.deepspeed_config import build_deepspeed_configs
-from training.engines import build_engines, check_data_tokenizer
+from training.engines import build_engines
 from training.export import export_student
 from training.metrics import MetricsWriter
 from training.step import evaluate, step_means, train_step
@@ -62,20 +63,21 @@ def _eval_scalars(engines, cfg, eval_set, collator, step) -> dict:
 
 def _decided_on_rank_0(what: str, decide):
     """Rank 0 runs ``decide()`` (a file-system decision worth making once); every rank
-    returns its answer or raises the same :class:`ConfigError`. An unexpected error on rank 0
-    is reported too, so the other ranks never wait for an answer that will not come."""
-    answer = [None, None]
+    returns its answer or raises the same :class:`UserError`. An unexpected error on rank 0
+    is reported too (as a :class:`CheckpointError`), so the other ranks never wait for an answer
+    that will not come."""
+    answer = [None, None, None]
     if dist.get_rank() == 0:
         try:
             answer[0] = decide()
-        except ConfigError as error:
-            answer[1] = str(error)
+        except UserError as error:
+            answer[1:] = [type(error), str(error)]
         except Exception as error:  # noqa: BLE001 -- see the docstring
             traceback.print_exc()
-            answer[1] = f"{what} failed: {error!r}"
+            answer[1:] = [CheckpointError, f"{what} failed: {error!r}"]
     dist.broadcast_object_list(answer, src=0)
     if answer[1]:
-        raise ConfigError(answer[1])
+        raise answer[1](answer[2])
     return answer[0]
 
 
@@ -85,15 +87,11 @@ def _layout_changed(cfg: RunConfig, tag: str, layout: dict, world_size: int) -> 
     dp = world_size // tp
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * dp
     if global_batch != layout["global_batch_size"] and not cfg.checkpoint.allow_batch_change:
-        raise ConfigError(f"train: checkpoint {tag} was trained with a global batch of "
+        raise CheckpointError(f"train: checkpoint {tag} was trained with a global batch of "
                           f"{layout['global_batch_size']} sequences, this run has {global_batch} "
                           f"(micro_batch_size x grad_accum x data-parallel {dp}); adjust train.grad_accum or "
                           f"--set checkpoint.allow_batch_change=true")
     return (layout["tensor_parallel"], layout["data_parallel"]) != (tp, dp)
-
-
-class TrainingStopped(RuntimeError):
-    """The job cannot go on (e.g. too many consecutive non-finite steps); the message says why."""
 
 
 def run(cfg: RunConfig) -> dict:
@@ -120,12 +118,8 @@ def run(cfg: RunConfig) -> dict:
             ds_configs[0].setdefault("checkpoint", {})["load_universal"] = True
     _seed_everything(cfg.seed)
     engines = build_engines(cfg, ds_configs, bf16=bf16)
-    train_set, manifest = load_prepared(train_dir)
-    check_data_tokenizer(manifest, engines.tokenizer, train_dir)
-    eval_set = None
-    if eval_dir:
-        eval_set, eval_manifest = load_prepared(eval_dir)
-        check_data_tokenizer(eval_manifest, engines.tokenizer, eval_dir)
+    train_set, _ = load_prepared(train_dir, engines.tokenizer, key="data")
+    eval_set = load_prepared(eval_dir, engines.tokenizer, key="data")[0] if eval_dir else None
 
     step, consumed = 0, 0
     if resume:
@@ -189,4 +183,4 @@ def run(cfg: RunConfig) -> dict:
     return scalars
 
 
-__all__ = ["run", "ConfigError"]
+__all__ = ["run"]

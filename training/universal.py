@@ -27,9 +27,9 @@ from types import SimpleNamespace
 
 import torch
 
-from data.cli import atomic_directory
-from training.checkpoint import COMPLETE, LAYOUT, ZERO_PARTITIONS, read_layout, universal_tag, write_atomically
-from training.config import ConfigError
+from core.errors import CheckpointError
+from core.files import atomic_directory, write_atomically
+from training.checkpoint import COMPLETE, LAYOUT, ZERO_PARTITIONS, read_layout, universal_tag
 
 
 def _extract_fragments(partitions, optim_files_grid, param_shapes_grid, dp_degree, temp_dir, indices,
@@ -47,7 +47,7 @@ def _extract_fragments(partitions, optim_files_grid, param_shapes_grid, dp_degre
     for group, shapes in enumerate(param_shapes_grid[tp_index]):
         count, rank = groups[group]
         if count not in (dp_degree, dp_degree * tp_degree):
-            raise ConfigError(f"{path}: optimizer group {group} is partitioned over {count} ranks, neither the "
+            raise CheckpointError(f"{path}: optimizer group {group} is partitioned over {count} ranks, neither the "
                               f"data-parallel ({dp_degree}) nor the whole ({dp_degree * tp_degree}) world")
         states = {
             "fp32": optimizer_state["fp32_flat_groups"][group],
@@ -101,7 +101,7 @@ def convert(root: str, tag: str, workers: int = 1) -> str:
         return target
     layout = read_layout(root, tag)
     if ZERO_PARTITIONS not in layout:
-        raise ConfigError(f"checkpoint {tag}: {os.path.join(root, tag, LAYOUT)} has no {ZERO_PARTITIONS} record "
+        raise CheckpointError(f"checkpoint {tag}: {os.path.join(root, tag, LAYOUT)} has no {ZERO_PARTITIONS} record "
                           f"(written before this version); resume it at its own layout")
     print(f"converting checkpoint {tag} to the universal format ({os.path.join(root, target)})", file=sys.stderr)
     with atomic_directory(os.path.join(root, target)) as staging:

@@ -1,24 +1,24 @@
-"""What the data command lines share: user errors as one line and an exit code, atomic outputs."""
+"""Atomic outputs: a file or a directory is either the old one or the complete new one, never half."""
 
 import contextlib
 import os
 import shutil
-import sys
 import tempfile
 
 
-class DataError(Exception):
-    """A problem with the user's input (file, line, field, flag): reported as one line, no traceback."""
-
-
-def run_cli(main, argv=None) -> int:
-    """Run ``main(argv)``; a :class:`DataError` prints ``error: ...`` on stderr and exits with 2."""
+def write_atomically(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, fsync and rename (then fsync the directory)."""
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
     try:
-        main(argv)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 @contextlib.contextmanager
@@ -44,12 +44,3 @@ def atomic_directory(final_dir: str):
     finally:
         if os.path.isdir(staging):
             shutil.rmtree(staging, ignore_errors=True)
-
-
-def require_files(paths, what="input") -> None:
-    """Every path must be an existing, non-empty file."""
-    for path in paths:
-        if not os.path.isfile(path):
-            raise DataError(f"{what} file not found: {path}")
-        if os.path.getsize(path) == 0:
-            raise DataError(f"{what} file is empty: {path}")

@@ -1,0 +1,1 @@
+"""What every layer shares: the error taxonomy, the entry-point wrapper and atomic file writes."""
