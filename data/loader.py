@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from core.errors import DataError
+from core.tokens import IGNORE_INDEX
 from data.manifest import check_tokenizer, read_manifest
 
-IGNORE_INDEX = -100
 
 
 def load_prepared(directory: str, tokenizer=None, *, key: str = None):

@@ -26,10 +26,10 @@ import numpy as np
 from core.cli import run_main
 from core.errors import DataError
 from core.files import atomic_directory
+from core.tokens import IGNORE_INDEX
 from data.manifest import tokenizer_summary, write_manifest
 from data.sources import Fields, load_records
 
-IGNORE_INDEX = -100
 
 
 def load_tokenizer(name_or_path: str):

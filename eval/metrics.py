@@ -11,10 +11,10 @@ import math
 import torch
 import torch.distributed as dist
 
+from core.tokens import IGNORE_INDEX
 from loss import cross_entropy, forward_kl, reverse_kl, tail_divergence_parts
 from model_parallel import all_reduce_sum, gather_rows, global_argmax, resolve_vocab_shard
 
-IGNORE_INDEX = -100
 # Rows of softmax probabilities are binned this many logits at a time.
 CHUNK_NUMEL = 1 << 22
 

@@ -9,6 +9,7 @@ temperature, a detached teacher and the uneven-slice layout. DeepSpeed's collect
 
 import torch
 
+from core.tokens import IGNORE_INDEX
 from model_parallel import resolve_vocab_shard
 
 
@@ -46,7 +47,7 @@ def reverse_kl(student_logits: torch.Tensor,
 def cross_entropy(student_logits: torch.Tensor,
                   labels: torch.Tensor,
                   *,
-                  ignore_index: int = -100,
+                  ignore_index: int = IGNORE_INDEX,
                   tp_group=None) -> torch.Tensor:
     """Per-token cross-entropy against ``labels`` (``logits.shape[:-1]``, global token ids).
 

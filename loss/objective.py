@@ -1,13 +1,11 @@
-"""The job's per-token objective: ``(1 − ce_weight)·τ²·D + ce_weight·CE``, D chosen by name."""
+"""The job's per-token objective: ``(1 − ce_weight)·τ²·D + ce_weight·CE``, D from :mod:`loss.registry`."""
 
 from typing import Dict, Optional
 
 import torch
 
-from loss.baselines import cross_entropy, forward_kl, reverse_kl
-from loss.tail import tail_divergence_parts
-
-KINDS = ("tail", "kl", "reverse_kl", "ce")
+from loss.baselines import cross_entropy
+from loss.registry import divergence
 
 
 def sequence_beta(beta: float, teacher_tail_mass: torch.Tensor, sequence_ids: torch.Tensor,
@@ -44,29 +42,25 @@ def distillation_objective(student_logits: torch.Tensor,
     """Per-token loss over ``n`` valid tokens (logits ``[n, V_local]``, ``labels`` ``[n]`` ids).
 
     Returns ``{"loss": [n], "kd": [n], "ce": [n], ...}``: ``loss`` is what to back-propagate (after
-    the caller's reduction); the other entries are for logging. With ``kind`` ``tail`` the dict
-    also holds ``head_kl``, ``tail_kl``, ``teacher_tail_mass`` and ``student_tail_mass``.
-    ``beta_mode`` ``sequence`` needs ``sequence_ids`` (``[n]``, the row of each token) and takes
-    ``num_sequences`` (the batch's row count) where the caller knows it.
+    the caller's reduction); the other entries are for logging, as the divergence named ``kind``
+    (:data:`loss.registry.LOSSES`) returns them (``tail`` adds ``head_kl``, ``tail_kl``,
+    ``teacher_tail_mass`` and ``student_tail_mass``). ``beta_mode`` ``sequence`` needs
+    ``sequence_ids`` (``[n]``, the row of each token) and takes ``num_sequences`` (the batch's row
+    count) where the caller knows it.
     """
-    if kind not in KINDS:
-        raise ValueError(f"loss.kind: unknown {kind!r}; expected one of {', '.join(KINDS)}")
+    entry = divergence(kind)
     out = {}
-    if kind == "ce" or ce_weight > 0:
+    if entry.compute is None or ce_weight > 0:
         out["ce"] = cross_entropy(student_logits, labels, tp_group=tp_group)
-    if kind == "ce":
+    if entry.compute is None:
         out["loss"] = out["ce"]
         return out
-    if kind == "tail":
-        parts = tail_divergence_parts(student_logits, teacher_logits, top_k=top_k, temperature=temperature,
-                                      tp_group=tp_group)
-        token_beta = (sequence_beta(beta, parts.teacher_tail_mass, sequence_ids, num_sequences)
-                      if beta_mode == "sequence" else beta)
-        out.update(parts._asdict())
-        out["kd"] = parts.head_kl + token_beta * parts.tail_kl
+    if beta_mode == "sequence":
+        beta_for = lambda mass: sequence_beta(beta, mass, sequence_ids, num_sequences)  # noqa: E731
     else:
-        divergence = forward_kl if kind == "kl" else reverse_kl
-        out["kd"] = divergence(student_logits, teacher_logits, temperature=temperature, tp_group=tp_group)
+        beta_for = lambda mass: beta  # noqa: E731
+    out.update(entry.compute(student_logits, teacher_logits, top_k=top_k, beta_for=beta_for,
+                             temperature=temperature, tp_group=tp_group))
     scaled = temperature**2 * out["kd"]
     out["loss"] = scaled if ce_weight == 0 else (1 - ce_weight) * scaled + ce_weight * out["ce"]
     return out

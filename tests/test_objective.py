@@ -61,3 +61,22 @@ def test_global_argmax_over_slices():
     for result in run_on_ranks(2, _argmax_worker):
         assert torch.equal(result, expected)
     assert torch.equal(global_argmax(teacher, 0, None), expected)
+
+
+def test_a_divergence_is_one_registry_entry(monkeypatch, tmp_path):
+    """An entry in loss.registry.LOSSES is all the objective and the run config need."""
+    from loss.registry import LOSSES, Divergence
+    from training.config import load_config
+
+    def half_kl(student, teacher, *, top_k, beta_for, temperature, tp_group):
+        return {"kd": 0.5 * forward_kl(student, teacher, temperature=temperature, tp_group=tp_group)}
+
+    monkeypatch.setitem(LOSSES, "half_kl", Divergence("half_kl", "half the forward KL", half_kl))
+    student, teacher = _pair()
+    labels = torch.zeros(12, dtype=torch.long)
+    out = distillation_objective(student, teacher, labels, kind="half_kl", top_k=0, beta=0.0, temperature=2.0)
+    torch.testing.assert_close(out["loss"], 4.0 * 0.5 * forward_kl(student, teacher, temperature=2.0))
+    config = tmp_path / "run.yaml"
+    config.write_text("output_dir: out\nteacher: {path: t}\nstudent: {config: s.json}\ndata: {train: d}\n"
+                      "loss: {kind: half_kl}\nparallel: {deepspeed_config: ds.json}\n")
+    assert load_config(str(config)).loss.kind == "half_kl"

@@ -28,3 +28,12 @@ def test_data_commands_run_as_written(tmp_path):
     assert len(blocks) > 1000 and all(len(row) == 256 for row in blocks[:10]["input_ids"])
     packed = load_from_disk(str(tmp_path / "runs/demo/prepared/sft-train"))
     assert all(len(row) <= 256 for row in packed["input_ids"])
+
+
+def test_readme_lists_the_registered_loss_kinds():
+    from loss.registry import LOSSES
+
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert f"`loss.kind` (`{' | '.join(LOSSES)}`)" in readme
+    for entry in LOSSES.values():
+        assert f"| `{entry.name}` | {entry.summary} |" in readme, entry.name

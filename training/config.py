@@ -16,6 +16,7 @@ from typing import Literal, Optional
 import yaml
 
 from core.errors import ConfigError
+from loss.registry import LOSSES
 
 
 @dataclass
@@ -55,7 +56,8 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    kind: Literal["tail", "kl", "reverse_kl", "ce"] = "tail"
+    kind: str = "tail"
+    """One of :data:`loss.registry.LOSSES` (tail, kl, reverse_kl, ce)."""
     top_k: int = 10
     """K, for kind tail."""
     beta: float = 2.0
@@ -149,6 +151,8 @@ class RunConfig:
 
 
 def _check_section_values(cfg: "RunConfig") -> None:
+    if cfg.loss.kind not in LOSSES:
+        raise ConfigError(f"loss.kind: must be one of {', '.join(LOSSES)}, got {cfg.loss.kind!r}")
     positive = {
         "train.max_steps": cfg.train.max_steps, "train.micro_batch_size": cfg.train.micro_batch_size,
         "train.grad_accum": cfg.train.grad_accum, "train.warmup_steps": cfg.train.warmup_steps,
@@ -179,7 +183,7 @@ def _check_section_values(cfg: "RunConfig") -> None:
     if (cfg.student.path is None) == (cfg.student.config is None):
         raise ConfigError("student: set exactly one of student.path and student.config "
                           f"(got path={cfg.student.path!r}, config={cfg.student.config!r})")
-    if cfg.loss.kind != "ce" and cfg.teacher.path is None:
+    if LOSSES[cfg.loss.kind].needs_teacher and cfg.teacher.path is None:
         raise ConfigError(f"teacher.path: required for loss.kind {cfg.loss.kind!r}")
     if cfg.data.train is None:
         raise ConfigError("data.train: required")

@@ -17,12 +17,12 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 
+from core.tokens import IGNORE_INDEX
 from data.loader import to_device
 from eval.metrics import EvalSums
 from loss.objective import distillation_objective
 from model_parallel import all_reduce_sum, gather_rows, global_argmax
 
-IGNORE_INDEX = -100
 # Summed per token, reported as means over the valid tokens of the step.
 _LOGGED = ("loss", "kd", "ce", "head_kl", "tail_kl", "teacher_tail_mass", "student_tail_mass", "top1_agreement")
 

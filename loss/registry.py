@@ -1,0 +1,63 @@
+"""Every ``loss.kind`` the job knows: one entry each, with what the job and the config check need.
+
+Adding a divergence is one :class:`Divergence` in :data:`LOSSES`: a function from the two logit
+slices to per-token tensors holding at least ``"kd"`` (the divergence D, float32, no reduction, no
+τ²), plus the flags that say which inputs and settings it uses. ``distillation_objective``, the
+run config's ``loss.kind`` check and the README (checked by a test) all read this table.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+from loss.baselines import forward_kl, reverse_kl
+from loss.tail import tail_divergence_parts
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """One ``loss.kind``."""
+
+    name: str
+    summary: str
+    """One line for ``--help`` texts and the README."""
+    compute: Optional[Callable]
+    """``compute(student, teacher, *, top_k, beta_for, temperature, tp_group) -> {"kd": [n], ...}``;
+    ``beta_for(teacher_tail_mass)`` gives the tail weight (a number, or per token). None: no
+    divergence (cross-entropy only)."""
+    uses_top_k: bool = False
+    """Whether ``loss.top_k``, ``loss.beta`` and ``loss.beta_mode`` apply."""
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.compute is not None
+
+
+def _tail(student, teacher, *, top_k, beta_for, temperature, tp_group) -> Dict:
+    parts = tail_divergence_parts(student, teacher, top_k=top_k, temperature=temperature, tp_group=tp_group)
+    out = parts._asdict()
+    out["kd"] = parts.head_kl + beta_for(parts.teacher_tail_mass) * parts.tail_kl
+    return out
+
+
+def _kl(divergence):
+
+    def compute(student, teacher, *, top_k, beta_for, temperature, tp_group) -> Dict:
+        return {"kd": divergence(student, teacher, temperature=temperature, tp_group=tp_group)}
+
+    return compute
+
+
+LOSSES: Dict[str, Divergence] = {entry.name: entry for entry in (
+    Divergence("tail", "tail-aware divergence KL(p̂‖q̂) + β·KL(p̃‖q̃) over the teacher's top-K (ours)", _tail,
+               uses_top_k=True),
+    Divergence("kl", "forward KL(p‖q), DeepSpeed's vocab_parallel_kl_div", _kl(forward_kl)),
+    Divergence("reverse_kl", "reverse KL(q‖p), mode-seeking", _kl(reverse_kl)),
+    Divergence("ce", "cross-entropy on the labels only, no teacher", None),
+)}
+
+
+def divergence(kind: str, key: str = "loss.kind") -> Divergence:
+    """The entry named ``kind``; ``ValueError`` naming ``key`` and the valid names otherwise."""
+    if kind not in LOSSES:
+        raise ValueError(f"{key}: unknown {kind!r}; expected one of {', '.join(LOSSES)}")
+    return LOSSES[kind]
