@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from eval.metrics import EvalSums, full_ece, full_ece_bins, top1_ece_bins
+from loss.metrics import EvalSums, full_ece, full_ece_bins, top1_ece_bins
 from model_parallel.spawn import run_on_ranks
 
 
@@ -89,3 +89,34 @@ def test_vocabulary_parallel_metrics_equal_one_device():
         assert result.keys() == expected[2].keys()
         for name in result:
             assert result[name] == pytest.approx(expected[2][name], rel=1e-5, abs=1e-7), name
+
+
+@pytest.mark.parametrize("loss", [
+    dict(kind="tail", temperature=1.0, beta_mode="constant"),
+    dict(kind="tail", temperature=1.0, beta_mode="sequence", ce_weight=0.3),
+    dict(kind="kl", temperature=1.0),
+    dict(kind="reverse_kl", temperature=1.0),
+    dict(kind="tail", temperature=2.0),  # nothing but the argmaxes (and CE) can be reused
+])
+def test_evaluation_reusing_the_objective_equals_computing_every_metric(loss):
+    """What the evaluation takes from the training objective (training.step._known_metrics) is
+    exactly what EvalSums would compute itself."""
+    from types import SimpleNamespace
+
+    from loss.objective import distillation_objective
+    from training.step import _known_metrics
+
+    student, teacher, targets = _data()
+    keep = targets != -100
+    student, teacher, targets = student[keep], teacher[keep], targets[keep]
+    cfg = SimpleNamespace(**{"top_k": 5, "beta": 2.0, "beta_mode": "constant", "ce_weight": 0.0, **loss})
+    out = distillation_objective(student, teacher, targets, kind=cfg.kind, top_k=cfg.top_k, beta=cfg.beta,
+                                 beta_mode=cfg.beta_mode, temperature=cfg.temperature, ce_weight=cfg.ce_weight,
+                                 sequence_ids=torch.arange(targets.numel()) // 7)
+    out["student_top1"], out["teacher_top1"] = student.argmax(-1), teacher.argmax(-1)
+    reused, computed = EvalSums(top_k=5, beta=2.0), EvalSums(top_k=5, beta=2.0)
+    reused.add(student, teacher, targets, known=_known_metrics(cfg, out))
+    computed.add(student, teacher, targets)
+    expected = computed.result()
+    for name, value in reused.result().items():
+        assert value == pytest.approx(expected[name], rel=1e-6, abs=1e-9), name

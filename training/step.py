@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from core.tokens import IGNORE_INDEX
 from data.loader import to_device
-from eval.metrics import EvalSums
+from loss.metrics import EvalSums
 from loss.objective import distillation_objective
 from model_parallel import all_reduce_sum, gather_rows, global_argmax
 
@@ -70,10 +70,26 @@ def _objective(engines, loss_cfg, student, teacher, targets, rows, num_rows):
                                  sequence_ids=rows, num_sequences=num_rows, tp_group=engines.tp_group)
     if teacher is not None:
         with torch.no_grad():
-            agree = global_argmax(student.detach(), engines.vocab_start, engines.tp_group) == global_argmax(
-                teacher, engines.vocab_start, engines.tp_group)
-        out["top1_agreement"] = agree.float()
+            out["student_top1"] = global_argmax(student.detach(), engines.vocab_start, engines.tp_group)
+            out["teacher_top1"] = global_argmax(teacher, engines.vocab_start, engines.tp_group)
+        out["top1_agreement"] = (out["student_top1"] == out["teacher_top1"]).float()
     return out
+
+
+def _known_metrics(loss_cfg, out) -> dict:
+    """The evaluation metrics the objective already computed (``out``): the argmaxes always; the
+    cross-entropy where it was part of the loss; at temperature 1 the divergence it optimised and
+    (tail) the tail masses, with the metric's constant β. Everything else EvalSums computes."""
+    known = {name: out[name] for name in ("student_top1", "teacher_top1") if name in out}
+    if "ce" in out:
+        known["nll"] = out["ce"]
+    if loss_cfg.temperature == 1.0:
+        if loss_cfg.kind == "tail":
+            known["tail_divergence"] = out["head_kl"] + loss_cfg.beta * out["tail_kl"]
+            known["teacher_tail_mass"], known["student_tail_mass"] = out["teacher_tail_mass"], out["student_tail_mass"]
+        elif loss_cfg.kind in ("kl", "reverse_kl"):
+            known["forward_kl" if loss_cfg.kind == "kl" else "reverse_kl"] = out["kd"]
+    return known
 
 
 def _non_finite(*logits) -> torch.Tensor:
@@ -145,7 +161,7 @@ def step_means(result: StepResult, engines) -> dict:
 @torch.no_grad()
 def evaluate(engines, loss_cfg, batches, n_bins: int = 10):
     """``(scalars, bins)`` over the valid tokens of ``batches`` (this rank's share, reduced over data
-    parallel): the objective as ``loss`` plus :class:`eval.metrics.EvalSums`' metrics, and the
+    parallel): the objective as ``loss`` plus :class:`loss.metrics.EvalSums`' metrics, and the
     calibration bins for reliability diagrams. Sums stay on the device until the end."""
     engines.student.eval()
     sums = EvalSums(top_k=loss_cfg.top_k, beta=loss_cfg.beta, n_bins=n_bins, tp_group=engines.tp_group,
@@ -158,7 +174,7 @@ def evaluate(engines, loss_cfg, batches, n_bins: int = 10):
         student, teacher, targets, rows = _slices(engines, batch, logits)
         out = _objective(engines, loss_cfg, student, teacher, targets, rows, num_rows=batch["input_ids"].shape[0])
         loss_sum += out["loss"].double().sum()
-        sums.add(student, teacher, targets)
+        sums.add(student, teacher, targets, known=_known_metrics(loss_cfg, out))
         del logits, student, teacher, out
     engines.student.train()
     sums.add_sum("loss", loss_sum)

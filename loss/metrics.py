@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 
 from core.tokens import IGNORE_INDEX
-from loss import cross_entropy, forward_kl, reverse_kl, tail_divergence_parts
+from loss.baselines import cross_entropy, forward_kl, reverse_kl
+from loss.tail import tail_divergence_parts
 from model_parallel import all_reduce_sum, gather_rows, global_argmax, resolve_vocab_shard
 
 # Rows of softmax probabilities are binned this many logits at a time.
@@ -99,7 +100,10 @@ def _exp(value: float) -> float:
 class EvalSums:
     """Accumulates per-token sums and calibration bins over batches, then reduces and reports.
 
-    ``add(student, teacher, targets)`` takes the valid positions only (``[n, V_local]`` slices).
+    ``add(student, teacher, targets, known)`` takes the valid positions only (``[n, V_local]``
+    slices) and, in ``known``, per-token values the caller already has (e.g. from the training
+    objective: ``nll``, ``student_top1``, ``teacher_top1``, ``tail_divergence``, ``forward_kl``,
+    ``reverse_kl``, ``teacher_tail_mass``, ``student_tail_mass``); only the others are computed.
     Everything stays on ``device`` (the logits' device) until :meth:`result`, the one host sync.
     """
 
@@ -116,29 +120,37 @@ class EvalSums:
         self.sums[name] = self.sums[name] + total if name in self.sums else total
 
     @torch.no_grad()
-    def add(self, student: torch.Tensor, teacher, targets: torch.Tensor) -> None:
-        group = self.tp_group
+    def add(self, student: torch.Tensor, teacher, targets: torch.Tensor, known=None) -> None:
+        group, known = self.tp_group, dict(known or {})
         start = resolve_vocab_shard(student.shape[-1], group, caller="EvalSums", device=student.device).start
-        student_top1 = global_argmax(student, start, group)
+
+        def value(name, compute):
+            if name not in known:
+                known[name] = compute()
+            return known[name]
+
+        student_top1 = value("student_top1", lambda: global_argmax(student, start, group))
         self.add_sum("tokens", torch.ones_like(targets, dtype=torch.float64))
-        self.add_sum("nll", cross_entropy(student, targets, tp_group=group))
+        self.add_sum("nll", value("nll", lambda: cross_entropy(student, targets, tp_group=group)))
         self.add_sum("accuracy", student_top1 == targets)
         self.full_bins += full_ece_bins(student, targets, n_bins=self.n_bins, tp_group=group)
         self.top1_bins += top1_ece_bins(student, targets, n_bins=self.n_bins, tp_group=group)
         if teacher is None:
             return
-        parts = tail_divergence_parts(student, teacher, top_k=self.top_k, tp_group=group)
-        values = {
-            "forward_kl": forward_kl(student, teacher, tp_group=group),
-            "reverse_kl": reverse_kl(student, teacher, tp_group=group),
-            "tail_divergence": parts.head_kl + self.beta * parts.tail_kl,
-            "teacher_tail_mass": parts.teacher_tail_mass,
-            "student_tail_mass": parts.student_tail_mass,
-            "top1_agreement": student_top1 == global_argmax(teacher, start, group),
-            "teacher_nll": cross_entropy(teacher, targets, tp_group=group),
-        }
-        for name, value in values.items():
-            self.add_sum(name, value)
+        if not {"tail_divergence", "teacher_tail_mass", "student_tail_mass"} <= set(known):
+            parts = tail_divergence_parts(student, teacher, top_k=self.top_k, tp_group=group)
+            value("tail_divergence", lambda: parts.head_kl + self.beta * parts.tail_kl)
+            value("teacher_tail_mass", lambda: parts.teacher_tail_mass)
+            value("student_tail_mass", lambda: parts.student_tail_mass)
+        teacher_top1 = value("teacher_top1", lambda: global_argmax(teacher, start, group))
+        for name, compute in (("forward_kl", lambda: forward_kl(student, teacher, tp_group=group)),
+                              ("reverse_kl", lambda: reverse_kl(student, teacher, tp_group=group)),
+                              ("teacher_nll", lambda: cross_entropy(teacher, targets, tp_group=group))):
+            value(name, compute)
+        for name in ("forward_kl", "reverse_kl", "tail_divergence", "teacher_tail_mass", "student_tail_mass",
+                     "teacher_nll"):
+            self.add_sum(name, known[name])
+        self.add_sum("top1_agreement", student_top1 == teacher_top1)
 
     def result(self, dp_group=None) -> dict:
         """Means over tokens, perplexity and ECEs, summed over ``dp_group`` first (if given)."""
