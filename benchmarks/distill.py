@@ -33,7 +33,7 @@ def _worker(rank, world_size, work, args):
     from loss.objective import distillation_objective
     from training.config import load_config
     from training.deepspeed_config import build_deepspeed_configs
-    from training.engines import build_engines
+    from training.engines import build_engines, engine_sources
 
     results = {}
     for kind in ("tail", "ce"):
@@ -41,7 +41,8 @@ def _worker(rank, world_size, work, args):
                      f"train.micro_batch_size={args.micro_batch}", "train.grad_accum=1",
                      f"parallel.tensor_parallel={args.tp}", f"data.train={work}", f"output_dir={work}/out"]
         cfg = load_config(os.path.join(ROOT, "launch/configs/demo_distill.yaml"), overrides)
-        engines = build_engines(cfg, build_deepspeed_configs(cfg, world_size, False), bf16=False)
+        engines = build_engines(**engine_sources(cfg), ds_configs=build_deepspeed_configs(cfg, world_size, False),
+                                bf16=False)
         generator = torch.Generator().manual_seed(0)
         timings, tokens = {}, 0
         for step in range(args.steps + 1):

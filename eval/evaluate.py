@@ -28,21 +28,6 @@ def _single_process_defaults() -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
-def _run_config(args):
-    from training.config import (DataConfig, LossConfig, ParallelConfig, RunConfig, StudentConfig, TeacherConfig,
-                                 TrainConfig)
-
-    return RunConfig(output_dir=os.path.dirname(os.path.abspath(args.out)) or ".",
-                     tokenizer=args.tokenizer or args.model,
-                     teacher=TeacherConfig(path=args.teacher),
-                     student=StudentConfig(path=args.model),
-                     data=DataConfig(train=args.data),
-                     loss=LossConfig(kind="tail" if args.teacher else "ce", top_k=args.top_k, beta=args.beta),
-                     train=TrainConfig(max_steps=1, warmup_steps=1, micro_batch_size=args.batch_size),
-                     parallel=ParallelConfig(tensor_parallel=args.tensor_parallel,
-                                             deepspeed_config=os.path.join(ROOT, "ds_configs/zero3_tp.json")))
-
-
 def print_table(metrics: dict) -> None:
     width = max(len(name) for name in metrics)
     for name, value in metrics.items():
@@ -53,21 +38,26 @@ def evaluate_model(args) -> dict:
     import torch.distributed as dist
 
     from data.loader import Collator, eval_batches, load_prepared
-    from training.deepspeed_config import build_deepspeed_configs
-    from training.engines import build_engines
-    from training.job import use_bf16
+    from training.config import LossConfig, StudentConfig, TeacherConfig
+    from training.deepspeed_config import frozen_deepspeed_configs
+    from training.engines import build_engines, use_bf16
     from training.step import evaluate
 
-    cfg = _run_config(args)
-    bf16 = use_bf16(cfg)
-    engines = build_engines(cfg, build_deepspeed_configs(cfg, dist.get_world_size(), bf16), bf16=bf16,
-                            train_student=False)
+    bf16 = use_bf16("auto")
+    ds_configs = frozen_deepspeed_configs(os.path.join(ROOT, "ds_configs/zero3_tp.json"),
+                                          tensor_parallel=args.tensor_parallel, world_size=dist.get_world_size(),
+                                          micro_batch_size=args.batch_size, bf16=bf16)
+    engines = build_engines(student=StudentConfig(path=args.model),
+                            teacher=TeacherConfig(path=args.teacher) if args.teacher else None,
+                            tokenizer=args.tokenizer or args.model, tensor_parallel=args.tensor_parallel, seed=0,
+                            ds_configs=ds_configs, bf16=bf16, train_student=False)
+    loss_cfg = LossConfig(kind="tail" if args.teacher else "ce", top_k=args.top_k, beta=args.beta)
     dataset, _ = load_prepared(args.data, engines.tokenizer, key="data")
     batches = eval_batches(dataset, batch_size=args.batch_size, dp_size=engines.dp_size, dp_rank=engines.dp_rank,
                            collator=Collator(engines.tokenizer.pad_token_id))
     if args.max_batches:
         batches = (batch for _, batch in zip(range(args.max_batches), batches))
-    metrics, bins = evaluate(engines, cfg.loss, batches, n_bins=args.n_bins)
+    metrics, bins = evaluate(engines, loss_cfg, batches, n_bins=args.n_bins)
     if args.math_data and dist.get_rank() == 0:
         from transformers import AutoModelForCausalLM
 

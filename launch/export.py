@@ -21,11 +21,12 @@ def _export_worker(rank, world_size, config_path, root, tag, out_dir, bf16):
     from training import checkpoint
     from training.config import load_config
     from training.deepspeed_config import build_deepspeed_configs
-    from training.engines import build_engines
+    from training.engines import build_engines, engine_sources
     from training.export import export_student
 
     cfg = load_config(config_path)
-    engines = build_engines(cfg, build_deepspeed_configs(cfg, world_size, bf16), bf16=bf16, with_teacher=False)
+    engines = build_engines(**engine_sources(cfg), ds_configs=build_deepspeed_configs(cfg, world_size, bf16), bf16=bf16,
+                            teacher_weights=False)
     checkpoint.load(engines.student, root, tag)
     export_student(engines.student, engines.tokenizer, out_dir)
 

@@ -94,6 +94,32 @@ def init_distributed(timeout_s: float = None, backend: str = None) -> None:
         os.unlink(path)
 
 
+def decided_on_rank_0(what: str, decide, *, unexpected=None):
+    """Rank 0 runs ``decide()`` (a file-system decision worth making once); every rank returns its
+    answer or raises the same :class:`core.errors.UserError`. An unexpected error on rank 0 is
+    reported too (its traceback printed there, then as ``unexpected``, a ``UserError`` class, on
+    every rank), so the other ranks never wait for an answer that will not come. Collective."""
+    import traceback
+
+    import torch.distributed as dist
+
+    from core.errors import UserError
+
+    answer = [None, None, None]
+    if dist.get_rank() == 0:
+        try:
+            answer[0] = decide()
+        except UserError as error:
+            answer[1:] = [type(error), str(error)]
+        except Exception as error:  # noqa: BLE001 -- see the docstring
+            traceback.print_exc()
+            answer[1:] = [unexpected or UserError, f"{what} failed: {error!r}"]
+    dist.broadcast_object_list(answer, src=0)
+    if answer[1]:
+        raise answer[1](answer[2])
+    return answer[0]
+
+
 def exit_now(code: int) -> None:
     """End a rank's process with ``code`` once its work is written, skipping interpreter teardown.
 

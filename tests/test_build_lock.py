@@ -5,6 +5,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from model_parallel.distributed import stale_build_locks
 from model_parallel.spawn import free_port
 
@@ -44,6 +46,7 @@ def test_an_old_lock_with_a_build_running_in_its_directory_is_left_alone(tmp_pat
         builder.wait()
 
 
+@pytest.mark.e2e
 def test_a_launch_names_the_lock_it_is_about_to_wait_on(tmp_path):
     """launch.distill, started on a cache whose shm-comm build lock was left behind: it prints both lines
     and then waits in torch's build lock, as it would forever; the test stops it there."""

@@ -70,7 +70,7 @@ def _rank(rank, world_size, config_path):
     from model_parallel.device_check import DeviceDisciplineError, one_device
     from training.config import load_config
     from training.deepspeed_config import build_deepspeed_configs
-    from training.engines import build_engines
+    from training.engines import build_engines, engine_sources
     from training.step import evaluate, step_means, train_step
 
     out = {}
@@ -92,7 +92,8 @@ def _rank(rank, world_size, config_path):
         out["test_code_default"] = str(torch.zeros(1).device)  # outside the library: untouched
 
     cfg = load_config(config_path, [])
-    engines = build_engines(cfg, build_deepspeed_configs(cfg, world_size, bf16=True), bf16=True)
+    engines = build_engines(**engine_sources(cfg), ds_configs=build_deepspeed_configs(cfg, world_size, bf16=True),
+                            bf16=True)
     student = engines.student
     out["dtypes"] = sorted({str(p.dtype) for engine in (student, engines.teacher) for p in engine.module.parameters()})
     buffer = student.optimizer.grad_partitions_flat_buffer

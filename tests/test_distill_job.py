@@ -14,8 +14,11 @@ import yaml
 
 from data.prepare import prepare
 from model_parallel.spawn import free_port
+from tests.fault_driver import FaultDriver, faults_dir
 from tests.nodes import run_simulated_nodes
 from tests.tiny_models import gemma2, llama, save_model
+
+pytestmark = pytest.mark.e2e  # every test here launches the job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
@@ -317,20 +320,11 @@ def _shm_buffers():
     return set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
 
 
-def _start(config, extra, delays):
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", **delays}
+def _start(config, extra, faults):
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "DISTILL_FAULTS_DIR": faults}
     command = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "launch.distill",
                "--config", config, *extra]
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for(condition, timeout=240):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting for the run"
-        time.sleep(0.2)
 
 
 def _kill_rank(launcher, local_rank):
@@ -355,13 +349,27 @@ def _stopped_within(launcher, seconds, marker):
     return returncode, elapsed, leftovers
 
 
-def test_killing_a_rank_mid_training_fails_fast_and_resume_finishes(straight, assets):
+def _kill_when_held(config, tmp_path, rank, event):
+    """Start the job on 2 ranks, let it run until ``rank`` reaches fault point ``event``, kill that
+    rank there; returns (exit code, seconds the launcher took to stop, processes left)."""
+    directory = faults_dir(tmp_path)
+    launcher = _start(config, [], directory)
+    driver = FaultDriver(directory, 2, rank=rank, event=event)
+    try:
+        driver.wait_held()
+        _kill_rank(launcher, rank)
+        return _stopped_within(launcher, 60, config)
+    finally:
+        driver.stop()
+        if launcher.poll() is None:
+            launcher.kill()
+
+
+def test_killing_a_rank_mid_training_fails_fast_and_resume_finishes(straight, assets, tmp_path):
     config, out = _config(assets, "killed_training", checkpoint={"every": 2}, parallel={"timeout_s": 30})
     buffers_before = _shm_buffers()
-    launcher = _start(config, [], {"DISTILL_TEST_STEP_DELAY_S": "0.5"})
-    _wait_for(lambda: os.path.exists(os.path.join(out, "metrics.jsonl")) and len(_losses(out)) >= 3)
-    _kill_rank(launcher, 1)
-    returncode, elapsed, leftovers = _stopped_within(launcher, 60, config)
+    # Rank 1 is killed right after its third step; rank 0 goes on into step 4 and waits for it.
+    returncode, elapsed, leftovers = _kill_when_held(config, tmp_path, 1, "step 3")
     assert returncode != 0 and elapsed < 60 and not leftovers
     assert _shm_buffers() <= buffers_before  # nothing of the killed job left in /dev/shm either
     _launch(config, 2)
@@ -371,15 +379,13 @@ def test_killing_a_rank_mid_training_fails_fast_and_resume_finishes(straight, as
     assert tags == ["step_6", "step_8"]
 
 
-def test_killing_a_rank_during_a_save_keeps_the_previous_checkpoint(straight, assets):
+def test_killing_a_rank_during_a_save_keeps_the_previous_checkpoint(straight, assets, tmp_path):
     from training.checkpoint import COMPLETE, LATEST
 
     config, out = _config(assets, "killed_save", checkpoint={"every": 2}, parallel={"timeout_s": 30})
     root = os.path.join(out, "checkpoints")
-    launcher = _start(config, [], {"DISTILL_TEST_SAVE_DELAY_S": "8"})
-    _wait_for(lambda: os.path.isdir(os.path.join(root, "step_4")))  # the step-4 save is under way
-    _kill_rank(launcher, 1)
-    returncode, elapsed, leftovers = _stopped_within(launcher, 60, config)
+    # Rank 1 has written its step-4 shards and is killed before the save's closing barrier.
+    returncode, elapsed, leftovers = _kill_when_held(config, tmp_path, 1, "saving step_4")
     assert returncode != 0 and elapsed < 60 and not leftovers
     assert open(os.path.join(root, LATEST)).read() == "step_2"
     assert not os.path.exists(os.path.join(root, "step_4", COMPLETE))
@@ -459,7 +465,7 @@ def _fp32_partitions(tag_dir):
 def test_a_non_finite_step_is_skipped_on_every_rank_or_stops_the_job(assets):
     config, out = _config(assets, "nan", train={"max_steps": 5, "warmup_steps": 1},
                           checkpoint={"every": 1, "keep": 10})
-    result = _launch(config, 2, extra=[], check=False, env={"DISTILL_TEST_NAN_TEACHER": "1:3"})
+    result = _launch(config, 2, extra=[], check=False, env={"DISTILL_FAULTS_NAN_TEACHER": "1:3"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning: step 3 skipped (non-finite loss on rank(s) [1]); parameters unchanged" in result.stderr
     records = {r["step"]: r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "loss" in r}
@@ -470,7 +476,7 @@ def test_a_non_finite_step_is_skipped_on_every_rank_or_stops_the_job(assets):
     same = lambda a, b: all(torch.equal(x, y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))  # noqa: E731
     assert same(before, skipped) and not same(skipped, after)
     config, _ = _config(assets, "nan_stop", train={"max_steps": 5, "warmup_steps": 1, "max_consecutive_skips": 0})
-    stopped = _launch(config, 2, check=False, env={"DISTILL_TEST_NAN_TEACHER": "1:3"})
+    stopped = _launch(config, 2, check=False, env={"DISTILL_FAULTS_NAN_TEACHER": "1:3"})
     assert stopped.returncode != 0
     assert ("error: step 3: 1 consecutive steps skipped (non-finite loss on rank(s) [1]); stopping "
             "(train.max_consecutive_skips=0)") in stopped.stderr

@@ -125,7 +125,7 @@ def test_tokenizer_mismatch_is_refused(base, tokenizer_dir, tmp_path, demo_dir):
     train_tokenizer([str(demo_dir / "pretrain/eval.txt")], str(other), vocab_size=400)
     cfg = load_config(base, [f"tokenizer={tokenizer_dir}", f"teacher.path={other}"])
     with pytest.raises(ConfigError, match="teacher.path: .* ships a tokenizer whose token→id map differs"):
-        resolve_tokenizer(cfg)
+        resolve_tokenizer(cfg.tokenizer, cfg.teacher.path, cfg.student.path)
     assert len(resolve_tokenizer(load_config(base, [f"tokenizer={tokenizer_dir}", "teacher.path=missing"]))) == 512
 
 

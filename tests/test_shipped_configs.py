@@ -76,6 +76,7 @@ def _two_nodes(config, overrides):
                                                     text=True, timeout=600))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("config", CONFIGS)
 def test_shipped_config_starts_on_two_simulated_nodes(config, assets, tokenizer_dir):
     from transformers import AutoConfig

@@ -17,7 +17,8 @@ import random
 import re
 import shutil
 import sys
-import time
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ import torch.distributed as dist
 
 from core.errors import CheckpointError
 from core.files import write_atomically
+from model_parallel.distributed import decided_on_rank_0
+from training import faults
+from training.config import RunConfig, identity
 
 LATEST = "latest"
 LAYOUT = "layout.json"
@@ -103,7 +107,7 @@ def save(engine, root: str, step: int, client_state: dict, keep: int) -> str:
     dist.barrier()
     engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
     write_atomically(os.path.join(root, tag, rng_file(dist.get_rank())), json.dumps(rng_state()))
-    pause_for_tests("DISTILL_TEST_SAVE_DELAY_S")
+    faults.point(f"saving {tag}")
     dist.barrier()
     if dist.get_rank() == 0:
         publish(root, tag, step, client_state)
@@ -180,13 +184,6 @@ def _complete_tags(root: str):
     """Tags with a completion marker, newest first."""
     tags = [t for t in _tags(root) if os.path.isfile(os.path.join(root, t, COMPLETE))]
     return sorted(tags, key=lambda t: int(TAG.match(t).group(1)), reverse=True)
-
-
-def pause_for_tests(variable: str) -> None:
-    """Tests widen the window in which they kill a rank by setting ``variable`` (seconds)."""
-    seconds = float(os.environ.get(variable, "0") or 0)
-    if seconds:
-        time.sleep(seconds)
 
 
 def publish(root: str, tag: str, step: int, client_state: dict) -> None:
@@ -294,3 +291,84 @@ def refuse_drift(saved: dict, current: dict, tag: str, allowed=()) -> None:
         details = "; ".join(f"{key}: checkpoint {saved.get(key)!r} vs config {current.get(key)!r}" for key in differing)
         raise CheckpointError(f"checkpoint {tag} was written by a different run ({details}); "
                           f"--set checkpoint.allow_config_change={','.join(differing)} accepts the change")
+
+
+@dataclass
+class ResumePlan:
+    """Where a run starts: decided once, on rank 0, before any model is built; the same on every rank.
+
+    :meth:`restore` then loads it on every rank, each rank's own RNG states included.
+    """
+
+    root: str
+    """The run's checkpoints directory."""
+    tag: Optional[str] = None
+    """The verified tag to resume from; None starts fresh."""
+    load_tag: Optional[str] = None
+    """What the engine loads: ``tag``, or its universal conversion when the layout changed."""
+    step: int = 0
+    consumed_samples: int = 0
+
+    @property
+    def universal(self) -> bool:
+        """The engine must be built with ``checkpoint.load_universal``."""
+        return self.load_tag is not None and self.load_tag != self.tag
+
+    def restore(self, engine) -> None:
+        """Load the student's shards and this rank's RNG states (nothing when starting fresh)."""
+        if self.tag is None:
+            return
+        load(engine, self.root, self.load_tag)
+        set_rng_state(read_rng_state(self.root, self.tag, dist.get_rank()))
+
+
+def _global_batch_of(cfg: RunConfig, world_size: int) -> int:
+    return cfg.train.micro_batch_size * cfg.train.grad_accum * (world_size // cfg.parallel.tensor_parallel)
+
+
+def checkpoints_dir(cfg: RunConfig) -> str:
+    """Where the run saves its checkpoints (and ``checkpoint.resume: auto`` looks)."""
+    return os.path.join(cfg.output_dir, "checkpoints")
+
+
+def _decide(cfg: RunConfig, world_size: int) -> ResumePlan:
+    """Rank 0's side of :func:`plan_resume`."""
+    root = checkpoints_dir(cfg)
+    found = find_resume(cfg.checkpoint.resume, root, fallback=cfg.checkpoint.fallback)
+    if found is None:
+        return ResumePlan(root=root)
+    root, tag = found
+    state = client_state(root, tag)
+    allowed = [key.strip() for key in cfg.checkpoint.allow_config_change.split(",") if key.strip()]
+    refuse_drift(state["run_identity"], identity(cfg), tag, allowed)
+    layout, global_batch = state["layout"], _global_batch_of(cfg, world_size)
+    if global_batch != layout["global_batch_size"] and not cfg.checkpoint.allow_batch_change:
+        dp = world_size // cfg.parallel.tensor_parallel
+        raise CheckpointError(f"train: checkpoint {tag} was trained with a global batch of "
+                              f"{layout['global_batch_size']} sequences, this run has {global_batch} "
+                              f"(micro_batch_size x grad_accum x data-parallel {dp}); adjust train.grad_accum or "
+                              f"--set checkpoint.allow_batch_change=true")
+    load_tag = tag
+    if (layout["tensor_parallel"], layout["data_parallel"]) != (cfg.parallel.tensor_parallel,
+                                                                 world_size // cfg.parallel.tensor_parallel):
+        # Another TP x DP layout: DeepSpeed's universal checkpoint re-partitions every tensor.
+        from training import universal
+
+        try:
+            load_tag = universal.convert(root, tag)
+        except CheckpointError:
+            raise
+        except Exception as error:
+            import traceback
+
+            traceback.print_exc()
+            raise CheckpointError(f"checkpoint {tag}: conversion to the universal format failed: {error!r}") from None
+    return ResumePlan(root=root, tag=tag, load_tag=load_tag, step=state["step"],
+                      consumed_samples=state["sampler"]["consumed_samples"])
+
+
+def plan_resume(cfg: RunConfig, world_size: int) -> ResumePlan:
+    """Collective: rank 0 finds, verifies and (for another layout) converts the checkpoint to resume,
+    once, and checks it belongs to this run; every rank gets the plan or the same error."""
+    return decided_on_rank_0("finding the checkpoint to resume", lambda: _decide(cfg, world_size),
+                             unexpected=CheckpointError)

@@ -7,6 +7,7 @@ must equal the run config's, or :class:`ConfigError` names both.
 
 import copy
 import json
+from typing import NamedTuple
 
 import torch
 
@@ -26,22 +27,33 @@ def _put(ds: dict, dotted: str, value, source: str) -> None:
     node[keys[-1]] = value
 
 
-def build_deepspeed_configs(cfg: RunConfig, world_size: int, bf16: bool):
-    """``(student_ds, teacher_ds, zero_only)`` dicts for ``world_size`` ranks.
+class DeepSpeedConfigs(NamedTuple):
+    """The three DeepSpeed dicts a job builds its engines from, complete and never edited later."""
 
-    ``zero_only`` (no tensor-parallel section) is what ``HfDeepSpeedConfig`` sees while models are
-    loaded partitioned; ``deepspeed.initialize`` then applies AutoTP with the full configs.
-    """
-    source = cfg.parallel.deepspeed_config
+    student: dict
+    """The trainable student's engine: optimizer, scheduler, clipping (and ``checkpoint.load_universal``
+    when resuming a checkpoint of another layout)."""
+    teacher: dict
+    """Frozen engines (the teacher; a student built for evaluation): no optimizer or scheduler."""
+    zero_only: dict
+    """Without the tensor-parallel section: what ``HfDeepSpeedConfig`` sees while models load
+    partitioned; ``deepspeed.initialize`` then applies AutoTP with the full configs."""
+
+
+def _read(source: str) -> dict:
     try:
         with open(source) as handle:
-            ds = json.load(handle)
+            return json.load(handle)
     except FileNotFoundError:
         raise ConfigError(f"parallel.deepspeed_config: file not found: {source}") from None
     except json.JSONDecodeError as error:
         raise ConfigError(f"parallel.deepspeed_config: {source} is not valid JSON ({error.msg}, line {error.lineno})"
                           ) from None
-    tp = cfg.parallel.tensor_parallel
+
+
+def _complete_common(ds: dict, source: str, *, tp: int, world_size: int, micro_batch_size: int, grad_accum: int,
+                     bf16: bool) -> None:
+    """What frozen and trainable engines share: layout, batch, precision; checked against the run."""
     if world_size % tp:
         raise ConfigError(f"parallel.tensor_parallel: {tp} does not divide the world size {world_size}")
     if ds.get("zero_optimization", {}).get("stage", 3) != 3:
@@ -53,18 +65,44 @@ def build_deepspeed_configs(cfg: RunConfig, world_size: int, bf16: bool):
         raise ConfigError(f"{source}: zero_optimization.zero_hpz_partition_size > 1 does not work with "
                           f"tensor parallelism (parallel.tensor_parallel={tp}): its groups coincide with the "
                           f"tensor-parallel ones and the logits come out wrong; remove it or set it to 1")
-    train = cfg.train
-    _put(ds, "train_micro_batch_size_per_gpu", train.micro_batch_size, source)
-    _put(ds, "gradient_accumulation_steps", train.grad_accum, source)
+    _put(ds, "train_micro_batch_size_per_gpu", micro_batch_size, source)
+    _put(ds, "gradient_accumulation_steps", grad_accum, source)
     # DeepSpeed derives the global batch from the two above; at config time it does not yet know the
     # tensor-parallel groups and would check it against every rank.
-    if ds.pop("train_batch_size", AUTO) not in (AUTO, train.micro_batch_size * train.grad_accum * (world_size // tp)):
+    if ds.pop("train_batch_size", AUTO) not in (AUTO, micro_batch_size * grad_accum * (world_size // tp)):
         raise ConfigError(f"{source}: train_batch_size disagrees with train.micro_batch_size x train.grad_accum x "
                           f"data-parallel size; remove it or set it to \"auto\"")
-    _put(ds, "gradient_clipping", train.grad_clip, source)
     _put(ds, "zero_optimization.stage", 3, source)
     _put(ds, "tensor_parallel.autotp_size", tp, source)
     _put(ds, "tensor_parallel.vocab_parallel_lm_head", True, source)
+    _put(ds, "bf16.enabled", bf16, source)
+    if bf16:
+        # Otherwise ZeRO accumulates gradients over micro-batches in bf16 (8 mantissa bits).
+        _put(ds, "data_types.grad_accum_dtype", "fp32", source)
+    ds.setdefault("steps_per_print", 10**9)  # the job logs; DeepSpeed's own step prints are noise
+    ds.setdefault("wall_clock_breakdown", False)
+
+
+def _frozen(ds: dict) -> dict:
+    frozen = copy.deepcopy(ds)
+    for key in ("optimizer", "scheduler", "gradient_clipping", "checkpoint"):
+        frozen.pop(key, None)
+    return frozen
+
+
+def _zero_only(ds: dict) -> dict:
+    return {key: value for key, value in ds.items() if key not in ("tensor_parallel", "checkpoint")}
+
+
+def build_deepspeed_configs(cfg: RunConfig, world_size: int, bf16: bool, *, universal: bool = False
+                            ) -> DeepSpeedConfigs:
+    """The configs for ``world_size`` ranks; ``universal`` loads a checkpoint of another layout."""
+    source = cfg.parallel.deepspeed_config
+    ds = _read(source)
+    train = cfg.train
+    _complete_common(ds, source, tp=cfg.parallel.tensor_parallel, world_size=world_size,
+                     micro_batch_size=train.micro_batch_size, grad_accum=train.grad_accum, bf16=bf16)
+    _put(ds, "gradient_clipping", train.grad_clip, source)
     _put(ds, "optimizer.type", "AdamW", source)
     _put(ds, "optimizer.params.lr", train.lr, source)
     _put(ds, "optimizer.params.weight_decay", train.weight_decay, source)
@@ -74,18 +112,19 @@ def build_deepspeed_configs(cfg: RunConfig, world_size: int, bf16: bool):
     _put(ds, "scheduler.params.warmup_min_ratio", 0.0, source)
     _put(ds, "scheduler.params.warmup_type", "linear", source)
     _put(ds, "scheduler.params.cos_min_ratio", train.min_lr / train.lr, source)
-    _put(ds, "bf16.enabled", bf16, source)
-    if bf16:
-        # Otherwise ZeRO accumulates gradients over micro-batches in bf16 (8 mantissa bits).
-        _put(ds, "data_types.grad_accum_dtype", "fp32", source)
     if not torch.cuda.is_available():
         # torch's AdamW: the same update without JIT-compiling DeepSpeed's fused CPU Adam (minutes).
         ds["optimizer"].setdefault("params", {}).setdefault("torch_adam", True)
-    ds.setdefault("steps_per_print", 10**9)  # the job logs; DeepSpeed's own step prints are noise
-    ds.setdefault("wall_clock_breakdown", False)
+    if universal:
+        _put(ds, "checkpoint.load_universal", True, source)
+    return DeepSpeedConfigs(student=ds, teacher=_frozen(ds), zero_only=_zero_only(ds))
 
-    teacher = copy.deepcopy(ds)
-    for key in ("optimizer", "scheduler", "gradient_clipping"):
-        teacher.pop(key, None)
-    zero_only = {k: v for k, v in ds.items() if k != "tensor_parallel"}
-    return ds, teacher, zero_only
+
+def frozen_deepspeed_configs(source: str, *, tensor_parallel: int, world_size: int, micro_batch_size: int,
+                             bf16: bool) -> DeepSpeedConfigs:
+    """Configs for frozen engines only (evaluation): ``student`` is frozen too."""
+    ds = _read(source)
+    _complete_common(ds, source, tp=tensor_parallel, world_size=world_size, micro_batch_size=micro_batch_size,
+                     grad_accum=1, bf16=bf16)
+    frozen = _frozen(ds)
+    return DeepSpeedConfigs(student=frozen, teacher=frozen, zero_only=_zero_only(frozen))

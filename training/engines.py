@@ -7,11 +7,14 @@ LM head: both engines return logits sliced identically over the tensor-parallel 
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from data.manifest import tokenizer_fingerprint
-from training.config import ConfigError, RunConfig
+from loss.registry import LOSSES
+from training.config import ConfigError, RunConfig, StudentConfig, TeacherConfig
+from training.deepspeed_config import DeepSpeedConfigs
 
 
 @dataclass
@@ -44,16 +47,17 @@ def _load_tokenizer(name: str):
         raise ConfigError(f"tokenizer: could not load {name!r}: {str(error).splitlines()[0]}") from None
 
 
-def resolve_tokenizer(cfg: RunConfig):
-    """The run's tokenizer; refuses a teacher or student directory that ships a different one."""
-    name = cfg.tokenizer or cfg.teacher.path or cfg.student.path
+def resolve_tokenizer(tokenizer: Optional[str], teacher_path: Optional[str], student_path: Optional[str]):
+    """The run's tokenizer (``tokenizer``, else the teacher's, else the student's); refuses a
+    teacher or student directory that ships a different one."""
+    name = tokenizer or teacher_path or student_path
     if name is None:
         raise ConfigError("tokenizer: required when the student starts from student.config and there is no teacher")
     tokenizer = _load_tokenizer(name)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     expected = tokenizer_fingerprint(tokenizer)
-    for key, path in (("teacher.path", cfg.teacher.path), ("student.path", cfg.student.path)):
+    for key, path in (("teacher.path", teacher_path), ("student.path", student_path)):
         if path and path != name and os.path.isdir(path) and any(
                 os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
             other = _load_tokenizer(path)
@@ -172,12 +176,27 @@ def _build_model(section, key: str, vocab_size: int, zero_only: dict, dtype, tp:
     return model
 
 
-def build_engines(cfg: RunConfig, ds_configs, *, bf16: bool, with_teacher: bool = True,
-                  train_student: bool = True) -> Engines:
+def use_bf16(dtype: str) -> bool:
+    """``train.dtype``: ``bf16``, ``fp32``, or ``auto`` (bf16 where the GPU supports it)."""
+    if dtype != "auto":
+        return dtype == "bf16"
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def engine_sources(cfg: RunConfig) -> dict:
+    """What :func:`build_engines` needs of a run config, as its keyword arguments."""
+    return {"student": cfg.student, "teacher": cfg.teacher if LOSSES[cfg.loss.kind].needs_teacher else None,
+            "tokenizer": cfg.tokenizer, "tensor_parallel": cfg.parallel.tensor_parallel, "seed": cfg.seed}
+
+
+def build_engines(*, student: StudentConfig, teacher: Optional[TeacherConfig], tokenizer: Optional[str],
+                  tensor_parallel: int, seed: int, ds_configs: DeepSpeedConfigs, bf16: bool,
+                  teacher_weights: bool = True, train_student: bool = True) -> Engines:
     """Tokenizer, teacher and student engines, and the parallel layout they were built with.
 
-    ``with_teacher=False`` (export) skips the teacher's weights but still aligns to its vocabulary;
-    ``train_student=False`` (evaluation) builds the student frozen, without optimizer state.
+    ``teacher=None``: no teacher (cross-entropy). ``teacher_weights=False`` (export) skips the
+    teacher's weights but still aligns to its vocabulary; ``train_student=False`` (evaluation)
+    builds the student frozen, without optimizer state. ``seed`` fixes a fresh student's weights.
     """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -185,25 +204,26 @@ def build_engines(cfg: RunConfig, ds_configs, *, bf16: bool, with_teacher: bool 
     from transformers.integrations import HfDeepSpeedConfig
 
     student_ds, teacher_ds, zero_only = ds_configs
-    tokenizer = resolve_tokenizer(cfg)
-    tp = cfg.parallel.tensor_parallel
-    sizes = [_model_config(cfg.student, "student").get_text_config().vocab_size]
-    if cfg.loss.kind != "ce":
-        sizes.append(_model_config(cfg.teacher, "teacher").get_text_config().vocab_size)
+    student_source = student
+    tokenizer = resolve_tokenizer(tokenizer, teacher.path if teacher else None, student.path)
+    tp = tensor_parallel
+    sizes = [_model_config(student, "student").get_text_config().vocab_size]
+    if teacher is not None:
+        sizes.append(_model_config(teacher, "teacher").get_text_config().vocab_size)
     vocab_size = aligned_vocab_size(sizes, len(tokenizer), tp)
     dtype = torch.bfloat16 if bf16 else torch.float32
 
     # Keep a reference: transformers finds the ZeRO-3 config through a weak reference to it.
     hf_ds_config = HfDeepSpeedConfig(zero_only)
-    teacher = None
-    if cfg.loss.kind != "ce" and with_teacher:
-        teacher_model = _build_model(cfg.teacher, "teacher", vocab_size, zero_only, dtype, tp, frozen=True,
-                                     seed=cfg.seed)
+    teacher_source, teacher = teacher, None
+    if teacher_source is not None and teacher_weights:
+        teacher_model = _build_model(teacher_source, "teacher", vocab_size, zero_only, dtype, tp, frozen=True,
+                                     seed=seed)
         teacher, *_ = deepspeed.initialize(model=teacher_model, config=teacher_ds)
         teacher.eval()
-    torch.manual_seed(cfg.seed)  # a fresh student's initial weights depend on the seed alone
-    student_model = _build_model(cfg.student, "student", vocab_size, zero_only, dtype, tp, frozen=not train_student,
-                                 seed=cfg.seed)
+    torch.manual_seed(seed)  # a fresh student's initial weights depend on the seed alone
+    student_model = _build_model(student_source, "student", vocab_size, zero_only, dtype, tp,
+                                 frozen=not train_student, seed=seed)
     if train_student:
         student, *_ = deepspeed.initialize(model=student_model, config=student_ds,
                                            model_parameters=[p for p in student_model.parameters() if p.requires_grad])

@@ -10,7 +10,6 @@ made here lives there; sums stay on the device. The step's one host sync is the 
 agreed by all ranks; :func:`step_means` (called on logging steps only) is the other.
 """
 
-import os
 from dataclasses import dataclass
 from typing import Dict, List
 
@@ -51,16 +50,8 @@ def _slices(engines, batch, student_logits):
             teacher = engines.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                       use_cache=False).logits[:, :-1][valid]
         _mask_padding(teacher, engines.vocab_start, engines.real_vocab_size)
-        _inject_nan_for_tests(teacher, engines.student.global_steps + 1)
     student = _mask_padding(student_logits[:, :-1][valid], engines.vocab_start, engines.real_vocab_size)
     return student, teacher, targets[valid], valid.nonzero()[:, 0]
-
-
-def _inject_nan_for_tests(teacher_logits, step: int) -> None:
-    """``DISTILL_TEST_NAN_TEACHER=RANK:STEP`` poisons that rank's teacher logits at that step."""
-    spec = os.environ.get("DISTILL_TEST_NAN_TEACHER")
-    if spec and [int(x) for x in spec.split(":")] == [dist.get_rank(), step]:
-        teacher_logits.fill_(float("nan"))
 
 
 def _objective(engines, loss_cfg, student, teacher, targets, rows, num_rows):
