@@ -11,7 +11,7 @@ whole position is one integer, ``consumed_samples``, that goes into checkpoints:
 sees exactly the samples the straight run would.
 """
 
-from typing import Iterator, List, Optional
+from typing import List
 
 import datasets
 import numpy as np
@@ -118,10 +118,6 @@ class GlobalBatchSampler:
             for step in range(self.grad_accum)
         ]
 
-    def __iter__(self) -> Iterator[List[int]]:
-        while True:
-            yield from self.step_micro_batches()
-
     def state_dict(self) -> dict:
         """What a checkpoint stores (plain types): resume with ``consumed_samples=...``."""
         return {"consumed_samples": self.consumed_samples, "epoch": self.epoch, "seed": self.seed,
@@ -135,13 +131,11 @@ class Collator:
     position i's label is token i, as in Hugging Face causal-LM models.
     """
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: Optional[int] = None):
-        self.pad_token_id, self.pad_to_multiple_of = pad_token_id, pad_to_multiple_of
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
 
     def __call__(self, rows) -> dict:
         length = max((len(row["input_ids"]) for row in rows), default=0)
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
         # Built on the host; the job moves each batch once with :func:`to_device`.
         input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long, device="cpu")
         labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long, device="cpu")

@@ -4,7 +4,7 @@ Everything here is a no-op without a process group (``None`` or a group of size 
 loss code runs on one device and on a vocabulary split over tensor-parallel ranks.
 """
 
-from model_parallel.collectives import all_reduce_sum, gather_rows, group_rank, group_size, is_parallel
+from model_parallel.collectives import all_reduce_sum, gather_rows, group_rank, is_parallel
 from model_parallel.layout import VocabShard, resolve_vocab_shard
 from model_parallel.topk import global_argmax, local_topk, rank_candidates
 
@@ -14,7 +14,6 @@ __all__ = [
     "gather_rows",
     "global_argmax",
     "group_rank",
-    "group_size",
     "is_parallel",
     "local_topk",
     "resolve_vocab_shard",

@@ -20,10 +20,6 @@ def is_parallel(group) -> bool:
     return group is not None and dist.get_world_size(group) > 1
 
 
-def group_size(group) -> int:
-    return dist.get_world_size(group) if is_parallel(group) else 1
-
-
 def group_rank(group) -> int:
     return dist.get_rank(group) if is_parallel(group) else 0
 

@@ -93,10 +93,10 @@ def test_bad_sampler_arguments():
 
 def test_collator_pads_and_masks():
     rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
-    batch = Collator(pad_token_id=0, pad_to_multiple_of=4)(rows)
-    assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]]
-    assert batch["labels"].tolist() == [[-100, 6, 7, -100], [8, -100, -100, -100]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+    batch = Collator(pad_token_id=0)(rows)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     text = Collator(pad_token_id=0)([{"input_ids": [1, 2]}, {"input_ids": [3, 4]}])
     assert torch.equal(text["labels"], text["input_ids"])
 

@@ -127,48 +127,56 @@ def test_tp2_run_learns_logs_and_exports(straight):
     assert set(state) == {"python", "numpy", "torch", "accelerator"} and len(state["torch"]) > 0
 
 
-def test_export_round_trip_gives_the_engine_logits(straight, assets):
-    """The exported student reproduces the training run's final eval loss when loaded plainly."""
+def _reference_eval_tail_divergence(student_dir, teacher_dir, eval_dir, tokens=512):
+    """The job's final eval/tail_divergence (K 5, β 2, 2 batches of 2 rows), recomputed in one process
+    with plain transformers models on the first ``tokens`` vocabulary columns (the rest is padding,
+    which the job masks to -inf)."""
     from transformers import AutoModelForCausalLM
 
     from data.loader import Collator, eval_batches, load_prepared
     from loss import tail_divergence
 
-    student = AutoModelForCausalLM.from_pretrained(os.path.join(straight, "student")).eval()
-    teacher = AutoModelForCausalLM.from_pretrained(assets["teacher"]).eval()
-    eval_set, _ = load_prepared(assets["eval"])
-    total, tokens = 0.0, 0
+    student = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    eval_set, _ = load_prepared(eval_dir)
+    total, count = 0.0, 0
     with torch.no_grad():
         for batch in eval_batches(eval_set, batch_size=2, dp_size=1, dp_rank=0, collator=Collator(0)):
-            if tokens >= 2 * 2 * 31:
+            if count >= 2 * 2 * 31:
                 break
-            s = student(input_ids=batch["input_ids"]).logits[:, :-1].reshape(-1, 512)
-            t = teacher(input_ids=batch["input_ids"]).logits[:, :-1].reshape(-1, 512)
+            s = student(input_ids=batch["input_ids"]).logits[:, :-1, :tokens].reshape(-1, tokens)
+            t = teacher(input_ids=batch["input_ids"]).logits[:, :-1, :tokens].reshape(-1, tokens)
             total += float(tail_divergence(s, t, top_k=5, beta=2.0).sum())
-            tokens += s.shape[0]
-    records = [json.loads(line) for line in open(os.path.join(straight, "metrics.jsonl"))]
-    assert total / tokens == pytest.approx(records[-1]["eval/tail_divergence"], rel=1e-4)
+            count += s.shape[0]
+    return total / count
 
 
-def test_resume_reproduces_the_straight_run_exactly(straight, assets):
-    config, out = _config(assets, "resumed")
-    _launch(config, 2, extra=["--set", "train.stop_at_step=4"])
-    assert sorted(_losses(out)) == [1, 2, 3, 4] and not os.path.exists(os.path.join(out, "student"))
-    _launch(config, 2)
-    assert _losses(out) == _losses(straight)  # steps 1-4 before the stop, 5-8 after the resume: all equal
-    from safetensors.torch import load_file
-
-    final, expected = (load_file(os.path.join(d, "student", "model.safetensors")) for d in (out, straight))
-    assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in final)
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    steps = [event.step for event in EventAccumulator(os.path.join(out, "tensorboard")).Reload().Scalars("train/loss")]
-    assert steps == list(range(1, STEPS + 1))
+def _final_record(run_dir):
+    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))][-1]
 
 
-def test_resume_refuses_a_checkpoint_of_another_run(straight, assets):
+def test_export_round_trip_gives_the_engine_logits(straight, assets):
+    """The exported student reproduces the training run's final eval loss when loaded plainly."""
+    reference = _reference_eval_tail_divergence(os.path.join(straight, "student"), assets["teacher"], assets["eval"])
+    # fp32 both ways; the job sums sharded slices over 2 ranks in another order than one process.
+    assert reference == pytest.approx(_final_record(straight)["eval/tail_divergence"], rel=1e-4)
+
+
+def _copy_run(run_dir, tmp_path):
+    """A copy of a finished run, so that a refusal test that stopped refusing cannot alter the run
+    other tests compare against."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    return copy
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(straight, assets, tmp_path):
     config, _ = _config(assets, "straight")
-    result = _launch(config, 2, extra=["--set", "loss.beta=1.0", "--set", "train.max_steps=10"], check=False)
+    copy = _copy_run(straight, tmp_path)
+    result = _launch(config, 2, extra=["--set", f"output_dir={copy}", "--set", "loss.beta=1.0", "--set",
+                                       "train.max_steps=10"], check=False)
     assert result.returncode == 2
     assert (f"error: checkpoint step_{STEPS} was written by a different run (loss.beta: checkpoint 2.0 vs config 1.0)"
             in result.stderr)
@@ -180,6 +188,7 @@ def test_tensor_parallel_size_does_not_change_the_losses(straight, assets):
     tp1, tp2 = _losses(out), _losses(straight)
     assert tp1.keys() == tp2.keys()
     for step in tp1:
+        # The same math in fp32 on other slices: reductions run in another order (measured ≤ 5e-6).
         assert tp1[step] == pytest.approx(tp2[step], rel=1e-4), step
 
 
@@ -218,6 +227,8 @@ def test_two_simulated_nodes_match_one_node(four_ranks, assets):
     one_node, two_nodes = _losses(four_ranks), _losses(out)
     assert one_node.keys() == two_nodes.keys()
     for step in one_node:
+        # The same 4 ranks and layout; only the rendezvous differs, but gloo may pick another
+        # reduction order across "nodes", so allow fp32 rounding rather than demand bit equality.
         assert two_nodes[step] == pytest.approx(one_node[step], rel=1e-6), step
 
 
@@ -226,10 +237,15 @@ def test_gemma2_tied_softcapped_teacher_with_padded_vocabulary(assets):
                           student={"config": assets["gemma_student_config"]}, train={"max_steps": 4})
     _launch(config, 2)
     losses = _losses(out)
-    assert sorted(losses) == [1, 2, 3, 4] and all(value == value and value < 1e3 for value in losses.values())
+    assert sorted(losses) == [1, 2, 3, 4] and losses[4] < losses[1]
     from transformers import AutoConfig
 
     assert AutoConfig.from_pretrained(os.path.join(out, "student")).vocab_size == 520
+    # The vocabulary-parallel job (TP 2, soft-capped logits, the tied teacher untied at load, padded
+    # columns masked) evaluates what plain transformers computes on one process, to fp32 rounding
+    # across 2 ranks' reduction orders.
+    reference = _reference_eval_tail_divergence(os.path.join(out, "student"), assets["gemma_teacher"], assets["eval"])
+    assert reference == pytest.approx(_final_record(out)["eval/tail_divergence"], rel=1e-4)
 
 
 def test_config_error_names_the_key(assets):
@@ -272,6 +288,8 @@ def test_evaluate_command_matches_the_jobs_evaluation(straight, assets, tmp_path
     metrics = json.load(open(out))["metrics"]
     job = [json.loads(line) for line in open(os.path.join(straight, "metrics.jsonl"))][-1]
     for name in ("nll", "tail_divergence", "forward_kl", "full_ece", "top1_agreement"):
+        # The exported (gathered) weights in a fresh engine vs the training engine: fp32, other layouts
+        # and reduction orders; abs for metrics near 0 (Full-ECE ~1e-5).
         assert metrics[name] == pytest.approx(job[f"eval/{name}"], rel=1e-4, abs=1e-6), name
     assert "perplexity" in result.stdout
 
@@ -298,10 +316,7 @@ def test_report_compares_runs_with_plots(straight, four_ranks, tmp_path):
 
 
 def test_a_damaged_checkpoint_stops_every_rank_before_training(straight, assets, tmp_path):
-    import shutil
-
-    copy = tmp_path / "copy"
-    shutil.copytree(straight, copy)
+    copy = _copy_run(straight, tmp_path)
     shard = sorted((copy / "checkpoints" / f"step_{STEPS}").glob("*optim_states.pt"))[0]
     shard.write_bytes(shard.read_bytes()[:64])
     config, _ = _config(assets, "straight")
@@ -311,6 +326,11 @@ def test_a_damaged_checkpoint_stops_every_rank_before_training(straight, assets,
     assert errors and all(line == errors[0] for line in errors)
     assert f"checkpoint step_{STEPS}: {shard} has 64 bytes" in errors[0]
     # checkpoint.fallback has nothing older to fall back to (keep=2 but only one save): still refused.
+    fallback = _launch(config, 2, extra=["--set", f"output_dir={copy}", "--set", "train.max_steps=10", "--set",
+                                         "checkpoint.fallback=true"], check=False)
+    assert fallback.returncode == 2
+    assert f"{shard} has 64 bytes" in fallback.stderr
+    assert f"checkpoint.fallback found no complete, verified checkpoint in {copy / 'checkpoints'}" in fallback.stderr
 
 
 def _shm_buffers():
@@ -411,6 +431,8 @@ def test_resume_on_another_layout_matches_the_straight_run(four_ranks, assets):
         resumed = _losses(out)
         assert sorted(resumed) == [5, 6, 7, 8]
         for step in resumed:
+            # Re-partitioned fp32 state and other reduction orders: straight runs at these layouts
+            # already differ from TP 2 x DP 2 by up to 5e-6 (measured); the resumes stay within 4.2e-6.
             assert resumed[step] == pytest.approx(straight[step], rel=1e-5), (name, step)
     assert os.path.isfile(os.path.join(four_ranks, "checkpoints", "step_4_universal", "COMPLETE"))
     assert _shm_buffers() <= buffers_before
@@ -434,10 +456,11 @@ def test_convert_universal_command(four_ranks, tmp_path):
         in missing.stderr
 
 
-def test_resume_with_another_global_batch_is_refused(four_ranks, assets):
+def test_resume_with_another_global_batch_is_refused(four_ranks, assets, tmp_path):
     config, _ = _config(assets, "four", teacher={"path": assets["padded_teacher"]}, train={"grad_accum": 1},
                         checkpoint={"every": 4})
-    batch = _launch(config, 2, extra=["--set", "train.max_steps=10"], check=False)
+    copy = _copy_run(four_ranks, tmp_path)
+    batch = _launch(config, 2, extra=["--set", f"output_dir={copy}", "--set", "train.max_steps=10"], check=False)
     assert batch.returncode == 2 and "global batch of 4 sequences, this run has 2" in batch.stderr
 
 

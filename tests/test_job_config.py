@@ -137,14 +137,28 @@ def test_identity_holds_what_a_resume_must_match(base):
 
 @pytest.mark.parametrize("name, world_size", [("demo_teacher", 2), ("demo_distill", 2), ("gemma2_9b_to_1b", 16)])
 def test_shipped_configs_are_valid(name, world_size):
+    """Each shipped YAML loads and completes its DeepSpeed JSON: the run config's values, read here
+    from the files themselves, land in DeepSpeed's keys, and the JSON's own settings survive."""
     import os
 
+    import yaml
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    raw = yaml.safe_load(open(os.path.join(root, "launch/configs", f"{name}.yaml")))
+    shipped_json = json.load(open(os.path.join(root, raw["parallel"]["deepspeed_config"])))
     cfg = load_config(os.path.join(root, "launch/configs", f"{name}.yaml"))
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        student, _, _ = build_deepspeed_configs(cfg, world_size=world_size, bf16=cfg.train.dtype == "bf16")
+        student, teacher, zero_only = build_deepspeed_configs(cfg, world_size=world_size,
+                                                              bf16=raw["train"].get("dtype") == "bf16")
     finally:
         os.chdir(cwd)
-    assert student["tensor_parallel"]["autotp_size"] == cfg.parallel.tensor_parallel
+    assert student["train_micro_batch_size_per_gpu"] == raw["train"]["micro_batch_size"]
+    assert student["gradient_accumulation_steps"] == raw["train"]["grad_accum"]
+    assert student["tensor_parallel"]["autotp_size"] == raw["parallel"]["tensor_parallel"]
+    assert student["optimizer"]["params"]["lr"] == raw["train"]["lr"]
+    assert student["optimizer"]["params"]["betas"] == shipped_json["optimizer"]["params"]["betas"]
+    assert student["zero_optimization"] == {**shipped_json["zero_optimization"], "stage": 3}
+    assert student["bf16"]["enabled"] == (raw["train"].get("dtype") == "bf16")
+    assert "optimizer" not in teacher and "tensor_parallel" not in zero_only
