@@ -63,7 +63,7 @@ def test_missing_config_file():
 
 def test_deepspeed_config_is_completed_from_the_run_config(base):
     cfg = load_config(base)
-    student, teacher, zero_only = build_deepspeed_configs(cfg, world_size=4, bf16=False)
+    student, teacher, zero_only, _ = build_deepspeed_configs(cfg, world_size=4, bf16=False)
     assert student["train_micro_batch_size_per_gpu"] == 2 and student["gradient_accumulation_steps"] == 3
     assert student["tensor_parallel"] == {"autotp_size": 2, "vocab_parallel_lm_head": True}
     assert student["optimizer"]["params"]["lr"] == 0.001
@@ -93,7 +93,7 @@ def test_bf16_accumulates_gradients_in_fp32_and_hpz_is_allowed_without_tensor_pa
     path = tmp_path / "hpz.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 8}}))
     cfg = load_config(base, [f"parallel.deepspeed_config={path}", "parallel.tensor_parallel=1"])
-    student, teacher, _ = build_deepspeed_configs(cfg, world_size=16, bf16=True)
+    student, teacher, _, _ = build_deepspeed_configs(cfg, world_size=16, bf16=True)
     assert student["data_types"] == {"grad_accum_dtype": "fp32"} and student["bf16"] == {"enabled": True}
     assert "data_types" not in build_deepspeed_configs(cfg, world_size=16, bf16=False)[0]
 
@@ -150,7 +150,7 @@ def test_shipped_configs_are_valid(name, world_size):
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        student, teacher, zero_only = build_deepspeed_configs(cfg, world_size=world_size,
+        student, teacher, zero_only, _ = build_deepspeed_configs(cfg, world_size=world_size,
                                                               bf16=raw["train"].get("dtype") == "bf16")
     finally:
         os.chdir(cwd)

@@ -97,6 +97,11 @@ class ParallelConfig:
     """Collective timeout: a rank waiting longer for a dead peer fails instead of hanging."""
     deepspeed_config: str = "ds_configs/zero3_tp.json"
     """DeepSpeed JSON (ZeRO-3 + AutoTP); values this config owns are filled in."""
+    teacher_placement: Literal["resident", "zero3"] = "resident"
+    """``resident``: each rank keeps its tensor-parallel shard of the frozen teacher whole for the
+    whole run (ZeRO stage 0 + AutoTP), so its forward moves no parameter bytes, only the TP
+    all-reduces. ``zero3``: the shard is ZeRO-3 partitioned over the data-parallel ranks as well
+    and re-gathered every micro-batch (saves memory, costs traffic)."""
 
 
 @dataclass

@@ -34,10 +34,17 @@ class DeepSpeedConfigs(NamedTuple):
     """The trainable student's engine: optimizer, scheduler, clipping (and ``checkpoint.load_universal``
     when resuming a checkpoint of another layout)."""
     teacher: dict
-    """Frozen engines (the teacher; a student built for evaluation): no optimizer or scheduler."""
+    """The frozen teacher's engine: no optimizer or scheduler; ZeRO stage 0 for a resident teacher
+    (``parallel.teacher_placement``), else ZeRO-3 as :attr:`frozen`."""
     zero_only: dict
     """Without the tensor-parallel section: what ``HfDeepSpeedConfig`` sees while models load
     partitioned; ``deepspeed.initialize`` then applies AutoTP with the full configs."""
+    frozen: dict
+    """A frozen ZeRO-3 engine (a student built for evaluation; a ``zero3`` teacher)."""
+
+    @property
+    def teacher_resident(self) -> bool:
+        return self.teacher["zero_optimization"]["stage"] == 0
 
 
 def _read(source: str) -> dict:
@@ -90,6 +97,14 @@ def _frozen(ds: dict) -> dict:
     return frozen
 
 
+def _resident(frozen: dict) -> dict:
+    """A frozen engine that keeps its (tensor-parallel) parameters whole: ZeRO stage 0 + AutoTP."""
+    resident = copy.deepcopy(frozen)
+    resident["zero_optimization"] = {"stage": 0}
+    resident.pop("data_types", None)  # no gradients to accumulate
+    return resident
+
+
 def _zero_only(ds: dict) -> dict:
     return {key: value for key, value in ds.items() if key not in ("tensor_parallel", "checkpoint")}
 
@@ -117,7 +132,9 @@ def build_deepspeed_configs(cfg: RunConfig, world_size: int, bf16: bool, *, univ
         ds["optimizer"].setdefault("params", {}).setdefault("torch_adam", True)
     if universal:
         _put(ds, "checkpoint.load_universal", True, source)
-    return DeepSpeedConfigs(student=ds, teacher=_frozen(ds), zero_only=_zero_only(ds))
+    frozen = _frozen(ds)
+    teacher = _resident(frozen) if cfg.parallel.teacher_placement == "resident" else frozen
+    return DeepSpeedConfigs(student=ds, teacher=teacher, zero_only=_zero_only(ds), frozen=frozen)
 
 
 def frozen_deepspeed_configs(source: str, *, tensor_parallel: int, world_size: int, micro_batch_size: int,
@@ -127,4 +144,4 @@ def frozen_deepspeed_configs(source: str, *, tensor_parallel: int, world_size: i
     _complete_common(ds, source, tp=tensor_parallel, world_size=world_size, micro_batch_size=micro_batch_size,
                      grad_accum=1, bf16=bf16)
     frozen = _frozen(ds)
-    return DeepSpeedConfigs(student=frozen, teacher=frozen, zero_only=_zero_only(frozen))
+    return DeepSpeedConfigs(student=frozen, teacher=_resident(frozen), zero_only=_zero_only(frozen), frozen=frozen)

@@ -5,6 +5,7 @@ ever holds a full copy, then ``deepspeed.initialize`` applies AutoTP with a voca
 LM head: both engines return logits sliced identically over the tensor-parallel group.
 """
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -101,10 +102,13 @@ def _untie_scaled_head(model, zero_only: dict) -> None:
     embedding = model.get_input_embeddings()
     with deepspeed.zero.GatheredParameters([embedding.weight]):
         weight = embedding.weight.detach().clone()
-    with deepspeed.zero.Init(config_dict_or_path=zero_only):
-        new_head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+    partitioned = zero_only is not None
+    with deepspeed.zero.Init(config_dict_or_path=zero_only) if partitioned else contextlib.nullcontext():
+        new_head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype,
+                                   device=weight.device)
+    # Partitioned: rank 0's copy is what every rank keeps. Unpartitioned: every rank copies its own.
     with deepspeed.zero.GatheredParameters([new_head.weight], modifier_rank=0):
-        if torch.distributed.get_rank() == 0:
+        if torch.distributed.get_rank() == 0 or not partitioned:
             new_head.weight.data.copy_(weight)
     del weight
     model.set_output_embeddings(new_head)
@@ -143,7 +147,12 @@ def _needs_untie(model) -> bool:
     return head is not None and head.weight is embedding.weight and type(embedding) is not torch.nn.Embedding
 
 
-def _build_model(section, key: str, vocab_size: int, zero_only: dict, dtype, tp: int, frozen: bool, seed: int):
+def _build_model(section, key: str, vocab_size: int, zero_only: Optional[dict], dtype, tp: int, frozen: bool,
+                 seed: int):
+    """The model of ``section``, aligned to ``vocab_size`` rows; ZeRO-3 partitioned as it loads
+    (``zero.Init`` with ``zero_only``), or whole on the host where ``zero_only`` is None (a
+    resident teacher: ``deepspeed.initialize`` then keeps only this rank's AutoTP shard and moves
+    just that to the accelerator)."""
     import deepspeed
     from transformers import AutoModelForCausalLM
 
@@ -155,7 +164,7 @@ def _build_model(section, key: str, vocab_size: int, zero_only: dict, dtype, tp:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
         MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    with deepspeed.zero.Init(config_dict_or_path=zero_only):
+    with deepspeed.zero.Init(config_dict_or_path=zero_only) if zero_only is not None else contextlib.nullcontext():
         if section.path:
             model = AutoModelForCausalLM.from_pretrained(section.path, config=config, dtype=dtype,
                                                          trust_remote_code=section.trust_remote_code,
@@ -174,6 +183,29 @@ def _build_model(section, key: str, vocab_size: int, zero_only: dict, dtype, tp:
         model.requires_grad_(False)
         model.eval()
     return model
+
+
+def build_teacher(source: TeacherConfig, *, vocab_size: int, ds_configs: DeepSpeedConfigs, dtype, tensor_parallel: int,
+                  seed: int):
+    """The frozen teacher's engine, placed as ``ds_configs.teacher`` says (``parallel.teacher_placement``).
+
+    Resident (ZeRO stage 0): built outside ``HfDeepSpeedConfig`` and ``zero.Init``, whole on the host
+    (host memory: one copy of the teacher per rank while it loads), then ``deepspeed.initialize``
+    keeps this rank's AutoTP shard and moves only that to the accelerator; its forward gathers no
+    parameters. ZeRO-3: loaded partitioned, re-gathered on every forward.
+    """
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    resident = ds_configs.teacher_resident
+    # transformers finds the ZeRO-3 config through a weak reference to this object while it loads.
+    hf_ds_config = None if resident else HfDeepSpeedConfig(ds_configs.zero_only)
+    model = _build_model(source, "teacher", vocab_size, None if resident else ds_configs.zero_only, dtype,
+                         tensor_parallel, frozen=True, seed=seed)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_configs.teacher)
+    engine.eval()
+    del hf_ds_config
+    return engine
 
 
 def use_bf16(dtype: str) -> bool:
@@ -203,7 +235,6 @@ def build_engines(*, student: StudentConfig, teacher: Optional[TeacherConfig], t
     from deepspeed.utils import groups
     from transformers.integrations import HfDeepSpeedConfig
 
-    student_ds, teacher_ds, zero_only = ds_configs
     student_source = student
     tokenizer = resolve_tokenizer(tokenizer, teacher.path if teacher else None, student.path)
     tp = tensor_parallel
@@ -213,22 +244,20 @@ def build_engines(*, student: StudentConfig, teacher: Optional[TeacherConfig], t
     vocab_size = aligned_vocab_size(sizes, len(tokenizer), tp)
     dtype = torch.bfloat16 if bf16 else torch.float32
 
-    # Keep a reference: transformers finds the ZeRO-3 config through a weak reference to it.
-    hf_ds_config = HfDeepSpeedConfig(zero_only)
     teacher_source, teacher = teacher, None
     if teacher_source is not None and teacher_weights:
-        teacher_model = _build_model(teacher_source, "teacher", vocab_size, zero_only, dtype, tp, frozen=True,
-                                     seed=seed)
-        teacher, *_ = deepspeed.initialize(model=teacher_model, config=teacher_ds)
-        teacher.eval()
+        teacher = build_teacher(teacher_source, vocab_size=vocab_size, ds_configs=ds_configs, dtype=dtype,
+                                tensor_parallel=tp, seed=seed)
+    # Keep a reference: transformers finds the ZeRO-3 config through a weak reference to it.
+    hf_ds_config = HfDeepSpeedConfig(ds_configs.zero_only)
     torch.manual_seed(seed)  # a fresh student's initial weights depend on the seed alone
-    student_model = _build_model(student_source, "student", vocab_size, zero_only, dtype, tp,
+    student_model = _build_model(student_source, "student", vocab_size, ds_configs.zero_only, dtype, tp,
                                  frozen=not train_student, seed=seed)
     if train_student:
-        student, *_ = deepspeed.initialize(model=student_model, config=student_ds,
+        student, *_ = deepspeed.initialize(model=student_model, config=ds_configs.student,
                                            model_parameters=[p for p in student_model.parameters() if p.requires_grad])
     else:
-        student, *_ = deepspeed.initialize(model=student_model, config=teacher_ds)
+        student, *_ = deepspeed.initialize(model=student_model, config=ds_configs.frozen)
     del hf_ds_config
 
     head = student.module.get_output_embeddings()
