@@ -19,8 +19,15 @@ from training.data import ensure_prepared
 from training.deepspeed_config import build_deepspeed_configs
 from training.engines import build_engines, engine_sources, use_bf16
 from training.export import export_student
+from training.memory import PeakMemory
 from training.metrics import MetricsWriter
 from training.step import evaluate, step_means, train_step
+
+
+def _accelerator_device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
 
 
 def _seed_everything(seed: int) -> None:
@@ -54,14 +61,13 @@ def _eval_scalars(engines, cfg, eval_set, collator, step) -> dict:
     return {f"eval/{name}": value for name, value in scalars.items() if name != "tokens"}
 
 
-def _step_scalars(result, seconds: float, engines) -> dict:
+def _step_scalars(result, seconds: float, engines, memory: PeakMemory) -> dict:
     """A logging step's scalars (host syncs: the step's sums are reduced and read back here)."""
     means = step_means(result, engines)
     scalars = {f"train/{name}": value for name, value in means.items() if name != "tokens"}
     scalars["train/tokens_per_s"] = means["tokens"] / seconds
     scalars["train/skipped_steps"] = engines.student.skipped_steps
-    if engines.device.type == "cuda":
-        scalars["train/peak_memory_gb"] = torch.cuda.max_memory_allocated(engines.device) / 1e9
+    scalars["train/peak_memory_gb"] = memory.read_gb()
     return scalars
 
 
@@ -100,6 +106,7 @@ def run(cfg: RunConfig) -> dict:
     eval_dir = ensure_prepared(cfg, cfg.data.eval, "eval") if cfg.data.eval else None
     plan = checkpoint.plan_resume(cfg, world_size)  # before any model is built: a bad checkpoint fails fast
     _seed_everything(cfg.seed)
+    memory = PeakMemory(_accelerator_device())
     engines = build_engines(**engine_sources(cfg), bf16=bf16,
                             ds_configs=build_deepspeed_configs(cfg, world_size, bf16, universal=plan.universal))
     faults.install(engines)
@@ -127,7 +134,7 @@ def run(cfg: RunConfig) -> dict:
         evaluate_now = eval_set is not None and (step == cfg.train.max_steps or
                                                  (cfg.eval.every and step % cfg.eval.every == 0))
         if evaluate_now or step % cfg.logging.every == 0 or step == end:
-            scalars = _step_scalars(result, seconds, engines)
+            scalars = _step_scalars(result, seconds, engines, memory)
             if evaluate_now:
                 scalars.update(_eval_scalars(engines, cfg, eval_set, collator, step))
             writer.log(step, scalars)
