@@ -173,3 +173,23 @@ def test_rows_added_by_resizing_are_identical_on_every_rank(bf16_ranks):
     generator = torch.Generator(device="cpu").manual_seed(5)
     expected = torch.empty(TEACHER_ROWS - STUDENT_ROWS, 32, device="cpu").normal_(0.0, 0.02, generator=generator)
     assert torch.equal(rows[0], expected.to(torch.bfloat16).float())
+
+
+def test_flash_attention_gives_the_sdpa_logits():
+    """student/teacher.attn_implementation flash_attention_2: only where flash-attn is installed."""
+    pytest.importorskip("flash_attn", reason="flash-attn is not installed here (it needs CUDA)")
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_models import llama
+
+    torch.manual_seed(0)
+    config = llama(512, hidden=64)
+    ids = torch.randint(4, 512, (2, 32), device="cuda")
+    logits = {}
+    for implementation in ("sdpa", "flash_attention_2"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=implementation)
+        with torch.no_grad():
+            logits[implementation] = model.cuda()(input_ids=ids).logits.float()
+    # bf16 kernels that tile and accumulate differently: a few bf16 roundings of the logits.
+    torch.testing.assert_close(logits["flash_attention_2"], logits["sdpa"], rtol=2e-2, atol=2e-2)

@@ -27,6 +27,9 @@ class ModelSource:
     """Allow the model repository's own code; requires ``revision`` to pin it."""
     revision: Optional[str] = None
     """Hub revision (commit) to load."""
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
+    """``auto``: what transformers picks for the architecture and the installed packages (sdpa for
+    Llama; eager for Gemma-2, whose attention soft-capping sdpa cannot apply)."""
 
 
 @dataclass
@@ -87,6 +90,9 @@ class TrainConfig:
     the job."""
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     """``auto``: bf16 where the accelerator supports it, fp32 on CPU."""
+    activation_checkpointing: bool = False
+    """Recompute the student's layer activations in backward (Hugging Face gradient checkpointing,
+    non-reentrant): less activation memory for about one more student forward."""
 
 
 @dataclass
@@ -265,13 +271,17 @@ def to_dict(cfg: RunConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# Keys that change how, not what, is computed: a resume may change them freely.
+_SAME_MATH = ("attn_implementation",)
+
+
 def identity(cfg: RunConfig) -> dict:
     """The keys a checkpoint must agree on to be resumed: models, tokenizer, loss and data."""
     flat = {}
     for section in ("teacher", "tokenizer", "loss", "data"):
         value = getattr(cfg, section)
         if dataclasses.is_dataclass(value):
-            flat.update({f"{section}.{k}": v for k, v in dataclasses.asdict(value).items()})
+            flat.update({f"{section}.{k}": v for k, v in dataclasses.asdict(value).items() if k not in _SAME_MATH})
         else:
             flat[section] = value
     flat["seed"] = cfg.seed

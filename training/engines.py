@@ -165,13 +165,14 @@ def _build_model(section, key: str, vocab_size: int, zero_only: Optional[dict], 
 
         MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     with deepspeed.zero.Init(config_dict_or_path=zero_only) if zero_only is not None else contextlib.nullcontext():
+        attention = None if section.attn_implementation == "auto" else section.attn_implementation
         if section.path:
             model = AutoModelForCausalLM.from_pretrained(section.path, config=config, dtype=dtype,
                                                          trust_remote_code=section.trust_remote_code,
-                                                         revision=section.revision)
+                                                         revision=section.revision, attn_implementation=attention)
         else:
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype,
-                                                     trust_remote_code=section.trust_remote_code)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=section.trust_remote_code,
+                                                     attn_implementation=attention)
     embedding = model.get_input_embeddings().weight
     rows = getattr(embedding, "ds_shape", embedding.shape)[0]
     if rows != vocab_size:
@@ -218,17 +219,21 @@ def use_bf16(dtype: str) -> bool:
 def engine_sources(cfg: RunConfig) -> dict:
     """What :func:`build_engines` needs of a run config, as its keyword arguments."""
     return {"student": cfg.student, "teacher": cfg.teacher if LOSSES[cfg.loss.kind].needs_teacher else None,
-            "tokenizer": cfg.tokenizer, "tensor_parallel": cfg.parallel.tensor_parallel, "seed": cfg.seed}
+            "tokenizer": cfg.tokenizer, "tensor_parallel": cfg.parallel.tensor_parallel, "seed": cfg.seed,
+            "activation_checkpointing": cfg.train.activation_checkpointing}
 
 
 def build_engines(*, student: StudentConfig, teacher: Optional[TeacherConfig], tokenizer: Optional[str],
                   tensor_parallel: int, seed: int, ds_configs: DeepSpeedConfigs, bf16: bool,
-                  teacher_weights: bool = True, train_student: bool = True) -> Engines:
+                  teacher_weights: bool = True, train_student: bool = True,
+                  activation_checkpointing: bool = False) -> Engines:
     """Tokenizer, teacher and student engines, and the parallel layout they were built with.
 
     ``teacher=None``: no teacher (cross-entropy). ``teacher_weights=False`` (export) skips the
     teacher's weights but still aligns to its vocabulary; ``train_student=False`` (evaluation)
     builds the student frozen, without optimizer state. ``seed`` fixes a fresh student's weights.
+    ``activation_checkpointing`` recomputes the student's layers in backward (non-reentrant, so it
+    works with ZeRO-3's parameter hooks and AutoTP).
     """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -253,6 +258,8 @@ def build_engines(*, student: StudentConfig, teacher: Optional[TeacherConfig], t
     torch.manual_seed(seed)  # a fresh student's initial weights depend on the seed alone
     student_model = _build_model(student_source, "student", vocab_size, ds_configs.zero_only, dtype, tp,
                                  frozen=not train_student, seed=seed)
+    if activation_checkpointing:
+        student_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if train_student:
         student, *_ = deepspeed.initialize(model=student_model, config=ds_configs.student,
                                            model_parameters=[p for p in student_model.parameters() if p.requires_grad])
