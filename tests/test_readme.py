@@ -34,6 +34,37 @@ def test_readme_lists_the_registered_loss_kinds():
     from loss.registry import LOSSES
 
     readme = open(os.path.join(ROOT, "README.md")).read()
-    assert f"`loss.kind` (`{' | '.join(LOSSES)}`)" in readme
     for entry in LOSSES.values():
         assert f"| `{entry.name}` | {entry.summary} |" in readme, entry.name
+
+
+def _config_keys(cls, prefix=""):
+    import dataclasses
+    import typing
+
+    for field in dataclasses.fields(cls):
+        annotation = typing.get_type_hints(cls)[field.name]
+        if dataclasses.is_dataclass(annotation):
+            yield from _config_keys(annotation, f"{prefix}{field.name}.")
+        else:
+            yield f"{prefix}{field.name}", field.default
+
+
+def _as_yaml(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return '""' if value == "" else str(value)
+
+
+def test_readme_configuration_table_lists_every_key_with_its_default():
+    from training.config import RunConfig
+
+    rows = {}
+    for line in open(os.path.join(ROOT, "README.md")):
+        match = re.match(r"^\| `([a-z_.]+)` \| `([^`]*)` \| .+ \|$", line.strip())
+        if match:
+            rows[match.group(1)] = match.group(2)
+    expected = {key: _as_yaml(default) for key, default in _config_keys(RunConfig)}
+    assert {key: rows.get(key) for key in expected} == expected
