@@ -1,12 +1,18 @@
-"""Cost of a distillation step next to a student-only CE step, on the demo's model sizes.
+"""Tokens/s of the job's layouts beside a plain transformers ``Trainer`` + DDP baseline, in one run.
 
-    python benchmarks/distill.py [--ranks 2] [--tp 2] [--steps 10] [--seq-len 128] [--micro-batch 8]
+    python benchmarks/distill.py [--ranks 2] [--steps 20] [--warmup 3] [--seq-len 128] [--micro-batch 8]
 
-Builds the demo teacher (random weights) and student (launch/configs/models/demo_*.json) as ZeRO-3 +
-AutoTP engines on local gloo ranks, then times, per optimizer step: the teacher's forward, the
-student's forward, the loss (tail-aware divergence on vocabulary slices) forward+backward through
-the student, and the optimizer step; then the same student trained with plain CE. Prints tokens/s
-and the split, and the target ratio: distillation step / (CE step + teacher forward) <= 1.10.
+The pair is the demo's (launch/configs/models/demo_teacher.json -> demo_student.json, random
+weights, 1024-token vocabulary), fp32 on CPU with gloo. Every side trains the same steps of the
+same global batch after the same warm-up and counts the same tokens: every input token of the
+global batch (micro-batch x sequence x data-parallel ranks) per optimizer step.
+
+- **baseline**: ``transformers.Trainer`` with DDP, a full teacher copy per rank, the loss the
+  plain forward KL over the whole vocabulary (``kl_div(log_softmax)``), AdamW;
+- **the job's layouts**: ``training.step.train_step`` (the job's own step: tail-aware divergence
+  K 10, beta 2) for each tensor-parallel size x ``parallel.teacher_placement``; a layout slower than
+  the baseline is shown with where its time goes (teacher forward, student forward, loss,
+  backward, optimizer), for each student ZeRO stage (``parallel.student_zero_stage``).
 """
 
 import argparse
@@ -20,70 +26,151 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _timed(timings, name, fn):
-    start = time.perf_counter()
-    result = fn()
-    timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
-    return result
-
-
-def _worker(rank, world_size, work, args):
+def _global_batches(args):
+    """The same global batches for every side: ``warmup + steps`` tensors ``[G, S]`` of token ids,
+    G = micro-batch x processes sequences (each side splits G over its data-parallel ranks)."""
     import torch
 
-    from loss.objective import distillation_objective
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(args.warmup + args.steps):
+        yield torch.randint(4, 1000, (args.micro_batch * args.ranks, args.seq_len), generator=generator)
+
+
+def _job_worker(rank, world_size, work, args, tp, placement, stage):
+    import torch
+
     from training.config import load_config
     from training.deepspeed_config import build_deepspeed_configs
     from training.engines import build_engines, engine_sources
+    from training.step import train_step
 
-    results = {}
-    for kind in ("tail", "ce"):
-        overrides = [f"teacher.path={work}/teacher", f"tokenizer={work}/teacher", f"loss.kind={kind}",
-                     f"train.micro_batch_size={args.micro_batch}", "train.grad_accum=1",
-                     f"parallel.tensor_parallel={args.tp}", f"data.train={work}", f"output_dir={work}/out"]
-        cfg = load_config(os.path.join(ROOT, "launch/configs/demo_distill.yaml"), overrides)
-        engines = build_engines(**engine_sources(cfg), ds_configs=build_deepspeed_configs(cfg, world_size, False),
-                                bf16=False)
-        generator = torch.Generator().manual_seed(0)
-        timings, tokens = {}, 0
-        for step in range(args.steps + 1):
-            if step == 1:  # the first step warms up allocators and ZeRO-3's parameter fetch order
-                timings, tokens = {}, 0
-            ids = torch.randint(4, 1000, (args.micro_batch, args.seq_len), generator=generator)
-            teacher = None
-            if engines.teacher is not None:
-                with torch.no_grad():
-                    teacher = _timed(timings, "teacher forward", lambda: engines.teacher(input_ids=ids).logits)
-                teacher = teacher[:, :-1].reshape(-1, teacher.shape[-1])
-            logits = _timed(timings, "student forward", lambda: engines.student(input_ids=ids).logits)
-            student = logits[:, :-1].reshape(-1, logits.shape[-1])
-            out = _timed(timings, "loss forward", lambda: distillation_objective(
-                student, teacher, ids[:, 1:].reshape(-1), kind=kind, top_k=10, beta=2.0, tp_group=engines.tp_group))
-            _timed(timings, "backward", lambda: engines.student.backward(out["loss"].mean()))
-            _timed(timings, "optimizer", engines.student.step)
-            tokens += student.shape[0]
-        results[kind] = {"timings": timings, "tokens": tokens}
-        engines.student.destroy()
-        if engines.teacher is not None:
-            engines.teacher.destroy()
-    return results
+    micro = args.micro_batch * tp  # the same global batch on world_size / tp data-parallel ranks
+    overrides = [f"teacher.path={work}/teacher", f"tokenizer={work}/teacher", "loss.kind=tail",
+                 f"train.micro_batch_size={micro}", "train.grad_accum=1", f"parallel.tensor_parallel={tp}",
+                 f"parallel.teacher_placement={placement}", f"parallel.student_zero_stage={stage}",
+                 f"data.train={work}", f"output_dir={work}/out"]
+    cfg = load_config(os.path.join(ROOT, "launch/configs/demo_distill.yaml"), overrides)
+    engines = build_engines(**engine_sources(cfg), ds_configs=build_deepspeed_configs(cfg, world_size, False),
+                            bf16=False)
+    timings = _split_timings(engines)
+    seconds = 0.0
+    for step, ids in enumerate(_global_batches(args)):
+        ids = ids[engines.dp_rank * micro:(engines.dp_rank + 1) * micro]  # (micro, S): this rank's share
+        if step == args.warmup:
+            timings.clear()
+        batch = {"input_ids": ids, "labels": ids.clone()}  # full rows: no mask, as the job's collator
+        started = time.perf_counter()
+        train_step(engines, cfg.loss, [batch])  # ends with its host sync
+        if step >= args.warmup:
+            seconds += time.perf_counter() - started
+    tokens = args.steps * args.micro_batch * args.ranks * args.seq_len  # every input token of the global batch
+    engines.student.destroy()
+    if engines.teacher is not None:
+        engines.teacher.destroy()
+    return {"tokens_per_s": tokens / seconds, "split": {name: value / args.steps for name, value in timings.items()},
+            "seconds_per_step": seconds / args.steps}
+
+
+def _split_timings(engines):
+    """Wrap the engines' calls to time where a step goes (rank-local wall clock, seconds)."""
+    timings = {}
+
+    def timed(name, function):
+
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                timings[name] = timings.get(name, 0.0) + time.perf_counter() - started
+
+        return wrapper
+
+    import training.step as step_module
+
+    student = engines.student
+    student.forward = timed("student forward", student.forward)
+    student.backward = timed("backward", student.backward)
+    student.step = timed("optimizer", student.step)
+    if engines.teacher is not None:
+        engines.teacher.forward = timed("teacher forward", engines.teacher.forward)
+    step_module.distillation_objective = timed("loss", step_module.distillation_objective)
+    return timings
+
+
+def _trainer_worker(rank, world_size, work, args):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    student_config = AutoConfig.from_pretrained(os.path.join(ROOT, "launch/configs/models/demo_student.json"))
+    torch.manual_seed(0)
+    student = AutoModelForCausalLM.from_config(student_config)
+    teacher = AutoModelForCausalLM.from_pretrained(f"{work}/teacher").eval().requires_grad_(False)
+    # Every global batch's rows in order; the sequential sampler's batches of micro_batch rows go to
+    # the ranks in turn (accelerate's BatchSamplerShard), so rank r trains on rows r*m:(r+1)*m of each.
+    rows = torch.cat(list(_global_batches(args)))  # (steps * G, S)
+
+    class Rows(torch.utils.data.Dataset):
+
+        def __len__(self):
+            return rows.shape[0]
+
+        def __getitem__(self, index):
+            return {"input_ids": rows[index]}
+
+    class KDTrainer(Trainer):
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            logits = model(input_ids=inputs["input_ids"], use_cache=False).logits
+            with torch.no_grad():
+                target = teacher(input_ids=inputs["input_ids"], use_cache=False).logits
+            loss = torch.nn.functional.kl_div(logits.log_softmax(-1), target.log_softmax(-1), log_target=True,
+                                              reduction="batchmean")
+            return loss
+
+        def _get_train_sampler(self, train_dataset=None):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    class Clock(TrainerCallback):
+
+        def __init__(self):
+            self.started, self.seconds = None, 0.0
+
+        def on_step_begin(self, arguments, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, arguments, state, control, **kwargs):
+            if state.global_step > args.warmup:
+                self.seconds += time.perf_counter() - self.started
+
+    clock = Clock()
+    arguments = TrainingArguments(output_dir=f"{work}/trainer{rank}", per_device_train_batch_size=args.micro_batch,
+                                  max_steps=args.warmup + args.steps, learning_rate=3e-3, use_cpu=True,
+                                  logging_strategy="no", save_strategy="no", report_to=[], dataloader_num_workers=0,
+                                  ddp_backend="gloo", disable_tqdm=True, remove_unused_columns=False, seed=0)
+    KDTrainer(model=student, args=arguments, train_dataset=Rows(), callbacks=[clock]).train()
+    tokens = args.steps * args.micro_batch * args.ranks * args.seq_len
+    return {"tokens_per_s": tokens / clock.seconds, "seconds_per_step": clock.seconds / args.steps}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--tp", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
 
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
     from model_parallel.spawn import run_on_ranks
 
     os.chdir(ROOT)  # the demo config's paths are relative to the repository
+    results = {}
     with tempfile.TemporaryDirectory() as work:
         torch.manual_seed(0)
         config = AutoConfig.from_pretrained(os.path.join(ROOT, "launch/configs/models/demo_teacher.json"))
@@ -92,22 +179,26 @@ def main():
         tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")),
                                             pad_token="t0", unk_token="t1", bos_token="t2", eos_token="t3")
         tokenizer.save_pretrained(f"{work}/teacher")
-        results = run_on_ranks(args.ranks, _worker, work, args, deepspeed=True, timeout=1800)[0]
+        results["baseline: Trainer + DDP, teacher per rank, full-vocabulary KL"] = run_on_ranks(
+            args.ranks, _trainer_worker, work, args, timeout=1800)[0]
+        for tp in args.tp:
+            for placement, stage in (("resident", 1), ("resident", 2), ("resident", 3), ("zero3", 3)):
+                name = f"job: TP {tp} x DP {args.ranks // tp}, teacher {placement}, student ZeRO-{stage}"
+                results[name] = run_on_ranks(args.ranks, _job_worker, work, args, tp, placement, stage,
+                                             deepspeed=True, timeout=1800)[0]
 
-    print(f"demo teacher -> demo student, {args.ranks} gloo ranks, TP={args.tp}, micro-batch {args.micro_batch} x "
-          f"{args.seq_len} tokens, {args.steps} timed steps (rank 0, seconds per step)")
-    names = ("teacher forward", "student forward", "loss forward", "backward", "optimizer")
-    print(f"  {'step':<22}" + "".join(f"{n:>17}" for n in names) + f"{'total':>10}{'tokens/s':>11}")
-    per_step = {}
-    for kind, label in (("tail", "distillation (tail)"), ("ce", "student only (CE)")):
-        timings = {n: results[kind]["timings"].get(n, 0.0) / args.steps for n in names}
-        per_step[kind] = sum(timings.values())
-        per_step[f"{kind} teacher"] = timings["teacher forward"]
-        rate = results[kind]["tokens"] / (per_step[kind] * args.steps)
-        print(f"  {label:<22}" + "".join(f"{timings[n]:>17.4f}" for n in names) + f"{per_step[kind]:>10.4f}"
-              f"{rate:>11.0f}")
-    budget = per_step["ce"] + per_step["tail teacher"]
-    print(f"\ndistillation step / (CE step + teacher forward) = {per_step['tail'] / budget:.3f}  (target <= 1.10)")
+    print(f"demo teacher -> demo student, {args.ranks} processes (gloo, CPU), micro-batch {args.micro_batch} x "
+          f"{args.seq_len}, {args.steps} timed steps after {args.warmup} (rank 0)")
+    baseline = next(iter(results.values()))["tokens_per_s"]
+    width = max(len(name) for name in results)
+    print(f"  {'side':<{width}}  {'s/step':>8}  {'tokens/s':>9}  {'x baseline':>10}")
+    for name, result in results.items():
+        print(f"  {name:<{width}}  {result['seconds_per_step']:>8.4f}  {result['tokens_per_s']:>9.0f}  "
+              f"{result['tokens_per_s'] / baseline:>10.2f}")
+    for name, result in results.items():
+        if "split" in result and result["tokens_per_s"] < baseline:
+            split = ", ".join(f"{part} {seconds:.4f}" for part, seconds in result["split"].items())
+            print(f"  where a step of '{name}' goes (s): {split}")
 
 
 if __name__ == "__main__":

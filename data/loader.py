@@ -125,7 +125,9 @@ class GlobalBatchSampler:
 
 
 class Collator:
-    """Rows → padded tensors: ``input_ids``, ``attention_mask`` and ``labels`` (``-100`` on padding).
+    """Rows → padded tensors: ``input_ids``, ``labels`` (``-100`` on padding) and, only where some row
+    is padded, ``attention_mask``: rows of one length need none (causal attention alone is exact),
+    which lets sdpa take its causal fast path instead of building a mask per layer.
 
     Rows without ``labels`` (text blocks) are labelled with their own ids. Labels are *not* shifted:
     position i's label is token i, as in Hugging Face causal-LM models.
@@ -145,7 +147,10 @@ class Collator:
             input_ids[i, :n] = torch.as_tensor(row["input_ids"], device="cpu")
             labels[i, :n] = torch.as_tensor(row["labels"] if "labels" in row else row["input_ids"], device="cpu")
             attention_mask[i, :n] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch = {"input_ids": input_ids, "labels": labels}
+        if any(len(row["input_ids"]) < length for row in rows):
+            batch["attention_mask"] = attention_mask
+        return batch
 
 
 def to_device(batch: dict, device) -> dict:

@@ -99,6 +99,7 @@ def test_collator_pads_and_masks():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     text = Collator(pad_token_id=0)([{"input_ids": [1, 2]}, {"input_ids": [3, 4]}])
     assert torch.equal(text["labels"], text["input_ids"])
+    assert "attention_mask" not in text  # nothing padded: causal attention needs no mask
 
 
 @pytest.mark.parametrize("dp_size", [1, 2, 3])

@@ -46,6 +46,7 @@ def assets(tmp_path_factory, tokenizer_dir, tokenizer, demo_dir):
         "gemma_teacher": save_model(gemma2(520, hidden=48), root / "gemma_teacher", tokenizer),
         # A teacher padded to 520 rows: the untied 512-row student gets 8 rows added by resizing.
         "padded_teacher": save_model(llama(520, hidden=48), root / "padded_teacher", tokenizer),
+        "pretrained_student": save_model(llama(512, hidden=32, layers=1), root / "pretrained_student", tokenizer, seed=2),
         "student_config": str(student_config),
         "gemma_student_config": str(gemma_student),
         "train": str(root / "train"),
@@ -122,6 +123,11 @@ def test_tp2_run_learns_logs_and_exports(straight):
         assert tag in events.Tags()["scalars"], tag
     assert yaml.safe_load(open(os.path.join(straight, "config.yaml")))["loss"]["kind"] == "tail"
     assert open(os.path.join(straight, "checkpoints", "latest")).read() == f"step_{STEPS}"
+    # DeepSpeed's zero_to_fp32.py, run out of habit, points at launch.export in one line.
+    habit = subprocess.run([sys.executable, os.path.join(straight, "checkpoints", "zero_to_fp32.py"),
+                            os.path.join(straight, "checkpoints"), "out"], capture_output=True, text=True)
+    assert habit.returncode == 1 and habit.stderr.strip().splitlines() == [
+        f"error: export the student with: python -m launch.export {os.path.join(straight, 'checkpoints')} OUT_DIR"]
     # Each rank's RNG states are a file of its own, listed in (and so verified by) the manifest.
     manifest = open(os.path.join(straight, "checkpoints", f"step_{STEPS}", "manifest.sha256")).read().split()
     assert {"rng_rank0.json", "rng_rank1.json"} <= set(manifest)
@@ -203,6 +209,40 @@ def test_bf16_run_tracks_the_fp32_run(straight, assets):
     assert bf16.keys() == fp32.keys()
     for step in fp32:
         assert bf16[step] == pytest.approx(fp32[step], rel=BF16_TOLERANCE), step
+
+
+@pytest.fixture(scope="module")
+def pretrained_stage3(assets):
+    """8 steps from a pretrained student at ZeRO-3: a fresh one is drawn under zero.Init at stage 3
+    and on the host at stages 1 and 2 (different draws), so stages are compared from saved weights."""
+    config, out = _config(assets, "pretrained_stage3", student={"path": assets["pretrained_student"], "config": None})
+    _launch(config, 2)
+    return out
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_student_zero_stage_trains_resumes_and_exports(pretrained_stage3, assets, tmp_path, stage):
+    """parallel.student_zero_stage 1 and 2 (the JSON says "auto") at TP 2: stopped at step 4 and
+    resumed, the losses follow the ZeRO-3 run; the export reproduces the run's evaluation;
+    resuming at another stage is refused by name."""
+    config, out = _config(assets, f"stage{stage}", student={"path": assets["pretrained_student"], "config": None},
+                          parallel={"student_zero_stage": stage})
+    _launch(config, 2, extra=["--set", "train.stop_at_step=4"])
+    _launch(config, 2)
+    losses, reference = _losses(out), _losses(pretrained_stage3)
+    assert losses.keys() == reference.keys()
+    for step in reference:
+        # The same math; ZeRO-1/2 reduce gradients (all-reduce, then the local partition) in another
+        # order than ZeRO-3's reduce-scatter: fp32 rounding, which 8 steps of AdamW keep below 1e-5.
+        assert losses[step] == pytest.approx(reference[step], rel=1e-5), step
+    exported = _reference_eval_tail_divergence(os.path.join(out, "student"), assets["teacher"], assets["eval"])
+    assert exported == pytest.approx(_final_record(out)["eval/tail_divergence"], rel=1e-4)
+    if stage == 2:
+        copy = _copy_run(out, tmp_path)
+        other = _launch(config, 2, extra=["--set", f"output_dir={copy}", "--set", "parallel.student_zero_stage=3",
+                                          "--set", "train.max_steps=10"], check=False)
+        assert other.returncode == 2 and (f"checkpoint step_{STEPS} holds a ZeRO-2 student and this run asks for "
+                                          f"ZeRO-3") in other.stderr
 
 
 def test_activation_checkpointing_and_eager_attention_keep_the_losses(straight, assets):

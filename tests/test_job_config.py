@@ -75,7 +75,7 @@ def test_deepspeed_config_is_completed_from_the_run_config(base):
 @pytest.mark.parametrize("ds, message", [
     ({"train_micro_batch_size_per_gpu": 8}, "train_micro_batch_size_per_gpu is 8 but the run config implies 2"),
     ({"tensor_parallel": {"autotp_size": 4}}, "tensor_parallel.autotp_size is 4 but the run config implies 2"),
-    ({"zero_optimization": {"stage": 2}}, "zero_optimization.stage must be 3"),
+    ({"zero_optimization": {"stage": 0}}, r"zero_optimization.stage must be 1, 2, 3 or \"auto\" for the student, got 0"),
     ({"train_batch_size": 7}, "train_batch_size disagrees"),
     ({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 8}},
      "zero_optimization.zero_hpz_partition_size > 1 does not work with tensor parallelism "
@@ -96,6 +96,23 @@ def test_bf16_accumulates_gradients_in_fp32_and_hpz_is_allowed_without_tensor_pa
     student, teacher, _, _ = build_deepspeed_configs(cfg, world_size=16, bf16=True)
     assert student["data_types"] == {"grad_accum_dtype": "fp32"} and student["bf16"] == {"enabled": True}
     assert "data_types" not in build_deepspeed_configs(cfg, world_size=16, bf16=False)[0]
+
+
+def test_the_students_zero_stage_comes_from_the_json_or_the_run_config(base, tmp_path):
+    def stage(json_stage, *overrides):
+        path = tmp_path / "stage.json"
+        path.write_text(json.dumps({"zero_optimization": {"stage": json_stage}}))
+        cfg = load_config(base, [f"parallel.deepspeed_config={path}", *overrides])
+        configs = build_deepspeed_configs(cfg, world_size=4, bf16=False)
+        assert configs.frozen["zero_optimization"]["stage"] == 3  # frozen engines stay ZeRO-3
+        return configs.student_stage
+
+    assert stage("auto") == 3 and stage("auto", "parallel.student_zero_stage=1") == 1
+    assert stage(2) == 2 and stage(2, "parallel.student_zero_stage=2") == 2
+    with pytest.raises(ConfigError, match="parallel.student_zero_stage is 1 but .* sets zero_optimization.stage 2"):
+        stage(2, "parallel.student_zero_stage=1")
+    with pytest.raises(ConfigError, match="parallel.student_zero_stage: must be 1, 2 or 3, got 4"):
+        load_config(base, ["parallel.student_zero_stage=4"])
 
 
 def test_tensor_parallel_must_divide_the_world(base):

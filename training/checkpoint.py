@@ -111,11 +111,29 @@ def save(engine, root: str, step: int, client_state: dict, keep: int) -> str:
     dist.barrier()
     if dist.get_rank() == 0:
         publish(root, tag, step, client_state)
+        _replace_zero_to_fp32(root)
         for old in sorted(_tags(root), key=lambda t: int(TAG.match(t).group(1)))[:-keep]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
             shutil.rmtree(os.path.join(root, universal_tag(old)), ignore_errors=True)
     dist.barrier()
     return tag
+
+
+ZERO_TO_FP32 = "zero_to_fp32.py"
+_ZERO_TO_FP32_STUB = '''#!/usr/bin/env python3
+"""Written by launch.distill in place of DeepSpeed's zero_to_fp32.py, which cannot rebuild a student from
+these checkpoints (AutoTP tensor-parallel shards, ZeRO partitions of replicated parameters)."""
+import os
+import sys
+
+sys.exit(f"error: export the student with: python -m launch.export {os.path.dirname(os.path.abspath(__file__))} OUT_DIR")
+'''
+
+
+def _replace_zero_to_fp32(root: str) -> None:
+    """DeepSpeed drops ``zero_to_fp32.py`` beside every checkpoint; on these checkpoints it fails with a
+    misleading message, so the copy here says in one line what to run instead."""
+    write_atomically(os.path.join(root, ZERO_TO_FP32), _ZERO_TO_FP32_STUB)
 
 
 def zero_partitions(engine) -> dict:
@@ -125,6 +143,8 @@ def zero_partitions(engine) -> dict:
     a group of sharded ones over DP only; the files do not say which, and converting a checkpoint
     to another layout (``training.universal``) needs to know.
     """
+    if engine.zero_optimization_stage() != 3:
+        return {}
     optimizer = engine.optimizer
     name = os.path.basename(engine._get_zero_ckpt_name("", ""))
     groups = [[optimizer._get_sub_group_partition_count(i), optimizer._get_sub_group_partition_rank(i)]
@@ -331,7 +351,7 @@ def checkpoints_dir(cfg: RunConfig) -> str:
     return os.path.join(cfg.output_dir, "checkpoints")
 
 
-def _decide(cfg: RunConfig, world_size: int) -> ResumePlan:
+def _decide(cfg: RunConfig, world_size: int, student_stage: int) -> ResumePlan:
     """Rank 0's side of :func:`plan_resume`."""
     root = checkpoints_dir(cfg)
     found = find_resume(cfg.checkpoint.resume, root, fallback=cfg.checkpoint.fallback)
@@ -349,8 +369,16 @@ def _decide(cfg: RunConfig, world_size: int) -> ResumePlan:
                               f"(micro_batch_size x grad_accum x data-parallel {dp}); adjust train.grad_accum or "
                               f"--set checkpoint.allow_batch_change=true")
     load_tag = tag
+    saved_stage, stage = layout.get("zero_stage", 3), student_stage
+    if saved_stage != stage:
+        raise CheckpointError(f"checkpoint {tag} holds a ZeRO-{saved_stage} student and this run asks for ZeRO-{stage} "
+                              f"(parallel.student_zero_stage / zero_optimization.stage); resume at stage {saved_stage}")
     if (layout["tensor_parallel"], layout["data_parallel"]) != (cfg.parallel.tensor_parallel,
                                                                  world_size // cfg.parallel.tensor_parallel):
+        if stage != 3:
+            raise CheckpointError(f"checkpoint {tag}: resuming a ZeRO-{stage} student on another TP x DP layout is "
+                                  f"not supported yet (the universal conversion handles ZeRO-3 students); resume at "
+                                  f"TP {layout['tensor_parallel']} x DP {layout['data_parallel']}")
         # Another TP x DP layout: DeepSpeed's universal checkpoint re-partitions every tensor.
         from training import universal
 
@@ -367,8 +395,9 @@ def _decide(cfg: RunConfig, world_size: int) -> ResumePlan:
                       consumed_samples=state["sampler"]["consumed_samples"])
 
 
-def plan_resume(cfg: RunConfig, world_size: int) -> ResumePlan:
+def plan_resume(cfg: RunConfig, world_size: int, student_stage: int) -> ResumePlan:
     """Collective: rank 0 finds, verifies and (for another layout) converts the checkpoint to resume,
-    once, and checks it belongs to this run; every rank gets the plan or the same error."""
-    return decided_on_rank_0("finding the checkpoint to resume", lambda: _decide(cfg, world_size),
+    once, and checks it belongs to this run (and its ZeRO stage); every rank gets the plan or the
+    same error."""
+    return decided_on_rank_0("finding the checkpoint to resume", lambda: _decide(cfg, world_size, student_stage),
                              unexpected=CheckpointError)

@@ -46,6 +46,10 @@ class DeepSpeedConfigs(NamedTuple):
     def teacher_resident(self) -> bool:
         return self.teacher["zero_optimization"]["stage"] == 0
 
+    @property
+    def student_stage(self) -> int:
+        return self.student["zero_optimization"]["stage"]
+
 
 def _read(source: str) -> dict:
     try:
@@ -63,8 +67,6 @@ def _complete_common(ds: dict, source: str, *, tp: int, world_size: int, micro_b
     """What frozen and trainable engines share: layout, batch, precision; checked against the run."""
     if world_size % tp:
         raise ConfigError(f"parallel.tensor_parallel: {tp} does not divide the world size {world_size}")
-    if ds.get("zero_optimization", {}).get("stage", 3) != 3:
-        raise ConfigError(f"{source}: zero_optimization.stage must be 3 (both models are ZeRO-3 partitioned)")
     if tp > 1 and ds.get("zero_optimization", {}).get("zero_hpz_partition_size", 1) > 1:
         # Measured (DESIGN.md §5): transformers opens a second zero.Init inside ours and start-up stops;
         # forced past that, hpZ's groups coincide with the tensor-parallel groups and the teacher's
@@ -79,7 +81,6 @@ def _complete_common(ds: dict, source: str, *, tp: int, world_size: int, micro_b
     if ds.pop("train_batch_size", AUTO) not in (AUTO, micro_batch_size * grad_accum * (world_size // tp)):
         raise ConfigError(f"{source}: train_batch_size disagrees with train.micro_batch_size x train.grad_accum x "
                           f"data-parallel size; remove it or set it to \"auto\"")
-    _put(ds, "zero_optimization.stage", 3, source)
     _put(ds, "tensor_parallel.autotp_size", tp, source)
     _put(ds, "tensor_parallel.vocab_parallel_lm_head", True, source)
     _put(ds, "bf16.enabled", bf16, source)
@@ -91,10 +92,25 @@ def _complete_common(ds: dict, source: str, *, tp: int, world_size: int, micro_b
 
 
 def _frozen(ds: dict) -> dict:
+    """A frozen ZeRO-3 engine's config: no optimizer, scheduler or checkpoint loading."""
     frozen = copy.deepcopy(ds)
     for key in ("optimizer", "scheduler", "gradient_clipping", "checkpoint"):
         frozen.pop(key, None)
+    frozen.setdefault("zero_optimization", {})["stage"] = 3
     return frozen
+
+
+def _student_stage(ds: dict, cfg: RunConfig, source: str) -> int:
+    """The student's ZeRO stage: the JSON's, or ``parallel.student_zero_stage`` where it says "auto"."""
+    stage, chosen = ds.get("zero_optimization", {}).get("stage", AUTO), cfg.parallel.student_zero_stage
+    if stage == AUTO:
+        return chosen or 3
+    if stage not in (1, 2, 3):
+        raise ConfigError(f"{source}: zero_optimization.stage must be 1, 2, 3 or \"auto\" for the student, got {stage!r}")
+    if chosen is not None and chosen != stage:
+        raise ConfigError(f"parallel.student_zero_stage is {chosen} but {source} sets zero_optimization.stage "
+                          f"{stage}; set the JSON's stage to \"auto\" or make the two agree")
+    return stage
 
 
 def _resident(frozen: dict) -> dict:
@@ -109,6 +125,12 @@ def _zero_only(ds: dict) -> dict:
     return {key: value for key, value in ds.items() if key not in ("tensor_parallel", "checkpoint")}
 
 
+def resolve_student_stage(cfg: RunConfig) -> int:
+    """The student's ZeRO stage this run will use (see ``parallel.student_zero_stage``)."""
+    source = cfg.parallel.deepspeed_config
+    return _student_stage(_read(source), cfg, source)
+
+
 def build_deepspeed_configs(cfg: RunConfig, world_size: int, bf16: bool, *, universal: bool = False
                             ) -> DeepSpeedConfigs:
     """The configs for ``world_size`` ranks; ``universal`` loads a checkpoint of another layout."""
@@ -117,6 +139,7 @@ def build_deepspeed_configs(cfg: RunConfig, world_size: int, bf16: bool, *, univ
     train = cfg.train
     _complete_common(ds, source, tp=cfg.parallel.tensor_parallel, world_size=world_size,
                      micro_batch_size=train.micro_batch_size, grad_accum=train.grad_accum, bf16=bf16)
+    ds.setdefault("zero_optimization", {})["stage"] = _student_stage(ds, cfg, source)
     _put(ds, "gradient_clipping", train.grad_clip, source)
     _put(ds, "optimizer.type", "AdamW", source)
     _put(ds, "optimizer.params.lr", train.lr, source)
@@ -134,7 +157,7 @@ def build_deepspeed_configs(cfg: RunConfig, world_size: int, bf16: bool, *, univ
         _put(ds, "checkpoint.load_universal", True, source)
     frozen = _frozen(ds)
     teacher = _resident(frozen) if cfg.parallel.teacher_placement == "resident" else frozen
-    return DeepSpeedConfigs(student=ds, teacher=teacher, zero_only=_zero_only(ds), frozen=frozen)
+    return DeepSpeedConfigs(student=ds, teacher=teacher, zero_only=_zero_only(frozen), frozen=frozen)
 
 
 def frozen_deepspeed_configs(source: str, *, tensor_parallel: int, world_size: int, micro_batch_size: int,

@@ -253,11 +253,13 @@ def build_engines(*, student: StudentConfig, teacher: Optional[TeacherConfig], t
     if teacher_source is not None and teacher_weights:
         teacher = build_teacher(teacher_source, vocab_size=vocab_size, ds_configs=ds_configs, dtype=dtype,
                                 tensor_parallel=tp, seed=seed)
+    # zero.Init only where ZeRO-3 partitions the student's weights; stages 1 and 2 load it whole.
+    partitioned = not train_student or ds_configs.student_stage == 3
     # Keep a reference: transformers finds the ZeRO-3 config through a weak reference to it.
-    hf_ds_config = HfDeepSpeedConfig(ds_configs.zero_only)
+    hf_ds_config = HfDeepSpeedConfig(ds_configs.zero_only) if partitioned else None
     torch.manual_seed(seed)  # a fresh student's initial weights depend on the seed alone
-    student_model = _build_model(student_source, "student", vocab_size, ds_configs.zero_only, dtype, tp,
-                                 frozen=not train_student, seed=seed)
+    student_model = _build_model(student_source, "student", vocab_size, ds_configs.zero_only if partitioned else None,
+                                 dtype, tp, frozen=not train_student, seed=seed)
     if activation_checkpointing:
         student_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if train_student:

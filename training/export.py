@@ -7,13 +7,17 @@ import torch.distributed as dist
 
 
 def export_student(engine, tokenizer, out_dir: str) -> None:
-    """Gather the ZeRO-3 partitions and tensor-parallel shards of ``engine`` and save them.
+    """Gather the ZeRO-3 partitions and tensor-parallel shards of ``engine`` (any ZeRO stage) and save them.
 
     Every rank must call this (the gather is collective); rank 0 writes ``out_dir`` atomically:
     ``config.json``, ``model.safetensors`` and the tokenizer, loadable with
     ``AutoModelForCausalLM.from_pretrained(out_dir)``.
     """
-    state_dict = engine._zero3_consolidated_16bit_state_dict()  # full tensors on rank 0, None elsewhere
+    if engine.zero_optimization_stage() == 3 or engine.autotp_size() > 1:
+        state_dict = engine._consolidated_16bit_state_dict()  # full tensors on rank 0, None elsewhere
+    else:  # ZeRO-1/2 without tensor parallelism: every rank holds the whole model
+        state_dict = {name: tensor.detach().cpu() for name, tensor in engine.module.state_dict().items()} \
+            if dist.get_rank() == 0 else None
     if dist.get_rank() == 0:
         from transformers import AutoModelForCausalLM
 

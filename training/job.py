@@ -16,7 +16,7 @@ from data.loader import Collator, GlobalBatchSampler, eval_batches, load_prepare
 from training import checkpoint, faults
 from training.config import RunConfig, identity, to_dict
 from training.data import ensure_prepared
-from training.deepspeed_config import build_deepspeed_configs
+from training.deepspeed_config import build_deepspeed_configs, resolve_student_stage
 from training.engines import build_engines, engine_sources, use_bf16
 from training.export import export_student
 from training.memory import PeakMemory
@@ -43,7 +43,8 @@ def _client_state(cfg, step, sampler, engines) -> dict:
         "run_identity": identity(cfg),
         "layout": {"tensor_parallel": cfg.parallel.tensor_parallel, "data_parallel": engines.dp_size,
                    "global_batch_size": sampler.global_batch_size, "vocab_size": engines.vocab_size,
-                   "world_size": dist.get_world_size(), "bf16": engines.student.bfloat16_enabled()},
+                   "world_size": dist.get_world_size(), "bf16": engines.student.bfloat16_enabled(),
+                   "zero_stage": engines.student.zero_optimization_stage()},
     }
 
 
@@ -104,7 +105,7 @@ def run(cfg: RunConfig) -> dict:
     world_size, bf16 = dist.get_world_size(), use_bf16(cfg.train.dtype)
     train_dir = ensure_prepared(cfg, cfg.data.train, "train")
     eval_dir = ensure_prepared(cfg, cfg.data.eval, "eval") if cfg.data.eval else None
-    plan = checkpoint.plan_resume(cfg, world_size)  # before any model is built: a bad checkpoint fails fast
+    plan = checkpoint.plan_resume(cfg, world_size, resolve_student_stage(cfg))  # before any model is built: a bad checkpoint fails fast
     _seed_everything(cfg.seed)
     memory = PeakMemory(_accelerator_device())
     engines = build_engines(**engine_sources(cfg), bf16=bf16,

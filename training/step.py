@@ -47,7 +47,7 @@ def _slices(engines, batch, student_logits):
     teacher = None
     if engines.teacher is not None:
         with torch.no_grad():
-            teacher = engines.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            teacher = engines.teacher(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                                       use_cache=False).logits[:, :-1][valid]
         _mask_padding(teacher, engines.vocab_start, engines.real_vocab_size)
     student = _mask_padding(student_logits[:, :-1][valid], engines.vocab_start, engines.real_vocab_size)
@@ -114,7 +114,7 @@ def train_step(engines, loss_cfg, micro_batches) -> StepResult:
     sums: Dict[str, torch.Tensor] = {}
     bad = torch.zeros((), dtype=torch.bool, device=device)
     for batch in micro_batches:
-        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
         slices = _slices(engines, batch, logits)
         # Which rank's own logits went bad: the loss itself is non-finite on every rank of the
         # tensor-parallel group once the statistics are exchanged.
@@ -160,7 +160,7 @@ def evaluate(engines, loss_cfg, batches, n_bins: int = 10):
     loss_sum = torch.zeros((), dtype=torch.float64, device=engines.device)
     for batch in batches:
         batch = to_device(batch, engines.device)
-        logits = engines.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        logits = engines.student(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                                  use_cache=False).logits
         student, teacher, targets, rows = _slices(engines, batch, logits)
         out = _objective(engines, loss_cfg, student, teacher, targets, rows, num_rows=batch["input_ids"].shape[0])
