@@ -37,8 +37,6 @@ def _global_batches(args):
 
 
 def _job_worker(rank, world_size, work, args, tp, placement, stage):
-    import torch
-
     from training.config import load_config
     from training.deepspeed_config import build_deepspeed_configs
     from training.engines import build_engines, engine_sources
