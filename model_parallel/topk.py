@@ -52,8 +52,10 @@ def global_argmax(logits: torch.Tensor, start: int, group) -> torch.Tensor:
     """
     from model_parallel.collectives import gather_rows
 
-    values, index = logits.float().max(dim=-1)
-    local = torch.stack([values, (index + start).float()], dim=1)  # ids exact in fp32 below 2**24
+    # max in the logits' own dtype (exact; no fp32 copy of [n, V_local]); only the [n] maxima are cast.
+    values, index = logits.max(dim=-1)
+    # Ids travel as fp32, exact below 2**24 (never in the logits' dtype: bf16 is exact only up to 256).
+    local = torch.stack([values.float(), (index + start).float()], dim=1)
     gathered = gather_rows(local, group)  # (n, ranks, 2)
     order = rank_candidates(gathered[:, :, 0], gathered[:, :, 1].long())
     return gathered[:, :, 1].long().gather(1, order[:, :1]).squeeze(1)
