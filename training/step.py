@@ -11,7 +11,7 @@ agreed by all ranks; :func:`step_means` (called on logging steps only) is the ot
 """
 
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -26,32 +26,77 @@ from model_parallel import all_reduce_sum, gather_rows, global_argmax
 _LOGGED = ("loss", "kd", "ce", "head_kl", "tail_kl", "teacher_tail_mass", "student_tail_mass", "top1_agreement")
 
 
-def _valid_positions(batch):
-    targets = batch["labels"][:, 1:]
-    return targets, targets != IGNORE_INDEX
+@dataclass
+class _Positions:
+    """Which positions of a micro-batch get logits, decided on the host from its labels (no sync).
+
+    ``keep`` ``[k]``: the positions with a next-token target in some row (the last position never
+    has one); the heads run on these only (``logits_to_keep``). ``valid`` ``[B, k]``: which of them
+    have a target in each row, or None when all do (pre-training blocks): the ``[B, k, V_local]``
+    logits are then used as a ``[B·k, V_local]`` view, with no copy and no scatter in backward.
+    """
+
+    keep: torch.Tensor
+    valid: Optional[torch.Tensor]
+    tokens: int
+    """Valid next-token positions of the micro-batch."""
+
+
+def _positions(host_batch) -> _Positions:
+    has_target = host_batch["labels"][:, 1:] != IGNORE_INDEX  # (B, S-1), host
+    keep = has_target.any(dim=0).nonzero()[:, 0]  # (k,)
+    valid = has_target[:, keep]
+    return _Positions(keep=keep, valid=None if bool(valid.all()) else valid, tokens=int(has_target.sum()))
 
 
 def _mask_padding(logits: torch.Tensor, vocab_start: int, real_vocab_size: int) -> torch.Tensor:
-    """Padded vocabulary rows carry no probability: their logit columns become -inf (in place)."""
+    """Padded vocabulary rows carry no probability: their logit columns become -inf (in place).
+
+    Outside autograd: the losses give -inf columns a zero gradient anyway, and a recorded in-place
+    write would make backward clone the whole logits gradient. Safe because no op saved the head's
+    output for its backward (autograd's version check would refuse otherwise)."""
     first_pad = real_vocab_size - vocab_start
     if first_pad < logits.shape[-1]:
-        logits[..., max(first_pad, 0):] = float("-inf")
+        with torch.no_grad():
+            logits[..., max(first_pad, 0):] = float("-inf")
     return logits
 
 
-def _slices(engines, batch, student_logits):
+def _logits(model, batch, keep: torch.Tensor) -> torch.Tensor:
+    """``[B, k, V_local]`` logits at positions ``keep`` (``[k]``, on the device): the model applies its
+    head (and Gemma-2's final soft-capping) to those hidden states only."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False,
+                logits_to_keep=keep)
+    return out.logits
+
+
+def _select(logits: torch.Tensor, valid) -> torch.Tensor:
+    """``[n, V_local]``: a free view when every kept position is valid, else the valid rows (a copy)."""
+    if valid is None:
+        return logits.view(-1, logits.shape[-1])
+    return logits[valid]  # host sync: the number of valid tokens sizes the slice (SFT rows only)
+
+
+def _slices(engines, batch, positions: _Positions):
     """(student, teacher, targets, rows) on the valid next-token positions: logit slices ``[n, V_local]``
-    with padded vocabulary columns at -inf, the target ids ``[n]`` and each position's row ``[n]``."""
-    targets, valid = _valid_positions(batch)
-    # host sync: boolean indexing sizes the [n, V_local] slices by the number of valid tokens.
+    with padded vocabulary columns at -inf, the target ids ``[n]`` and each position's row ``[n]``.
+
+    Memory: each model's logits exist once, ``[B, k, V_local]``; the teacher's are dropped by the
+    caller as soon as the loss has them."""
+    keep = positions.keep.to(engines.device)
+    valid = positions.valid.to(engines.device) if positions.valid is not None else None
     teacher = None
     if engines.teacher is not None:
         with torch.no_grad():
-            teacher = engines.teacher(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                                      use_cache=False).logits[:, :-1][valid]
-        _mask_padding(teacher, engines.vocab_start, engines.real_vocab_size)
-    student = _mask_padding(student_logits[:, :-1][valid], engines.vocab_start, engines.real_vocab_size)
-    return student, teacher, targets[valid], valid.nonzero()[:, 0]
+            teacher = _mask_padding(_select(_logits(engines.teacher, batch, keep), valid), engines.vocab_start,
+                                    engines.real_vocab_size)
+    student = _mask_padding(_select(_logits(engines.student, batch, keep), valid), engines.vocab_start,
+                            engines.real_vocab_size)
+    targets = batch["labels"][:, 1:][:, keep]  # (B, k)
+    rows = torch.arange(targets.shape[0], device=targets.device).unsqueeze(1).expand_as(targets)  # (B, k)
+    if valid is None:
+        return student, teacher, targets.reshape(-1), rows.reshape(-1)
+    return student, teacher, targets[valid], rows[valid]
 
 
 def _objective(engines, loss_cfg, student, teacher, targets, rows, num_rows):
@@ -84,9 +129,12 @@ def _known_metrics(loss_cfg, out) -> dict:
 
 
 def _non_finite(*logits) -> torch.Tensor:
-    """0-dim bool on the logits' device: NaN or +inf in any of ``logits`` (-inf is padding)."""
-    flags = [torch.isnan(x).any() | torch.isposinf(x).any() for x in logits if x is not None]
-    return torch.stack(flags).any()
+    """0-dim bool on the logits' device: NaN or +inf in any of ``logits`` (-inf is padding).
+
+    From each tensor's sum, so no ``[n, V_local]`` mask is made: NaN, or +inf meeting -inf padding,
+    gives NaN; +inf alone gives +inf; finite logits and -inf padding give a finite sum or -inf."""
+    sums = torch.stack([x.detach().sum(dtype=torch.float32) for x in logits if x is not None])  # fp32 accumulation
+    return (torch.isnan(sums) | torch.isposinf(sums)).any()
 
 
 @dataclass
@@ -106,16 +154,16 @@ class StepResult:
 def train_step(engines, loss_cfg, micro_batches) -> StepResult:
     """Run ``grad_accum`` micro-batches (host tensors) and the optimizer step."""
     student, device = engines.student, engines.device
+    positions = [_positions(batch) for batch in micro_batches]  # on the host, before the batches move
     micro_batches = [to_device(batch, device) for batch in micro_batches]
-    local_tokens = torch.stack([_valid_positions(batch)[1].sum() for batch in micro_batches]).sum().double()
+    local_tokens = torch.tensor(float(sum(p.tokens for p in positions)), dtype=torch.float64, device=device)
     tokens = all_reduce_sum(local_tokens, engines.dp_group)
     # DeepSpeed averages gradients over data-parallel ranks; the loss is a global-token mean.
     scale = (engines.dp_size / tokens.clamp(min=1.0)).float()
     sums: Dict[str, torch.Tensor] = {}
     bad = torch.zeros((), dtype=torch.bool, device=device)
-    for batch in micro_batches:
-        logits = student(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
-        slices = _slices(engines, batch, logits)
+    for batch, where in zip(micro_batches, positions):
+        slices = _slices(engines, batch, where)
         # Which rank's own logits went bad: the loss itself is non-finite on every rank of the
         # tensor-parallel group once the statistics are exchanged.
         bad |= _non_finite(*slices[:2])
@@ -128,7 +176,7 @@ def train_step(engines, loss_cfg, micro_batches) -> StepResult:
             if name in out:
                 total = out[name].detach().double().sum()
                 sums[name] = sums[name] + total if name in sums else total
-        del logits, out, slices
+        del out, slices  # before the next micro-batch's forwards
     flags = gather_rows(bad.view(1, 1).float(), dist.group.WORLD)[0, :, 0]  # (world,)
     flags = flags.tolist()  # host sync: the finite-step decision, one flag per rank
     return StepResult(sums=sums, tokens=tokens, skipped=not student.was_step_applied(),
@@ -159,14 +207,13 @@ def evaluate(engines, loss_cfg, batches, n_bins: int = 10):
                     device=engines.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=engines.device)
     for batch in batches:
+        where = _positions(batch)
         batch = to_device(batch, engines.device)
-        logits = engines.student(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                                 use_cache=False).logits
-        student, teacher, targets, rows = _slices(engines, batch, logits)
+        student, teacher, targets, rows = _slices(engines, batch, where)
         out = _objective(engines, loss_cfg, student, teacher, targets, rows, num_rows=batch["input_ids"].shape[0])
         loss_sum += out["loss"].double().sum()
         sums.add(student, teacher, targets, known=_known_metrics(loss_cfg, out))
-        del logits, student, teacher, out
+        del student, teacher, out
     engines.student.train()
     sums.add_sum("loss", loss_sum)
     scalars = sums.result(engines.dp_group)

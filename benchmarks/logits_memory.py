@@ -1,0 +1,95 @@
+"""Peak memory of one training step's logits path, in units of L.
+
+    python benchmarks/logits_memory.py [--vocab 32768] [--micro-batch 4] [--seq-len 256]
+
+L = one ``[micro-batch x sequence x V_local]`` logits tensor in the model dtype (all positions
+counted). The pair has a large vocabulary and a tiny body (hidden 64, 2 layers), so the logits
+dominate what a step allocates; the peak is the live tensor bytes the step's own tensors hold at
+once (``model_parallel.memory_counter.LiveBytes``: deterministic, excludes parameters and optimizer
+state made before it), for pre-training batches (every position has a target) and for SFT-like
+batches (the first half of every row masked with -100). 1 process, TP 1, fp32, one step after a
+warm-up step, ZeRO-3 with 1e6-element communication buckets.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _worker(rank, world_size, work, args):
+    import torch
+
+    from model_parallel.memory_counter import LiveBytes
+    from training.config import load_config
+    from training.deepspeed_config import build_deepspeed_configs
+    from training.engines import build_engines, engine_sources
+    from training.step import train_step
+
+    cfg = load_config(os.path.join(ROOT, "launch/configs/demo_distill.yaml"), [
+        f"teacher.path={work}/teacher", f"tokenizer={work}/teacher", f"student.config={work}/student.json",
+        f"train.micro_batch_size={args.micro_batch}", "train.grad_accum=1", "parallel.tensor_parallel=1",
+        f"data.train={work}", f"output_dir={work}/out", f"parallel.deepspeed_config={work}/ds.json"])
+    engines = build_engines(**engine_sources(cfg), ds_configs=build_deepspeed_configs(cfg, world_size, False),
+                            bf16=False)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 1000, (args.micro_batch, args.seq_len), generator=generator)
+    sft = ids.clone()
+    sft[:, :args.seq_len // 2] = -100
+    logits_bytes = args.micro_batch * args.seq_len * engines.vocab_size * 4  # L, fp32
+    peaks = {}
+    for name, labels in (("pre-training", ids.clone()), ("SFT, half the positions masked", sft)):
+        batch = {"input_ids": ids, "labels": labels}
+        train_step(engines, cfg.loss, [batch])  # warm-up
+        with LiveBytes() as counted:
+            train_step(engines, cfg.loss, [batch])
+        peaks[name] = counted.peak_bytes / logits_bytes
+    return {"peaks": peaks, "L": logits_bytes}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vocab", type=int, default=32768)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    args = parser.parse_args()
+
+    import torch
+    from tokenizers import Tokenizer, models
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    from model_parallel.spawn import run_on_ranks
+
+    os.chdir(ROOT)
+    with tempfile.TemporaryDirectory() as work:
+        def config(layers):
+            return LlamaConfig(vocab_size=args.vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                               num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=args.seq_len,
+                               tie_word_embeddings=False, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+
+        # ZeRO-3 with small communication buckets: DeepSpeed's default 5e8-element gradient bucket
+        # (2 GB in fp32) would be most of the step's allocations and hide the logits path.
+        with open(f"{work}/ds.json", "w") as out:
+            json.dump({"zero_optimization": {"stage": 3, "reduce_bucket_size": 1000000,
+                                             "stage3_prefetch_bucket_size": 1000000}}, out)
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config(2)).save_pretrained(f"{work}/teacher")
+        config(2).to_json_file(f"{work}/student.json")
+        vocab = {f"t{i}": i for i in range(1024)}
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")),
+                                            pad_token="t0", unk_token="t1", bos_token="t2", eos_token="t3")
+        tokenizer.save_pretrained(f"{work}/teacher")
+        result = run_on_ranks(1, _worker, work, args, deepspeed=True, timeout=1800)[0]
+    print(f"logits path, micro-batch {args.micro_batch} x {args.seq_len}, V {args.vocab} "
+          f"(L = {result['L'] / 1e6:.1f} MB, fp32), 1 process, TP 1")
+    for name, peak in result["peaks"].items():
+        print(f"  {name:<32} peak {peak:.2f} L")
+
+
+if __name__ == "__main__":
+    main()

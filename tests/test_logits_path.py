@@ -1,0 +1,61 @@
+"""The lean logits path (heads on the kept positions only, no copies where every position is
+valid) gives the same slices, losses and gradients as selecting positions from full logits."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from loss.objective import distillation_objective
+from tests.tiny_models import gemma2, llama
+from training.step import _positions, _slices
+
+VOCAB, REAL = 520, 512  # 8 padded vocabulary columns
+
+
+def _reference_slices(student, teacher, batch):
+    """Today's path before the change: full logits, then [:, :-1][valid], padding masked."""
+    targets = batch["labels"][:, 1:]
+    valid = targets != -100
+    s = student(input_ids=batch["input_ids"]).logits[:, :-1][valid].clone()
+    with torch.no_grad():
+        t = teacher(input_ids=batch["input_ids"]).logits[:, :-1][valid].clone()
+    s[:, REAL:] = float("-inf")
+    t[:, REAL:] = float("-inf")
+    return s, t, targets[valid], valid.nonzero()[:, 0]
+
+
+@pytest.mark.parametrize("architecture", [llama, gemma2])  # Gemma-2: the head's soft-capping is kept
+@pytest.mark.parametrize("masked", [False, True])  # pre-training blocks; SFT rows with masked prompts
+def test_lean_path_equals_the_full_logits_path(architecture, masked):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    student = AutoModelForCausalLM.from_config(architecture(VOCAB))
+    teacher = AutoModelForCausalLM.from_config(architecture(VOCAB, hidden=48)).eval()
+    ids = torch.randint(4, REAL, (3, 24), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    if masked:
+        labels[0, :10], labels[1, :5], labels[2, :17] = -100, -100, -100
+    batch = {"input_ids": ids, "labels": labels}
+    engines = SimpleNamespace(student=student, teacher=teacher, vocab_start=0, real_vocab_size=REAL,
+                              device=torch.device("cpu"))
+    where = _positions(batch)
+    assert (where.valid is None) == (not masked)
+    results = []
+    for slices in (_slices(engines, batch, where), None):
+        student.zero_grad()
+        s, t, targets, rows = slices if slices is not None else _reference_slices(student, teacher, batch)
+        out = distillation_objective(s, t, targets, kind="tail", top_k=5, beta=2.0, beta_mode="sequence",
+                                     sequence_ids=rows, num_sequences=3, ce_weight=0.3)
+        out["loss"].sum().backward()
+        results.append((s.detach(), t, targets, rows, out["loss"].detach(),
+                        {n: p.grad.clone() for n, p in student.named_parameters()}))
+    (s1, t1, y1, r1, l1, g1), (s2, t2, y2, r2, l2, g2) = results
+    assert torch.equal(y1, y2) and torch.equal(r1, r2)
+    # The same matmuls on fewer rows: equal up to fp32 reassociation in the head's matmul.
+    torch.testing.assert_close(s1, s2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(t1, t2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-6)
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], rtol=1e-4, atol=1e-7, msg=name)
