@@ -161,22 +161,13 @@ def main():
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
 
-    import torch
-    from tokenizers import Tokenizer, models
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
-
+    from benchmarks.demo_pair import save_random_teacher
     from model_parallel.spawn import run_on_ranks
 
     os.chdir(ROOT)  # the demo config's paths are relative to the repository
     results = {}
     with tempfile.TemporaryDirectory() as work:
-        torch.manual_seed(0)
-        config = AutoConfig.from_pretrained(os.path.join(ROOT, "launch/configs/models/demo_teacher.json"))
-        AutoModelForCausalLM.from_config(config).save_pretrained(f"{work}/teacher")
-        vocab = {f"t{i}": i for i in range(config.vocab_size)}
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")),
-                                            pad_token="t0", unk_token="t1", bos_token="t2", eos_token="t3")
-        tokenizer.save_pretrained(f"{work}/teacher")
+        save_random_teacher(f"{work}/teacher")
         results["baseline: Trainer + DDP, teacher per rank, full-vocabulary KL"] = run_on_ranks(
             args.ranks, _trainer_worker, work, args, timeout=1800)[0]
         for tp in args.tp:

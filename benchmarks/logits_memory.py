@@ -59,10 +59,9 @@ def main():
     parser.add_argument("--seq-len", type=int, default=256)
     args = parser.parse_args()
 
-    import torch
-    from tokenizers import Tokenizer, models
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+    from transformers import LlamaConfig
 
+    from benchmarks.demo_pair import save_random_teacher
     from model_parallel.spawn import run_on_ranks
 
     os.chdir(ROOT)
@@ -77,13 +76,8 @@ def main():
         with open(f"{work}/ds.json", "w") as out:
             json.dump({"zero_optimization": {"stage": 3, "reduce_bucket_size": 1000000,
                                              "stage3_prefetch_bucket_size": 1000000}}, out)
-        torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(config(2)).save_pretrained(f"{work}/teacher")
+        save_random_teacher(f"{work}/teacher", config(2), tokens=1024)
         config(2).to_json_file(f"{work}/student.json")
-        vocab = {f"t{i}": i for i in range(1024)}
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")),
-                                            pad_token="t0", unk_token="t1", bos_token="t2", eos_token="t3")
-        tokenizer.save_pretrained(f"{work}/teacher")
         result = run_on_ranks(1, _worker, work, args, deepspeed=True, timeout=1800)[0]
     print(f"logits path, micro-batch {args.micro_batch} x {args.seq_len}, V {args.vocab} "
           f"(L = {result['L'] / 1e6:.1f} MB, fp32), 1 process, TP 1")

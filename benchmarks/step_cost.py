@@ -77,21 +77,12 @@ def main():
     parser.add_argument("--micro-batch", type=int, default=8)
     args = parser.parse_args()
 
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models
-
+    from benchmarks.demo_pair import save_random_teacher
     from model_parallel.spawn import run_on_ranks
 
     os.chdir(ROOT)  # the demo config's paths are relative to the repository
     with tempfile.TemporaryDirectory() as work:
-        torch.manual_seed(0)
-        config = AutoConfig.from_pretrained(os.path.join(ROOT, "launch/configs/models/demo_teacher.json"))
-        AutoModelForCausalLM.from_config(config).save_pretrained(f"{work}/teacher")
-        vocab = {f"t{i}": i for i in range(config.vocab_size)}
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")),
-                                            pad_token="t0", unk_token="t1", bos_token="t2", eos_token="t3")
-        tokenizer.save_pretrained(f"{work}/teacher")
+        save_random_teacher(f"{work}/teacher")
         results = run_on_ranks(args.ranks, _worker, work, args, deepspeed=True, timeout=1800)[0]
 
     print(f"demo teacher -> demo student, {args.ranks} gloo ranks, TP={args.tp}, micro-batch {args.micro_batch} x "
