@@ -13,19 +13,17 @@ Prints a table and writes the metrics (and calibration bins) as JSON to ``--out`
 import argparse
 import json
 import os
-import socket
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _single_process_defaults() -> None:
     """Outside a launcher, run as a one-rank group."""
+    from model_parallel.spawn import free_port
+
     if "RANK" in os.environ:
         return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
 def print_table(metrics: dict) -> None:

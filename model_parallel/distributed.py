@@ -27,6 +27,14 @@ def shm_buffer_path(rank: int) -> str:
     return os.path.join(SHM_DIR, name)
 
 
+def accelerator_device():
+    """The ``torch.device`` this rank computes on (DeepSpeed's accelerator: ``cuda:<local rank>``, ``cpu``)."""
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
 def extension_build_locks() -> list:
     """The lock files of torch's JIT extension builds (``TORCH_EXTENSIONS_DIR`` or torch's default)."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR")

@@ -59,3 +59,26 @@ def test_lean_path_equals_the_full_logits_path(architecture, masked):
     torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-6)
     for name in g1:
         torch.testing.assert_close(g1[name], g2[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_a_model_without_logits_to_keep_gets_the_same_slices():
+    """Older or remote-code models lack ``logits_to_keep``: their full logits are cut to the kept positions."""
+    from transformers import LlamaForCausalLM
+
+    class WithoutLogitsToKeep(LlamaForCausalLM):
+
+        def forward(self, input_ids=None, attention_mask=None, use_cache=None):
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+    torch.manual_seed(0)
+    student = WithoutLogitsToKeep(llama(VOCAB))
+    teacher = WithoutLogitsToKeep(llama(VOCAB, hidden=48)).eval()
+    ids = torch.randint(4, REAL, (3, 24), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :10] = -100
+    batch = {"input_ids": ids, "labels": labels}
+    engines = SimpleNamespace(student=student, teacher=teacher, vocab_start=0, real_vocab_size=REAL,
+                              device=torch.device("cpu"))
+    lean = _slices(engines, batch, _positions(batch))
+    for got, expected in zip(lean, _reference_slices(student, teacher, batch)):
+        torch.testing.assert_close(got.detach(), expected.detach(), rtol=0, atol=0)  # the same logits, copied out

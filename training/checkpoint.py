@@ -351,6 +351,22 @@ def checkpoints_dir(cfg: RunConfig) -> str:
     return os.path.join(cfg.output_dir, "checkpoints")
 
 
+def _converted(root: str, tag: str) -> str:
+    """``tag`` converted for another TP x DP layout (DeepSpeed's universal checkpoint re-partitions
+    every tensor); any failure becomes a :class:`CheckpointError` naming the tag."""
+    from training import universal
+
+    try:
+        return universal.convert(root, tag)
+    except CheckpointError:
+        raise
+    except Exception as error:  # noqa: BLE001 -- the traceback is printed, the message names the tag
+        import traceback
+
+        traceback.print_exc()
+        raise CheckpointError(f"checkpoint {tag}: conversion to the universal format failed: {error!r}") from None
+
+
 def _decide(cfg: RunConfig, world_size: int, student_stage: int) -> ResumePlan:
     """Rank 0's side of :func:`plan_resume`."""
     root = checkpoints_dir(cfg)
@@ -368,7 +384,6 @@ def _decide(cfg: RunConfig, world_size: int, student_stage: int) -> ResumePlan:
                               f"{layout['global_batch_size']} sequences, this run has {global_batch} "
                               f"(micro_batch_size x grad_accum x data-parallel {dp}); adjust train.grad_accum or "
                               f"--set checkpoint.allow_batch_change=true")
-    load_tag = tag
     saved_stage, stage = layout.get("zero_stage", 3), student_stage
     if saved_stage != stage:
         raise CheckpointError(f"checkpoint {tag} holds a ZeRO-{saved_stage} student and this run asks for ZeRO-{stage} "
@@ -379,18 +394,9 @@ def _decide(cfg: RunConfig, world_size: int, student_stage: int) -> ResumePlan:
             raise CheckpointError(f"checkpoint {tag}: resuming a ZeRO-{stage} student on another TP x DP layout is "
                                   f"not supported yet (the universal conversion handles ZeRO-3 students); resume at "
                                   f"TP {layout['tensor_parallel']} x DP {layout['data_parallel']}")
-        # Another TP x DP layout: DeepSpeed's universal checkpoint re-partitions every tensor.
-        from training import universal
-
-        try:
-            load_tag = universal.convert(root, tag)
-        except CheckpointError:
-            raise
-        except Exception as error:
-            import traceback
-
-            traceback.print_exc()
-            raise CheckpointError(f"checkpoint {tag}: conversion to the universal format failed: {error!r}") from None
+        load_tag = _converted(root, tag)
+    else:
+        load_tag = tag
     return ResumePlan(root=root, tag=tag, load_tag=load_tag, step=state["step"],
                       consumed_samples=state["sampler"]["consumed_samples"])
 

@@ -102,7 +102,7 @@ class ParallelConfig:
     timeout_s: int = 1800
     """Collective timeout: a rank waiting longer for a dead peer fails instead of hanging."""
     deepspeed_config: str = "ds_configs/zero3_tp.json"
-    """DeepSpeed JSON (ZeRO-3 + AutoTP); values this config owns are filled in."""
+    """DeepSpeed JSON (ZeRO + AutoTP); values this config owns are filled in."""
     student_zero_stage: Optional[int] = None
     """The student's ZeRO stage (1, 2 or 3) where the DeepSpeed JSON's ``zero_optimization.stage``
     is ``"auto"`` or absent (then 3); a JSON stage that differs is refused."""

@@ -28,7 +28,7 @@ def _put(ds: dict, dotted: str, value, source: str) -> None:
 
 
 class DeepSpeedConfigs(NamedTuple):
-    """The three DeepSpeed dicts a job builds its engines from, complete and never edited later."""
+    """The DeepSpeed dicts a job builds its engines from, complete and never edited later."""
 
     student: dict
     """The trainable student's engine: optimizer, scheduler, clipping (and ``checkpoint.load_universal``

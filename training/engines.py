@@ -1,8 +1,10 @@
-"""Build the frozen teacher and the trainable student as ZeRO-3 + AutoTP DeepSpeed engines.
+"""Build the frozen teacher and the trainable student as DeepSpeed engines with AutoTP.
 
-Both models are created under a ZeRO-3-only ``HfDeepSpeedConfig`` / ``zero.Init`` so that no rank
-ever holds a full copy, then ``deepspeed.initialize`` applies AutoTP with a vocabulary-parallel
-LM head: both engines return logits sliced identically over the tensor-parallel group.
+A ZeRO-3 model (the student at stage 3, a ``zero3`` teacher, an evaluated student) is created
+under a ZeRO-3-only ``HfDeepSpeedConfig`` / ``zero.Init`` so that no rank ever holds a full copy;
+a resident teacher and a ZeRO-1/2 student load whole on the host. ``deepspeed.initialize`` then
+applies AutoTP with a vocabulary-parallel LM head: both engines return logits sliced identically
+over the tensor-parallel group.
 """
 
 import contextlib
@@ -14,6 +16,7 @@ import torch
 
 from data.manifest import tokenizer_fingerprint
 from loss.registry import LOSSES
+from model_parallel.distributed import accelerator_device
 from training.config import ConfigError, RunConfig, StudentConfig, TeacherConfig
 from training.deepspeed_config import DeepSpeedConfigs
 
@@ -236,7 +239,6 @@ def build_engines(*, student: StudentConfig, teacher: Optional[TeacherConfig], t
     works with ZeRO-3's parameter hooks and AutoTP).
     """
     import deepspeed
-    from deepspeed.accelerator import get_accelerator
     from deepspeed.utils import groups
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -281,4 +283,4 @@ def build_engines(*, student: StudentConfig, teacher: Optional[TeacherConfig], t
     return Engines(student=student, teacher=teacher, tokenizer=tokenizer, vocab_size=vocab_size,
                    real_vocab_size=len(tokenizer), vocab_start=vocab_start, tp_group=tp_group, dp_group=dp_group,
                    dp_rank=torch.distributed.get_rank(dp_group), dp_size=dp_size,
-                   device=torch.device(get_accelerator().current_device_name()))
+                   device=accelerator_device())

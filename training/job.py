@@ -13,6 +13,7 @@ import yaml
 
 from core.errors import TrainingStopped
 from data.loader import Collator, GlobalBatchSampler, eval_batches, load_prepared
+from model_parallel.distributed import accelerator_device
 from training import checkpoint, faults
 from training.config import RunConfig, identity, to_dict
 from training.data import ensure_prepared
@@ -22,12 +23,6 @@ from training.export import export_student
 from training.memory import PeakMemory
 from training.metrics import MetricsWriter
 from training.step import evaluate, step_means, train_step
-
-
-def _accelerator_device() -> torch.device:
-    from deepspeed.accelerator import get_accelerator
-
-    return torch.device(get_accelerator().current_device_name())
 
 
 def _seed_everything(seed: int) -> None:
@@ -105,9 +100,10 @@ def run(cfg: RunConfig) -> dict:
     world_size, bf16 = dist.get_world_size(), use_bf16(cfg.train.dtype)
     train_dir = ensure_prepared(cfg, cfg.data.train, "train")
     eval_dir = ensure_prepared(cfg, cfg.data.eval, "eval") if cfg.data.eval else None
-    plan = checkpoint.plan_resume(cfg, world_size, resolve_student_stage(cfg))  # before any model is built: a bad checkpoint fails fast
+    # Before any model is built, so a bad checkpoint fails fast.
+    plan = checkpoint.plan_resume(cfg, world_size, resolve_student_stage(cfg))
     _seed_everything(cfg.seed)
-    memory = PeakMemory(_accelerator_device())
+    memory = PeakMemory(accelerator_device())
     engines = build_engines(**engine_sources(cfg), bf16=bf16,
                             ds_configs=build_deepspeed_configs(cfg, world_size, bf16, universal=plan.universal))
     faults.install(engines)
@@ -120,8 +116,8 @@ def run(cfg: RunConfig) -> dict:
     collator = Collator(engines.tokenizer.pad_token_id)
     _write_resolved_config(cfg)
     writer = MetricsWriter(cfg.output_dir, resume_step=plan.step, enabled=dist.get_rank() == 0)
-    step, end, skips, scalars = plan.step, cfg.train.stop_at_step or cfg.train.max_steps, _SkipGuard(
-        cfg.train.max_consecutive_skips), {}
+    step, end = plan.step, cfg.train.stop_at_step or cfg.train.max_steps
+    skips, scalars = _SkipGuard(cfg.train.max_consecutive_skips), {}
     progress = tqdm(total=cfg.train.max_steps, initial=step, desc="distill", unit="step",
                     disable=dist.get_rank() != 0, dynamic_ncols=True)
     while step < end:

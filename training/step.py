@@ -10,6 +10,8 @@ made here lives there; sums stay on the device. The step's one host sync is the 
 agreed by all ranks; :func:`step_means` (called on logging steps only) is the other.
 """
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -62,12 +64,19 @@ def _mask_padding(logits: torch.Tensor, vocab_start: int, real_vocab_size: int) 
     return logits
 
 
+@functools.lru_cache(maxsize=None)
+def _takes_logits_to_keep(model_class) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
 def _logits(model, batch, keep: torch.Tensor) -> torch.Tensor:
     """``[B, k, V_local]`` logits at positions ``keep`` (``[k]``, on the device): the model applies its
-    head (and Gemma-2's final soft-capping) to those hidden states only."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False,
-                logits_to_keep=keep)
-    return out.logits
+    head (and Gemma-2's final soft-capping) to those hidden states only. A model whose forward has
+    no ``logits_to_keep`` (older or remote code) computes every position, then ``keep`` is copied out."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
+    if _takes_logits_to_keep(type(getattr(model, "module", model))):  # a DeepSpeed engine wraps the model
+        return model(**inputs, logits_to_keep=keep).logits
+    return model(**inputs).logits[:, keep]
 
 
 def _select(logits: torch.Tensor, valid) -> torch.Tensor:
