@@ -38,7 +38,8 @@ def distillation_objective(student_logits: torch.Tensor,
                            ce_weight: float = 0.0,
                            sequence_ids: Optional[torch.Tensor] = None,
                            num_sequences: Optional[int] = None,
-                           tp_group=None) -> Dict[str, torch.Tensor]:
+                           tp_group=None,
+                           donate_teacher: bool = False) -> Dict[str, torch.Tensor]:
     """Per-token loss over ``n`` valid tokens (logits ``[n, V_local]``, ``labels`` ``[n]`` ids).
 
     Returns ``{"loss": [n], "kd": [n], "ce": [n], ...}``: ``loss`` is what to back-propagate (after
@@ -46,7 +47,9 @@ def distillation_objective(student_logits: torch.Tensor,
     (:data:`loss.registry.LOSSES`) returns them (``tail`` adds ``head_kl``, ``tail_kl``,
     ``teacher_tail_mass`` and ``student_tail_mass``). ``beta_mode`` ``sequence`` needs
     ``sequence_ids`` (``[n]``, the row of each token) and takes ``num_sequences`` (the batch's row
-    count) where the caller knows it.
+    count) where the caller knows it. ``donate_teacher``: the caller will not read
+    ``teacher_logits`` after backward, so the divergence may reuse its storage for the student's
+    gradient (:func:`loss.tail_divergence`).
     """
     entry = divergence(kind)
     out = {}
@@ -60,7 +63,7 @@ def distillation_objective(student_logits: torch.Tensor,
     else:
         beta_for = lambda mass: beta  # noqa: E731
     out.update(entry.compute(student_logits, teacher_logits, top_k=top_k, beta_for=beta_for,
-                             temperature=temperature, tp_group=tp_group))
+                             temperature=temperature, tp_group=tp_group, donate_teacher=donate_teacher))
     scaled = temperature**2 * out["kd"]
     out["loss"] = scaled if ce_weight == 0 else (1 - ce_weight) * scaled + ce_weight * out["ce"]
     return out

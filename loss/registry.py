@@ -21,9 +21,11 @@ class Divergence:
     summary: str
     """One line for ``--help`` texts and the README."""
     compute: Optional[Callable]
-    """``compute(student, teacher, *, top_k, beta_for, temperature, tp_group) -> {"kd": [n], ...}``;
-    ``beta_for(teacher_tail_mass)`` gives the tail weight (a number, or per token). None: no
-    divergence (cross-entropy only)."""
+    """``compute(student, teacher, *, top_k, beta_for, temperature, tp_group, donate_teacher) -> {"kd": [n], ...}``;
+    ``beta_for(teacher_tail_mass)`` gives the tail weight (a number, or per token);
+    ``donate_teacher`` lets backward reuse the teacher's storage for the student's gradient (the
+    caller does not read the teacher's logits after backward); a divergence may ignore it. None:
+    no divergence (cross-entropy only)."""
     uses_top_k: bool = False
     """Whether ``loss.top_k``, ``loss.beta`` and ``loss.beta_mode`` apply."""
 
@@ -32,8 +34,9 @@ class Divergence:
         return self.compute is not None
 
 
-def _tail(student, teacher, *, top_k, beta_for, temperature, tp_group) -> Dict:
-    parts = tail_divergence_parts(student, teacher, top_k=top_k, temperature=temperature, tp_group=tp_group)
+def _tail(student, teacher, *, top_k, beta_for, temperature, tp_group, donate_teacher) -> Dict:
+    parts = tail_divergence_parts(student, teacher, top_k=top_k, temperature=temperature, tp_group=tp_group,
+                                  donate_teacher=donate_teacher)
     out = parts._asdict()
     out["kd"] = parts.head_kl + beta_for(parts.teacher_tail_mass) * parts.tail_kl
     return out
@@ -41,7 +44,7 @@ def _tail(student, teacher, *, top_k, beta_for, temperature, tp_group) -> Dict:
 
 def _kl(divergence):
 
-    def compute(student, teacher, *, top_k, beta_for, temperature, tp_group) -> Dict:
+    def compute(student, teacher, *, top_k, beta_for, temperature, tp_group, donate_teacher) -> Dict:
         return {"kd": divergence(student, teacher, temperature=temperature, tp_group=tp_group)}
 
     return compute

@@ -146,7 +146,8 @@ def _local_statistics(student, teacher, k, shard, inv_t, payload):
 class _TailDivergenceParts(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, top_k: int, temperature: float, tp_group, shard: VocabShard):
+    def forward(ctx, student_logits, teacher_logits, top_k: int, temperature: float, tp_group, shard: VocabShard,
+                donate_teacher: bool):
         num_rows = student_logits.shape[:-1].numel()
         student = student_logits.reshape(num_rows, shard.size)
         teacher = teacher_logits.reshape(num_rows, shard.size)
@@ -196,13 +197,16 @@ class _TailDivergenceParts(torch.autograd.Function):
         ctx.save_for_backward(student_logits, teacher_logits, top_ids, top_t.contiguous(), top_s.contiguous(), log_z_t,
                               log_z_s, log_tail_t, log_tail_s, p_tail, q_tail)
         ctx.shard, ctx.inv_t = shard, inv_t
+        # The gradient can take the teacher's storage only where it has the student's layout.
+        ctx.donated = (donate_teacher and teacher_logits.dtype == student_logits.dtype and
+                       teacher_logits.is_contiguous() and student_logits.is_contiguous())
         return head_kl, tail_kl, p_tail, q_tail
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_head, grad_tail, _grad_p_tail, _grad_q_tail):
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         (student_logits, teacher_logits, top_ids, top_t, top_s, log_z_t, log_z_s, log_tail_t, log_tail_s, p_tail,
          q_tail) = ctx.saved_tensors
         shard, inv_t = ctx.shard, ctx.inv_t
@@ -223,19 +227,22 @@ class _TailDivergenceParts(torch.autograd.Function):
         has_top = top_ids.shape[1] > 0
 
         fp32_out = student.dtype == torch.float32
-        grad_student = torch.empty_like(student, dtype=torch.float32) if fp32_out else torch.empty_like(student)
+        # A donated teacher buffer is overwritten row chunk by row chunk, each chunk after it is read.
+        grad_student = teacher if ctx.donated else torch.empty_like(student)  # (N, V_local), the student's dtype
         for rows in _row_chunks(num_rows, shard.size, student.device):
             # Tail entries sit at or below their own log-sum-exp, so these exps cannot overflow;
             # top-K entries may, and are overwritten below.
+            teacher_tail = _scaled_exp(teacher[rows].float(), log_tail_t[rows], inv_t)  # (R, V_local) fp32
             grad = _scaled_exp(student[rows].float(), log_tail_s[rows], inv_t,
                                out=grad_student[rows] if fp32_out else None).mul_(coef_q[rows])
-            grad.addcmul_(_scaled_exp(teacher[rows].float(), log_tail_t[rows], inv_t), minus_coef_p[rows])
+            grad.addcmul_(teacher_tail, minus_coef_p[rows])
+            del teacher_tail
             if has_top:
                 flat, owned = _owned_flat_index(top_ids[rows], shard)
                 grad.view(-1)[flat] = top_grad[rows][owned]
             if not fp32_out:
                 grad_student[rows] = grad
-        return grad_student.view_as(student_logits), None, None, None, None, None
+        return grad_student.view_as(student_logits), None, None, None, None, None, None
 
 
 def _check_logits(student_logits, teacher_logits, top_k, temperature):
@@ -278,7 +285,8 @@ def _check_beta(beta, token_shape):
     return None
 
 
-def _tail_parts(student_logits, teacher_logits, top_k, temperature, tp_group, beta_error=None) -> TailParts:
+def _tail_parts(student_logits, teacher_logits, top_k, temperature, tp_group, beta_error=None,
+                donate_teacher=False) -> TailParts:
     error = _check_logits(student_logits, teacher_logits, top_k, temperature) or beta_error
     device = next((x.device for x in (student_logits, teacher_logits) if isinstance(x, torch.Tensor)), None)
     # A rank with bad input still joins the check, with placeholder values, so that every rank raises.
@@ -294,7 +302,8 @@ def _tail_parts(student_logits, teacher_logits, top_k, temperature, tp_group, be
                                     "the number of tokens": student_logits.shape[:-1].numel() if valid else 0,
                                 })
     head_kl, tail_kl, p_tail, q_tail = _TailDivergenceParts.apply(student_logits, teacher_logits.detach(), top_k,
-                                                                  float(temperature), tp_group, shard)
+                                                                  float(temperature), tp_group, shard,
+                                                                  donate_teacher)
     token_shape = student_logits.shape[:-1]
     return TailParts(head_kl.view(token_shape), tail_kl.view(token_shape), p_tail.view(token_shape),
                      q_tail.view(token_shape))
@@ -305,13 +314,14 @@ def tail_divergence_parts(student_logits: torch.Tensor,
                           *,
                           top_k: int,
                           temperature: float = 1.0,
-                          tp_group=None) -> TailParts:
+                          tp_group=None,
+                          donate_teacher: bool = False) -> TailParts:
     """The per-token parts of the tail-aware divergence from one pass (see :class:`TailParts`).
 
     Same arguments and contract as :func:`tail_divergence`, without β:
     ``D = head_kl + β · tail_kl``.
     """
-    return _tail_parts(student_logits, teacher_logits, top_k, temperature, tp_group)
+    return _tail_parts(student_logits, teacher_logits, top_k, temperature, tp_group, donate_teacher=donate_teacher)
 
 
 def tail_divergence(student_logits: torch.Tensor,
@@ -320,7 +330,8 @@ def tail_divergence(student_logits: torch.Tensor,
                     top_k: int,
                     beta: Union[float, torch.Tensor],
                     temperature: float = 1.0,
-                    tp_group=None) -> torch.Tensor:
+                    tp_group=None,
+                    donate_teacher: bool = False) -> torch.Tensor:
     """Per-token tail-aware divergence ``D = KL(p̂‖q̂) + β·KL(p̃‖q̃)`` (DESIGN.md §1).
 
     Args:
@@ -333,6 +344,11 @@ def tail_divergence(student_logits: torch.Tensor,
         temperature: τ > 0; both logits are divided by it. No τ² factor is applied here.
         tp_group: ``None`` for the whole vocabulary, else the tensor-parallel process group whose
             rank r holds the r-th contiguous vocabulary slice (slices may be uneven).
+        donate_teacher: the caller will not read ``teacher_logits`` after backward, so backward
+            writes the student's gradient into the teacher's storage instead of a new
+            ``[..., V_local]`` buffer (where both have the same dtype and are contiguous; otherwise
+            ignored). Saves one logits-sized tensor per training step; the teacher's values are
+            gone once backward has run.
 
     Returns:
         float32 ``[...]`` (the logits' shape without the last dim), identical on every rank of the
@@ -345,7 +361,8 @@ def tail_divergence(student_logits: torch.Tensor,
     """
     token_shape = student_logits.shape[:-1] if isinstance(student_logits, torch.Tensor) else None
     parts = _tail_parts(student_logits, teacher_logits, top_k, temperature, tp_group,
-                        _check_beta(beta, token_shape) if token_shape is not None else None)
+                        _check_beta(beta, token_shape) if token_shape is not None else None,
+                        donate_teacher=donate_teacher)
     if isinstance(beta, torch.Tensor):
         beta = beta.detach().to(device=parts.tail_kl.device, dtype=torch.float32)
     return parts.head_kl + beta * parts.tail_kl

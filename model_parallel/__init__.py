@@ -4,7 +4,7 @@ Everything here is a no-op without a process group (``None`` or a group of size 
 loss code runs on one device and on a vocabulary split over tensor-parallel ranks.
 """
 
-from model_parallel.collectives import all_reduce_sum, gather_rows, group_rank, is_parallel
+from model_parallel.collectives import all_reduce_sum, gather_rows, group_rank, is_parallel, start_all_reduce_sum
 from model_parallel.layout import VocabShard, resolve_vocab_shard
 from model_parallel.topk import global_argmax, local_topk, rank_candidates
 
@@ -18,4 +18,5 @@ __all__ = [
     "local_topk",
     "resolve_vocab_shard",
     "rank_candidates",
+    "start_all_reduce_sum",
 ]

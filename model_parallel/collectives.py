@@ -31,6 +31,22 @@ def all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
     return tensor
 
 
+class _Done:
+    """The handle of a collective that had nothing to do."""
+
+    def wait(self) -> bool:
+        return True
+
+
+def start_all_reduce_sum(tensor: torch.Tensor, group):
+    """Start summing ``tensor`` over ``group`` in place; returns a handle whose ``wait()`` must run
+    before ``tensor`` is read. The sum overlaps with whatever the caller runs in between (gloo
+    runs it on its own thread; NCCL on its stream, and ``wait()`` orders the caller's stream after it)."""
+    if is_parallel(group):
+        return dist.all_reduce(tensor, group=group, async_op=True)
+    return _Done()
+
+
 def gather_rows(local: torch.Tensor, group) -> torch.Tensor:
     """All-gather per-token rows from every rank of ``group``.
 

@@ -154,6 +154,41 @@ def test_padded_vocabulary_columns():
     assert (tail_divergence_parts(student, teacher, top_k=30).teacher_tail_mass == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_donated_teacher_buffer_holds_the_same_gradient_and_saves_one_logits_tensor(dtype):
+    """donate_teacher: bit-identical values and gradients, the gradient written into the teacher's
+    storage, and backward's peak one [n, V] tensor lower (live tensor bytes, deterministic)."""
+    from model_parallel.memory_counter import LiveBytes
+
+    n, vocab = 64, 3000
+    logits_bytes = n * vocab * torch.empty((), dtype=dtype).element_size()
+    results = {}
+    for donate in (False, True):
+        student, teacher = _logits(n, vocab, seed=40, dtype=dtype), _logits(n, vocab, seed=41, dtype=dtype)
+        student[:, -7:], teacher[:, -7:] = float("-inf"), float("-inf")  # padded columns: zero gradient
+        student.requires_grad_(True)
+        value = tail_divergence(student, teacher, top_k=5, beta=2.0, donate_teacher=donate)
+        upstream = torch.randn(n, generator=torch.Generator().manual_seed(2))
+        with LiveBytes() as counted:
+            value.backward(upstream)
+        results[donate] = (value.detach(), student.grad, counted.peak_bytes, teacher)
+    (v0, g0, peak0, t0), (v1, g1, peak1, t1) = results[False], results[True]
+    assert torch.equal(v0, v1) and torch.equal(g0, g1) and g1.dtype == dtype
+    assert (g1[:, -7:] == 0).all()
+    assert g1.untyped_storage().data_ptr() == t1.untyped_storage().data_ptr()  # the teacher's storage
+    assert torch.equal(t0, _logits(n, vocab, seed=41, dtype=dtype).index_fill_(1, torch.arange(vocab - 7, vocab),
+                                                                               float("-inf")))  # not donated: intact
+    assert peak0 - peak1 >= 0.99 * logits_bytes
+
+
+def test_a_teacher_of_another_dtype_is_not_donated():
+    student = _logits(8, 50, seed=42).requires_grad_(True)
+    teacher = _logits(8, 50, seed=43, dtype=torch.bfloat16)
+    kept = teacher.clone()
+    tail_divergence(student, teacher, top_k=3, beta=2.0, donate_teacher=True).sum().backward()
+    assert torch.equal(teacher, kept) and student.grad.dtype == torch.float32
+
+
 def test_fully_masked_rows_give_zero_value_and_gradient():
     student, teacher = _logits(4, 25, seed=28), _logits(4, 25, seed=29)
     student[1] = float("-inf")

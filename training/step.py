@@ -6,8 +6,11 @@ The loss is a mean over the valid tokens of the *global* batch (all micro-batche
 ranks), so it does not depend on how the batch is split.
 
 Device discipline (DESIGN.md §6): each batch is moved once onto the engine's device; every tensor
-made here lives there; sums stay on the device. The step's one host sync is the finite-step flag
-agreed by all ranks; :func:`step_means` (called on logging steps only) is the other.
+made here lives there; sums stay on the device. The global token count is all-reduced while the
+first micro-batch's forwards run. The step adds no host sync of its own: whether the optimizer step
+was applied is DeepSpeed's decision (read on the host from its all-reduced gradient norm), and only
+a skipped step gathers which ranks' logits went bad; :func:`step_means` (logging steps only) reads
+the logged values.
 """
 
 import functools
@@ -22,7 +25,7 @@ from core.tokens import IGNORE_INDEX
 from data.loader import to_device
 from loss.metrics import EvalSums
 from loss.objective import distillation_objective
-from model_parallel import all_reduce_sum, gather_rows, global_argmax
+from model_parallel import all_reduce_sum, gather_rows, global_argmax, start_all_reduce_sum
 
 # Summed per token, reported as means over the valid tokens of the step.
 _LOGGED = ("loss", "kd", "ce", "head_kl", "tail_kl", "teacher_tail_mass", "student_tail_mass", "top1_agreement")
@@ -54,13 +57,13 @@ def _positions(host_batch) -> _Positions:
 def _mask_padding(logits: torch.Tensor, vocab_start: int, real_vocab_size: int) -> torch.Tensor:
     """Padded vocabulary rows carry no probability: their logit columns become -inf (in place).
 
-    Outside autograd: the losses give -inf columns a zero gradient anyway, and a recorded in-place
-    write would make backward clone the whole logits gradient. Safe because no op saved the head's
-    output for its backward (autograd's version check would refuse otherwise)."""
+    Written through ``.data``, invisible to autograd: the losses give -inf columns a zero gradient
+    anyway. A write autograd sees, even under ``no_grad``, bumps the version of a view of the head's
+    output, and backward then rebuilds that view's gradient through ``as_strided`` (one more
+    ``[n, V_local]`` zero-filled buffer). Safe because no op saved the head's output for its backward."""
     first_pad = real_vocab_size - vocab_start
     if first_pad < logits.shape[-1]:
-        with torch.no_grad():
-            logits[..., max(first_pad, 0):] = float("-inf")
+        logits.data[..., max(first_pad, 0):] = float("-inf")
     return logits
 
 
@@ -108,11 +111,12 @@ def _slices(engines, batch, positions: _Positions):
     return student, teacher, targets[valid], rows[valid]
 
 
-def _objective(engines, loss_cfg, student, teacher, targets, rows, num_rows):
+def _objective(engines, loss_cfg, student, teacher, targets, rows, num_rows, donate_teacher=False):
     out = distillation_objective(student, teacher, targets, kind=loss_cfg.kind, top_k=loss_cfg.top_k,
                                  beta=loss_cfg.beta, beta_mode=loss_cfg.beta_mode,
                                  temperature=loss_cfg.temperature, ce_weight=loss_cfg.ce_weight,
-                                 sequence_ids=rows, num_sequences=num_rows, tp_group=engines.tp_group)
+                                 sequence_ids=rows, num_sequences=num_rows, tp_group=engines.tp_group,
+                                 donate_teacher=donate_teacher)
     if teacher is not None:
         with torch.no_grad():
             out["student_top1"] = global_argmax(student.detach(), engines.vocab_start, engines.tp_group)
@@ -165,10 +169,9 @@ def train_step(engines, loss_cfg, micro_batches) -> StepResult:
     student, device = engines.student, engines.device
     positions = [_positions(batch) for batch in micro_batches]  # on the host, before the batches move
     micro_batches = [to_device(batch, device) for batch in micro_batches]
-    local_tokens = torch.tensor(float(sum(p.tokens for p in positions)), dtype=torch.float64, device=device)
-    tokens = all_reduce_sum(local_tokens, engines.dp_group)
-    # DeepSpeed averages gradients over data-parallel ranks; the loss is a global-token mean.
-    scale = (engines.dp_size / tokens.clamp(min=1.0)).float()
+    tokens = torch.tensor(float(sum(p.tokens for p in positions)), dtype=torch.float64, device=device)
+    counted = start_all_reduce_sum(tokens, engines.dp_group)  # overlaps with the first forwards
+    scale = None
     sums: Dict[str, torch.Tensor] = {}
     bad = torch.zeros((), dtype=torch.bool, device=device)
     for batch, where in zip(micro_batches, positions):
@@ -176,8 +179,14 @@ def train_step(engines, loss_cfg, micro_batches) -> StepResult:
         # Which rank's own logits went bad: the loss itself is non-finite on every rank of the
         # tensor-parallel group once the statistics are exchanged.
         bad |= _non_finite(*slices[:2])
-        out = _objective(engines, loss_cfg, *slices, num_rows=batch["input_ids"].shape[0])
+        # The teacher's logits are not read after backward, which may take their storage.
+        out = _objective(engines, loss_cfg, *slices, num_rows=batch["input_ids"].shape[0], donate_teacher=True)
+        if scale is None:
+            counted.wait()
+            # DeepSpeed averages gradients over data-parallel ranks; the loss is a global-token mean.
+            scale = (engines.dp_size / tokens.clamp(min=1.0)).float()
         student.backward(out["loss"].sum() * scale, scale_wrt_gas=False)
+        del slices  # the logits, before the optimizer's temporaries and the next micro-batch's forwards
         # ZeRO-3 skips the optimizer (and scheduler) step when the global gradient norm is not
         # finite; every rank takes the same decision from the same all-reduced norm.
         student.step()
@@ -185,11 +194,14 @@ def train_step(engines, loss_cfg, micro_batches) -> StepResult:
             if name in out:
                 total = out[name].detach().double().sum()
                 sums[name] = sums[name] + total if name in sums else total
-        del out, slices  # before the next micro-batch's forwards
-    flags = gather_rows(bad.view(1, 1).float(), dist.group.WORLD)[0, :, 0]  # (world,)
-    flags = flags.tolist()  # host sync: the finite-step decision, one flag per rank
-    return StepResult(sums=sums, tokens=tokens, skipped=not student.was_step_applied(),
-                      non_finite_ranks=[rank for rank, flag in enumerate(flags) if flag])
+        del out
+    skipped = not student.was_step_applied()  # the same on every rank: from the all-reduced gradient norm
+    non_finite_ranks = []
+    if skipped:  # which ranks' logits went bad, only where a step was skipped
+        flags = gather_rows(bad.view(1, 1).float(), dist.group.WORLD)[0, :, 0]  # (world,)
+        flags = flags.tolist()  # host sync: one flag per rank, on skipped steps only
+        non_finite_ranks = [rank for rank, flag in enumerate(flags) if flag]
+    return StepResult(sums=sums, tokens=tokens, skipped=skipped, non_finite_ranks=non_finite_ranks)
 
 
 def step_means(result: StepResult, engines) -> dict:
