@@ -107,9 +107,12 @@ def test_tp2_run_learns_logs_and_exports(straight):
     with open(os.path.join(straight, "metrics.jsonl")) as lines:
         records = [json.loads(line) for line in lines]
     assert {"loss", "kd", "lr", "grad_norm", "tokens_per_s", "teacher_tail_mass", "student_tail_mass", "head_kl",
-            "tail_kl", "top1_agreement", "peak_memory_gb"} <= set(records[-1])
+            "tail_kl", "top1_agreement", "peak_memory_gb", "planned_peak_memory_gb"} <= set(records[-1])
     # CPU: peak RSS above the RSS before the models were built; models and optimizer state count.
     assert all(0 < record["peak_memory_gb"] < 24 for record in records if "loss" in record)
+    # The plan of the job's own layout (training.plan), the same on every logged step.
+    assert len({record["planned_peak_memory_gb"] for record in records if "loss" in record}) == 1
+    assert 0 < records[-1]["planned_peak_memory_gb"] < 1
     assert {"eval/loss", "eval/nll", "eval/perplexity", "eval/full_ece", "eval/top1_ece", "eval/tail_divergence",
             "eval/forward_kl", "eval/reverse_kl", "eval/top1_agreement"} <= set(records[-1])
     bins = json.load(open(os.path.join(straight, "eval_bins.json")))
@@ -119,7 +122,7 @@ def test_tp2_run_learns_logs_and_exports(straight):
     events = EventAccumulator(os.path.join(straight, "tensorboard")).Reload()
     for tag in ("train/loss", "train/kd", "train/lr", "train/grad_norm", "train/tokens_per_s",
                 "train/teacher_tail_mass", "train/student_tail_mass", "train/head_kl", "train/tail_kl",
-                "train/top1_agreement", "train/peak_memory_gb", "eval/loss"):
+                "train/top1_agreement", "train/peak_memory_gb", "train/planned_peak_memory_gb", "eval/loss"):
         assert tag in events.Tags()["scalars"], tag
     assert yaml.safe_load(open(os.path.join(straight, "config.yaml")))["loss"]["kind"] == "tail"
     assert open(os.path.join(straight, "checkpoints", "latest")).read() == f"step_{STEPS}"

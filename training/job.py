@@ -22,6 +22,7 @@ from training.engines import build_engines, engine_sources, use_bf16
 from training.export import export_student
 from training.memory import PeakMemory
 from training.metrics import MetricsWriter
+from training.plan import describe, job_plan
 from training.step import evaluate, step_means, train_step
 
 
@@ -55,6 +56,20 @@ def _eval_scalars(engines, cfg, eval_set, collator, step) -> dict:
         with open(os.path.join(cfg.output_dir, "eval_bins.json"), "w") as out:
             json.dump({"step": step, **bins}, out)
     return {f"eval/{name}": value for name, value in scalars.items() if name != "tokens"}
+
+
+def _planned_peak_gb(cfg: RunConfig, world_size: int, bf16: bool) -> float:
+    """Print the plan of this layout (rank 0) and return its peak memory per GPU in GB (an estimate;
+    NaN where the models cannot be counted offline, e.g. remote code)."""
+    try:
+        result = job_plan(cfg, world_size=world_size, bf16=bf16, device=accelerator_device())
+    except Exception as error:  # the plan informs; it never stops a job that can run
+        if dist.get_rank() == 0:
+            print(f"plan: not available ({type(error).__name__}: {str(error).splitlines()[0]})", file=sys.stderr)
+        return float("nan")
+    if dist.get_rank() == 0:
+        print("\n".join(describe(result, world_note=f"; this job: {world_size} rank(s)")), file=sys.stderr)
+    return result.shown.peak_memory_bytes / 1e9
 
 
 def _step_scalars(result, seconds: float, engines, memory: PeakMemory) -> dict:
@@ -102,6 +117,7 @@ def run(cfg: RunConfig) -> dict:
     eval_dir = ensure_prepared(cfg, cfg.data.eval, "eval") if cfg.data.eval else None
     # Before any model is built, so a bad checkpoint fails fast.
     plan = checkpoint.plan_resume(cfg, world_size, resolve_student_stage(cfg))
+    planned_gb = _planned_peak_gb(cfg, world_size, bf16)
     _seed_everything(cfg.seed)
     memory = PeakMemory(accelerator_device())
     engines = build_engines(**engine_sources(cfg), bf16=bf16,
@@ -124,7 +140,7 @@ def run(cfg: RunConfig) -> dict:
         step += 1
         micro_batches = [collator([train_set[int(i)] for i in indices]) for indices in sampler.step_micro_batches()]
         started = time.perf_counter()
-        result = train_step(engines, cfg.loss, micro_batches)  # ends with its host sync: timing is real
+        result = train_step(engines, cfg.loss, micro_batches)  # ends with DeepSpeed's host-side step decision
         seconds = time.perf_counter() - started
         faults.point(f"step {step}")
         skips.check(step, result)
@@ -132,6 +148,7 @@ def run(cfg: RunConfig) -> dict:
                                                  (cfg.eval.every and step % cfg.eval.every == 0))
         if evaluate_now or step % cfg.logging.every == 0 or step == end:
             scalars = _step_scalars(result, seconds, engines, memory)
+            scalars["train/planned_peak_memory_gb"] = planned_gb
             if evaluate_now:
                 scalars.update(_eval_scalars(engines, cfg, eval_set, collator, step))
             writer.log(step, scalars)

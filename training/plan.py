@@ -1,0 +1,572 @@
+"""Plan a distillation job's layout before it runs: memory per GPU by term, collective bytes per
+step by kind, and a step-time estimate, for every layout of the two models on a cluster.
+
+Every figure is an **estimate** from the models' shapes (built on the ``meta`` device from their
+configs: no weights, no hub) and the cluster's nominal figures; :data:`ASSUMPTIONS` lists what the
+model of the job assumes. ``launch.plan`` prints it; the job prints the plan of its own layout at
+start and logs ``planned_peak_memory_gb`` beside its measured ``peak_memory_gb``.
+
+Units: bytes; GB = 10⁹ bytes. Traffic is the bytes each GPU hands *into* collectives per optimizer
+step (what ``model_parallel.comm_counter`` counts); the time model turns them into bytes on the
+wire with the ring algorithms' factors.
+"""
+
+import glob
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+from typing import Dict, List, Optional
+
+from core.errors import ConfigError
+from loss.registry import divergence
+from loss.tail import CHUNK_NUMEL, CPU_CHUNK_NUMEL
+
+GB = 1e9
+MEMORY_TERMS = ("teacher_weights", "student_weights", "student_master", "student_optimizer", "student_gradients",
+                "activations", "logits", "comm_buffers")
+TRAFFIC_KINDS = ("teacher_gather", "student_gather", "student_reduce_scatter", "tp_allreduce", "loss_exchange")
+MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch", "configs", "models")
+
+ASSUMPTIONS = (
+    "pre-training batches: every position has a target (SFT rows with masked prompts need less for logits)",
+    "tensor-parallel groups sit inside a node (consecutive ranks); data-parallel groups span the nodes",
+    "a data-parallel collective that crosses nodes shares the node's InfiniBand among its GPUs; "
+    "within a node it runs at the NVLink figure",
+    "ring collectives: an all-reduce puts 2(n-1)/n of its input on the wire, a reduce-scatter (n-1)/n, "
+    "an all-gather (n-1) times its input",
+    "no overlap of communication with compute (an upper bound on the step time)",
+    "compute at the given achieved dense throughput for every matmul, attention included",
+    "AutoTP shards the decoder layers' linear layers and the LM head; embeddings and norms are replicated; "
+    "a tied head with a scaled embedding (Gemma-2) is untied at tensor_parallel > 1",
+    "no CUDA context, allocator fragmentation or NCCL buffers (about 1-3 GB per GPU more on CUDA)",
+)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The cluster a plan is for: ``gpu_memory_gb`` usable per GPU, ``tflops`` achieved dense bf16
+    per GPU, ``nvlink_gbps`` GB/s per GPU and ``ib_gbps`` GB/s per node, each direction."""
+
+    nodes: int = 2
+    gpus_per_node: int = 8
+    gpu_memory_gb: float = 80.0
+    tflops: float = 400.0
+    nvlink_gbps: float = 450.0
+    ib_gbps: float = 200.0
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the plan needs of one model, counted on the meta device (after vocabulary alignment)."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    sharded: int
+    """Parameters AutoTP splits over the tensor-parallel ranks (decoder linears; the head separately)."""
+    replicated: int
+    """Parameters every tensor-parallel rank holds whole (embedding, norms, biases of split layers)."""
+    head: int
+    """Parameters of a separate LM head (0 when tied and kept tied)."""
+    largest_layer: int
+    """Parameters of the largest decoder layer (ZeRO-3 gathers one at a time, at least)."""
+    eager_attention: bool
+    """Attention materialises ``[heads, seq, seq]`` scores (Gemma-2's soft-capping without flash)."""
+
+    def per_rank(self, tp: int) -> int:
+        """Parameters on one tensor-parallel rank."""
+        return (self.sharded + self.head) // tp + self.replicated
+
+    def matmul_params(self) -> int:
+        """Parameters that take part in a matmul per token (everything but the embedding lookup)."""
+        return self.sharded + (self.head or self.vocab * self.hidden)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way to run the job: the dotted config keys :meth:`as_config` names."""
+
+    tensor_parallel: int
+    teacher_placement: str
+    student_zero_stage: int
+    micro_batch_size: int
+    grad_accum: int
+    activation_checkpointing: bool
+
+    def as_config(self) -> Dict[str, object]:
+        return {"parallel.tensor_parallel": self.tensor_parallel,
+                "parallel.teacher_placement": self.teacher_placement,
+                "parallel.student_zero_stage": self.student_zero_stage,
+                "train.micro_batch_size": self.micro_batch_size, "train.grad_accum": self.grad_accum,
+                "train.activation_checkpointing": self.activation_checkpointing}
+
+    def set_arguments(self) -> str:
+        return " ".join(f"--set {key}={str(value).lower() if isinstance(value, bool) else value}"
+                        for key, value in self.as_config().items())
+
+
+@dataclass
+class Estimate:
+    """One layout's plan: bytes per GPU (``memory``), bytes per step per GPU (``traffic``), seconds."""
+
+    layout: Layout
+    memory: Dict[str, float]
+    traffic: Dict[str, float]
+    seconds: Dict[str, float]
+    """Time per step of compute and of each traffic kind."""
+    rejected: Optional[str] = None
+
+    @property
+    def peak_memory_bytes(self) -> float:
+        return sum(self.memory.values())
+
+    @property
+    def step_time_s(self) -> float:
+        return sum(self.seconds.values())
+
+    @property
+    def bottleneck(self) -> str:
+        return max(self.seconds, key=self.seconds.get)
+
+    @property
+    def fits(self) -> bool:
+        return self.rejected is None
+
+
+@dataclass(frozen=True)
+class Job:
+    """The parts of a run config the plan reads."""
+
+    teacher: Optional[ModelShape]
+    student: ModelShape
+    seq_len: int
+    global_batch: int
+    """Sequences per optimizer step (micro-batch × grad_accum × data-parallel ranks)."""
+    weight_bytes: int
+    """2 under bf16, 4 in fp32."""
+    top_k: int
+    loss_kind: str
+    ds: Dict = field(default_factory=dict)
+    """The DeepSpeed JSON's ``zero_optimization`` section (bucket sizes, persistence)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Model shapes, offline
+
+
+def _architecture_source(section, key: str) -> str:
+    """A local config for ``section``: its ``config`` file, its local ``path``, or a shipped
+    architecture in launch/configs/models whose ``_name_or_path`` is the hub id in ``path``."""
+    source = getattr(section, "config", None) or section.path
+    if source is None:
+        raise ConfigError(f"{key}.path: required to plan")
+    if os.path.exists(source):
+        return source
+    for candidate in sorted(glob.glob(os.path.join(MODELS_DIR, "*.json"))):
+        with open(candidate) as handle:
+            if json.load(handle).get("_name_or_path") == source:
+                return candidate
+    raise ConfigError(f"{key}.path: {source!r} is not a local directory and no architecture in "
+                      f"{os.path.relpath(MODELS_DIR)} has _name_or_path {source!r}; add its config.json there")
+
+
+def model_shape(source: str, *, vocab: int, tp: int, attn_implementation: str = "auto") -> ModelShape:
+    """Count ``source``'s parameters on the meta device, with ``vocab`` embedding rows."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source)
+    config.vocab_size = vocab
+    text = config.get_text_config()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight is embedding.weight
+    # Tied with a scaled embedding (Gemma-2): the job unties it at tensor_parallel > 1.
+    untied_at_load = tied and tp > 1 and type(embedding) is not torch.nn.Embedding
+    head_params = embedding.weight.numel() if untied_at_load else (0 if tied or head is None else head.weight.numel())
+    sharded = replicated = largest = 0
+    seen = {id(embedding.weight)} | ({id(head.weight)} if head is not None else set())
+    layers = [module for module in model.modules() if type(module).__name__.endswith("DecoderLayer")]
+    for layer in layers:
+        largest = max(largest, sum(p.numel() for p in layer.parameters()))
+    for module in model.modules():
+        for name, parameter in module.named_parameters(recurse=False):
+            if id(parameter) in seen:
+                continue
+            seen.add(id(parameter))
+            if isinstance(module, torch.nn.Linear) and name == "weight":
+                sharded += parameter.numel()
+            else:
+                replicated += parameter.numel()
+    replicated += embedding.weight.numel()
+    eager = attn_implementation == "eager" or (attn_implementation == "auto" and
+                                               getattr(text, "attn_logit_softcapping", None) is not None)
+    heads = text.num_attention_heads
+    return ModelShape(layers=text.num_hidden_layers, hidden=text.hidden_size, intermediate=text.intermediate_size,
+                      heads=heads, kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+                      head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads, vocab=vocab,
+                      sharded=sharded, replicated=replicated, head=head_params, largest_layer=largest,
+                      eager_attention=eager)
+
+
+def _vocab_rows(source: str) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(source).get_text_config().vocab_size
+
+
+def _seq_len(cfg) -> int:
+    """The prepared training data's sequence length (its manifest) where it exists, else ``data.seq_len``."""
+    manifest = os.path.join(cfg.data.train or "", "manifest.json")
+    if os.path.isfile(manifest):
+        with open(manifest) as handle:
+            return int(json.load(handle).get("seq_len", cfg.data.seq_len))
+    return cfg.data.seq_len
+
+
+def job_from_config(cfg, *, world_size: int, tp: Optional[int] = None, bf16: Optional[bool] = None) -> Job:
+    """The plan's view of ``cfg`` (a :class:`training.config.RunConfig`) on ``world_size`` GPUs,
+    its models counted for tensor-parallel size ``tp`` (default: the config's); ``bf16`` where the
+    caller knows it (default: ``train.dtype`` bf16 or auto)."""
+    from training.deepspeed_config import _read
+
+    tp = tp or cfg.parallel.tensor_parallel
+    needs_teacher = divergence(cfg.loss.kind).needs_teacher
+    sources = {"student": _architecture_source(cfg.student, "student")}
+    if needs_teacher:
+        sources["teacher"] = _architecture_source(cfg.teacher, "teacher")
+    rows = max(_vocab_rows(source) for source in sources.values())
+    vocab = -(-rows // tp) * tp  # both heads share one size, a multiple of tp (training.engines)
+    shapes = {name: model_shape(source, vocab=vocab, tp=tp, attn_implementation=getattr(cfg, name).attn_implementation)
+              for name, source in sources.items()}
+    config_dp = world_size // cfg.parallel.tensor_parallel
+    bf16 = cfg.train.dtype in ("bf16", "auto") if bf16 is None else bf16
+    ds = _read(cfg.parallel.deepspeed_config).get("zero_optimization", {})
+    return Job(teacher=shapes.get("teacher"), student=shapes["student"], seq_len=_seq_len(cfg),
+               global_batch=cfg.train.micro_batch_size * cfg.train.grad_accum * max(config_dp, 1),
+               weight_bytes=2 if bf16 else 4, top_k=cfg.loss.top_k, loss_kind=cfg.loss.kind, ds=ds)
+
+
+# ---------------------------------------------------------------------------------------------
+# The estimate of one layout
+
+
+def _bucket(ds: Dict, key: str, default: float) -> float:
+    value = ds.get(key, default)
+    return float(default if value == "auto" else value)
+
+
+def _activation_bytes(model: ModelShape, tokens: int, seq: int, tp: int, w: int, checkpointed: bool) -> float:
+    """Saved activations of a student forward over ``tokens`` (``tokens / seq`` sequences).
+
+    Per layer and token: the hidden-size tensors autograd saves (norm inputs and outputs, residual,
+    attention output: 6 H, replicated over TP), the split ones (q, k, v and the attention output
+    ``2·heads + 2·kv_heads`` head_dim, the MLP's gate, up, activation and product 4·I) and, with
+    eager attention, the ``[heads, seq]`` rows of the scores, soft-capped scores and probabilities.
+    Checkpointed: each layer keeps only its input (H) and one layer is recomputed at a time.
+    """
+    per_token = (6 * model.hidden + (2 * model.heads + 2 * model.kv_heads) * model.head_dim / tp +
+                 4 * model.intermediate / tp)
+    if model.eager_attention:
+        per_token += 3 * model.heads * seq / tp
+    if checkpointed:
+        return w * tokens * (model.layers * model.hidden + per_token)
+    return w * tokens * model.layers * per_token
+
+
+def _teacher_forward_bytes(model: ModelShape, tokens: int, seq: int, tp: int, w: int) -> float:
+    """The teacher's no-grad forward keeps one layer's temporaries at a time."""
+    per_token = 3 * model.hidden + 4 * model.intermediate / tp + (3 * model.heads * seq / tp if model.eager_attention else 0)
+    return w * tokens * per_token
+
+
+def estimate(job: Job, layout: Layout, cluster: Cluster, *, device_type: str = "cuda") -> Estimate:
+    """Memory, traffic and time of ``layout`` for ``job`` on ``cluster`` (see :data:`ASSUMPTIONS`)."""
+    tp, stage, micro, accum = (layout.tensor_parallel, layout.student_zero_stage, layout.micro_batch_size,
+                               layout.grad_accum)
+    dp = cluster.world_size // tp
+    w = job.weight_bytes
+    grad_bytes = 4  # gradients accumulate in fp32 (the job sets data_types.grad_accum_dtype under bf16)
+    student, teacher = job.student.per_rank(tp), job.teacher.per_rank(tp) if job.teacher else 0
+    tokens = micro * job.seq_len
+    vocab_local = job.student.vocab // tp
+    ds = job.ds
+    reduce_bucket = _bucket(ds, "reduce_bucket_size", 5e8)
+    prefetch_bucket = _bucket(ds, "stage3_prefetch_bucket_size", 5e7)
+    persistence = _bucket(ds, "stage3_param_persistence_threshold", 1e5)
+
+    memory = dict.fromkeys(MEMORY_TERMS, 0.0)
+    memory["student_weights"] = w * student / (dp if stage == 3 else 1)
+    memory["student_master"] = 4 * student / dp
+    memory["student_optimizer"] = 8 * student / dp  # Adam's two moments, fp32
+    # Stage 1 keeps every gradient until the step; stages 2 and 3 keep their partition.
+    memory["student_gradients"] = grad_bytes * student / (1 if stage == 1 else dp)
+    if teacher:
+        resident = layout.teacher_placement == "resident"
+        memory["teacher_weights"] = w * teacher / (1 if resident else dp)
+    memory["activations"] = _activation_bytes(job.student, tokens, job.seq_len, tp, w, layout.activation_checkpointing)
+    if teacher:
+        memory["activations"] += _teacher_forward_bytes(job.teacher, tokens, job.seq_len, tp, w)
+    logits = tokens * vocab_local * w  # L: one [tokens, V_local] tensor
+    chunk = min(CPU_CHUNK_NUMEL if device_type == "cpu" else CHUNK_NUMEL, tokens * vocab_local)
+    # The student's logits, the teacher's (donated to the gradient), the loss's fp32 chunk buffers.
+    memory["logits"] = (2 if teacher else 2) * logits + 4 * 4 * chunk
+    buffers = grad_bytes * min(reduce_bucket, student)
+    if stage == 3:
+        buffers += w * (min(prefetch_bucket, student) + job.student.largest_layer / tp)
+    if teacher and layout.teacher_placement == "zero3" and dp > 1:
+        buffers += w * (min(prefetch_bucket, teacher) + job.teacher.largest_layer / tp)
+    memory["comm_buffers"] = buffers
+
+    traffic = dict.fromkeys(TRAFFIC_KINDS, 0.0)
+    if dp > 1:
+        if teacher and layout.teacher_placement == "zero3":
+            traffic["teacher_gather"] = accum * w * teacher / dp
+        gathers = accum * 2 if stage == 3 else 1  # stage 3: forward and backward; 1/2: after the step
+        traffic["student_gather"] = gathers * w * student / dp
+        traffic["student_reduce_scatter"] = (1 if stage == 1 else accum) * grad_bytes * student
+    if tp > 1:
+        student_passes = 4 + (2 if layout.activation_checkpointing else 0)  # forward, backward, recomputation
+        per_micro = tokens * w * (student_passes * job.student.layers * job.student.hidden + job.student.hidden)
+        if teacher:
+            per_micro += tokens * w * 2 * job.teacher.layers * job.teacher.hidden
+        traffic["tp_allreduce"] = accum * per_micro
+        if teacher:
+            k = min(job.top_k, job.student.vocab) if job.loss_kind == "tail" else 0
+            per_token = 4 * ((3 + 3 * k) + 2 * 2)  # the loss's statistics, two argmaxes (fp32)
+            traffic["loss_exchange"] = accum * tokens * per_token
+
+    flops = 6 * job.student.matmul_params() / tp + (2 * job.student.matmul_params() / tp
+                                                    if layout.activation_checkpointing else 0)
+    attention = 2 * job.seq_len * job.student.heads * job.student.head_dim * job.student.layers / tp  # causal, forward
+    flops += attention * (4 if layout.activation_checkpointing else 3)
+    if teacher:
+        flops += 2 * job.teacher.matmul_params() / tp + 2 * job.seq_len * job.teacher.heads * job.teacher.head_dim * \
+            job.teacher.layers / tp
+    seconds = {"compute": flops * tokens * accum / (cluster.tflops * 1e12)}
+    dp_bandwidth = (cluster.ib_gbps / cluster.gpus_per_node if cluster.nodes > 1 else cluster.nvlink_gbps) * GB
+    wire = {"teacher_gather": dp - 1, "student_gather": dp - 1, "student_reduce_scatter": (dp - 1) / dp,
+            "tp_allreduce": 2 * (tp - 1) / tp, "loss_exchange": tp - 1}
+    for kind in TRAFFIC_KINDS:
+        bandwidth = cluster.nvlink_gbps * GB if kind in ("tp_allreduce", "loss_exchange") else dp_bandwidth
+        seconds[kind] = traffic[kind] * wire[kind] / bandwidth
+    del persistence  # small parameters stay gathered: below the estimate's resolution
+    estimate_ = Estimate(layout=layout, memory=memory, traffic=traffic, seconds=seconds)
+    if estimate_.peak_memory_bytes > cluster.gpu_memory_gb * GB:
+        estimate_.rejected = (f"needs {estimate_.peak_memory_bytes / GB:.1f} GB per GPU, more than the "
+                              f"{cluster.gpu_memory_gb:g} GB usable")
+    return estimate_
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparing layouts
+
+
+def layout_problem(job: Job, layout: Layout, cluster: Cluster) -> Optional[str]:
+    """Why ``layout`` cannot run ``job`` on ``cluster`` at all (before memory), or None."""
+    tp = layout.tensor_parallel
+    if cluster.world_size % tp or tp > cluster.gpus_per_node:
+        return (f"parallel.tensor_parallel {tp} must divide the {cluster.gpus_per_node} GPUs of a node "
+                f"(tensor-parallel groups stay inside a node)")
+    for name, model in (("teacher", job.teacher), ("student", job.student)):
+        if model is None:
+            continue
+        for what, count in (("attention heads", model.heads), ("key-value heads", model.kv_heads)):
+            if count % tp:
+                return f"parallel.tensor_parallel {tp} does not divide the {name}'s {count} {what}"
+    dp = cluster.world_size // tp
+    if layout.micro_batch_size * layout.grad_accum * dp != job.global_batch:
+        return (f"train.micro_batch_size {layout.micro_batch_size} x train.grad_accum {layout.grad_accum} x "
+                f"{dp} data-parallel ranks is not the global batch of {job.global_batch} sequences")
+    return None
+
+
+def candidate_layouts(job_for_tp, cluster: Cluster) -> List[Layout]:
+    """Every layout at ``job``'s global batch: TP sizes up to a node, both teacher placements, ZeRO
+    stages 1-3, micro-batches that divide the batch (grad_accum adjusted), checkpointing off and on."""
+    layouts = []
+    for tp in (size for size in (1, 2, 4, 8, 16) if size <= cluster.gpus_per_node):
+        dp = cluster.world_size // tp
+        job = job_for_tp(tp)
+        per_rank = job.global_batch // dp if job.global_batch % dp == 0 else 0
+        micros = [m for m in (1, 2, 4, 8, 16, 32) if per_rank and per_rank % m == 0] or [1]
+        placements = ("resident", "zero3") if job.teacher is not None else ("resident",)
+        for micro in micros:
+            for placement in placements:
+                for stage in (1, 2, 3):
+                    for checkpointing in (False, True):
+                        layouts.append(Layout(tp, placement, stage, micro, max(per_rank // micro, 1), checkpointing))
+    return layouts
+
+
+@dataclass
+class Plan:
+    """The layouts compared, the fastest that fits (``chosen``) and the one asked about (``shown``)."""
+
+    cluster: Cluster
+    estimates: List[Estimate]
+    chosen: Optional[Estimate]
+    shown: Estimate
+    smallest_cluster: Optional[Cluster] = None
+    """Where nothing fits: the fewest nodes of these GPUs on which something would."""
+
+    def to_json(self) -> dict:
+        shown = self.shown
+        return {"estimate": True, "assumptions": list(ASSUMPTIONS), "cluster": asdict(self.cluster),
+                "memory": shown.memory, "traffic": shown.traffic,
+                "peak_memory_bytes": shown.peak_memory_bytes, "step_time_s": shown.step_time_s,
+                "seconds": shown.seconds, "bottleneck": shown.bottleneck, "fits": shown.fits,
+                "layout": shown.layout.as_config(), "set_arguments": shown.layout.set_arguments(),
+                "recommended": self.chosen.layout.as_config() if self.chosen else None,
+                "smallest_cluster": asdict(self.smallest_cluster) if self.smallest_cluster else None,
+                "layouts": [{"layout": e.layout.as_config(), "peak_memory_bytes": e.peak_memory_bytes,
+                             "step_time_s": e.step_time_s, "fits": e.fits, "rejected": e.rejected}
+                            for e in self.estimates]}
+
+
+def configured_layout(cfg, cluster: Cluster) -> Layout:
+    from training.deepspeed_config import resolve_student_stage
+
+    return Layout(cfg.parallel.tensor_parallel, cfg.parallel.teacher_placement, resolve_student_stage(cfg),
+                  cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.activation_checkpointing)
+
+
+def plan(cfg, cluster: Cluster, *, as_configured: bool = False, bf16: Optional[bool] = None,
+         device_type: str = "cuda") -> Plan:
+    """Compare every layout of ``cfg`` on ``cluster``; ``shown`` is the fastest that fits, or the
+    config's own with ``as_configured`` (or where nothing fits). Raises ConfigError naming the key
+    when the config's own layout cannot run on ``cluster`` at all."""
+    jobs = {}
+
+    def job_for_tp(tp):
+        if tp not in jobs:
+            jobs[tp] = job_from_config(cfg, world_size=cluster.world_size, tp=tp, bf16=bf16)
+        return jobs[tp]
+
+    own = configured_layout(cfg, cluster)
+    problem = layout_problem(job_for_tp(own.tensor_parallel), own, cluster)
+    if problem:
+        raise ConfigError(f"{problem} (on {cluster.nodes} node(s) x {cluster.gpus_per_node} GPUs)")
+    estimates = []
+    for layout in candidate_layouts(job_for_tp, cluster):
+        job = job_for_tp(layout.tensor_parallel)
+        problem = layout_problem(job, layout, cluster)
+        if problem:
+            estimates.append(Estimate(layout, dict.fromkeys(MEMORY_TERMS, 0.0), dict.fromkeys(TRAFFIC_KINDS, 0.0),
+                                      {"compute": 0.0}, rejected=problem))
+        else:
+            estimates.append(estimate(job, layout, cluster, device_type=device_type))
+    fitting = [e for e in estimates if e.fits]
+    # Ties (within 0.1%) go to the larger micro-batch, then to no recomputation, then to the lower stage.
+    chosen = min(fitting, key=lambda e: (round(e.step_time_s, 3), -e.layout.micro_batch_size,
+                                         e.layout.activation_checkpointing, e.layout.student_zero_stage)) \
+        if fitting else None
+    own_estimate = estimate(job_for_tp(own.tensor_parallel), own, cluster, device_type=device_type)
+    shown = own_estimate if as_configured or chosen is None else chosen
+    smallest = None
+    if chosen is None:
+        smallest = _smallest_cluster(cfg, cluster, bf16=bf16, device_type=device_type)
+    return Plan(cluster=cluster, estimates=estimates, chosen=chosen, shown=shown, smallest_cluster=smallest)
+
+
+def _smallest_cluster(cfg, cluster: Cluster, **options) -> Optional[Cluster]:
+    """The fewest nodes (up to 64) of ``cluster``'s GPUs on which some layout of ``cfg`` fits (the
+    global batch, micro-batch x grad_accum x data-parallel ranks, grows with the cluster)."""
+    for nodes in range(cluster.nodes + 1, 65):
+        bigger = replace(cluster, nodes=nodes)
+        try:
+            if plan(cfg, bigger, **options).chosen is not None:
+                return bigger
+        except ConfigError:
+            continue
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Text
+
+
+def _gb(value: float) -> str:
+    return f"{value / GB:.2f} GB" if value >= 0.01 * GB or value == 0 else f"{value / 1e6:.2f} MB"
+
+
+def describe(result: Plan, *, world_note: str = "") -> List[str]:
+    """The plan as text lines (every figure an estimate)."""
+    cluster, shown = result.cluster, result.shown
+    lines = [f"plan (estimates) for {cluster.nodes} node(s) x {cluster.gpus_per_node} GPUs, "
+             f"{cluster.gpu_memory_gb:g} GB usable each{world_note}",
+             f"  {cluster.tflops:g} TFLOP/s achieved per GPU, NVLink {cluster.nvlink_gbps:g} GB/s per GPU, "
+             f"InfiniBand {cluster.ib_gbps:g} GB/s per node"]
+    compared = len(result.estimates) > 1
+    if compared:
+        lines.append(f"  compared {len(result.estimates)} layouts, {sum(e.fits for e in result.estimates)} fit")
+    which = "fastest that fits" if compared and shown is result.chosen else "as configured"
+    lines.append(f"  layout ({which}):")
+    lines += [f"    {key}: {value}" for key, value in shown.layout.as_config().items()]
+    if result.chosen is not None and shown is not result.chosen:
+        lines.append(f"  fastest that fits: {result.chosen.step_time_s:.3f} s/step with "
+                     f"{result.chosen.layout.set_arguments()}")
+    elif compared and result.chosen is not None:
+        lines.append(f"  select it with: {shown.layout.set_arguments()}")
+    lines.append(f"  memory per GPU: {_gb(shown.peak_memory_bytes)} of {cluster.gpu_memory_gb:g} GB")
+    for term, value in shown.memory.items():
+        lines.append(f"    {term:<24} {_gb(value)}")
+    lines.append("  bytes per step per GPU handed to collectives:")
+    for kind, value in shown.traffic.items():
+        lines.append(f"    {kind:<24} {_gb(value)}  ({shown.seconds[kind]:.3f} s)")
+    lines.append(f"  step time: {shown.step_time_s:.3f} s (compute {shown.seconds['compute']:.3f} s); "
+                 f"bottleneck: {shown.bottleneck}")
+    if not shown.fits:
+        lines.append(f"  WARNING: this layout will not fit: {shown.rejected}")
+    if compared and result.chosen is None:
+        where = (f"{result.smallest_cluster.nodes} node(s) x {result.smallest_cluster.gpus_per_node}"
+                 if result.smallest_cluster else "no cluster of up to 64 such nodes")
+        lines.append(f"  no layout fits on this cluster; the smallest that would: {where}")
+    lines.append("  assumptions:")
+    lines += [f"    - {assumption}" for assumption in ASSUMPTIONS]
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# The job's own plan
+
+
+def job_cluster(world_size: int, device) -> Cluster:
+    """The cluster the job runs on, as far as a process can see it: GPUs per node from the
+    launcher's ``LOCAL_WORLD_SIZE`` (else the visible devices), the accelerator's memory (on CPU the
+    host memory shared by the node's ranks); throughput and links at :class:`Cluster`'s defaults."""
+    import psutil
+    import torch
+
+    device = torch.device(device)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or (
+        torch.cuda.device_count() if device.type == "cuda" else world_size)
+    local = local if local and world_size % local == 0 else world_size
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:
+        memory = psutil.virtual_memory().total / local
+    return Cluster(nodes=world_size // local, gpus_per_node=local, gpu_memory_gb=memory / GB)
+
+
+def job_plan(cfg, *, world_size: int, bf16: bool, device) -> Plan:
+    """The plan of the job's own layout on the cluster it runs on (``plan(..., as_configured=True)``)."""
+    import torch
+
+    cluster = job_cluster(world_size, device)
+    layout = configured_layout(cfg, cluster)
+    job = job_from_config(cfg, world_size=world_size, bf16=bf16)
+    problem = layout_problem(job, layout, cluster)
+    if problem:
+        raise ConfigError(problem)
+    own = estimate(job, layout, cluster, device_type=torch.device(device).type)
+    return Plan(cluster=cluster, estimates=[own], chosen=own if own.fits else None, shown=own)
