@@ -6,7 +6,8 @@
 #   3. the paper's pair (launch/configs/gemma2_9b_to_1b.yaml, its DeepSpeed JSON unchanged) with
 #      the 9B / 1B architectures cut to TEACHER_LAYERS / STUDENT_LAYERS layers, sequence length
 #      2048, on 1 GPU (TP 1): prints peak accelerator memory (torch.cuda.max_memory_allocated,
-#      as the job logs it in metrics.jsonl) and tokens/s.
+#      as the job logs it in metrics.jsonl) beside the planner's estimate for the same layout
+#      (planned_peak_memory_gb, which the job logs next to it; training.plan), and tokens/s.
 # Everything lands in runs/gpu_check/; a summary is printed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,8 +36,10 @@ name, run = sys.argv[1:]
 records = [json.loads(line) for line in open(f"{run}/metrics.jsonl") if '"loss"' in line]
 rates = [r["tokens_per_s"] for r in records if r["step"] > 1]
 peak = max(r.get("peak_memory_gb", float("nan")) for r in records)
+planned = records[-1].get("planned_peak_memory_gb", float("nan"))
 print(f"{name}: {len(records)} logged steps, final loss {records[-1]['loss']:.4f}, "
-      f"peak memory {peak:.2f} GB, {sum(rates) / max(len(rates), 1):,.0f} tokens/s (mean after step 1)")
+      f"peak memory {peak:.2f} GB (planned {planned:.2f} GB, ratio {planned / peak:.2f}), "
+      f"{sum(rates) / max(len(rates), 1):,.0f} tokens/s (mean after step 1)")
 PY
 }
 

@@ -8,6 +8,7 @@ over the tensor-parallel group.
 """
 
 import contextlib
+import itertools
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -209,7 +210,19 @@ def build_teacher(source: TeacherConfig, *, vocab_size: int, ds_configs: DeepSpe
     engine, *_ = deepspeed.initialize(model=model, config=ds_configs.teacher)
     engine.eval()
     del hf_ds_config
+    if resident and engine.device.type == "cpu":
+        _own_storage(engine.module)
     return engine
+
+
+def _own_storage(module) -> None:
+    """Give every parameter and buffer its own memory. Where the host is the device, tensors
+    transformers loaded straight from the checkpoint's memory-mapped file keep that whole mapping
+    resident (about the full teacher's size per rank, not its shard's); on an accelerator the move
+    to the device already does this."""
+    with torch.no_grad():
+        for tensor in itertools.chain(module.parameters(), module.buffers()):
+            tensor.data = tensor.data.clone()
 
 
 def use_bf16(dtype: str) -> bool:

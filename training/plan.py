@@ -80,6 +80,19 @@ class ModelShape:
     """Parameters of the largest decoder layer (ZeRO-3 gathers one at a time, at least)."""
     eager_attention: bool
     """Attention materialises ``[heads, seq, seq]`` scores (Gemma-2's soft-capping without flash)."""
+    row_parallel: int
+    """Linear layers per decoder layer whose output AutoTP all-reduces in forward (o_proj, down_proj)."""
+    column_parallel: int
+    """The other linear layers per decoder layer, whose input gradient AutoTP all-reduces in backward."""
+    tensors: tuple
+    """``(elements, split by AutoTP)`` of every parameter tensor on one TP rank (ZeRO-3 keeps those
+    at or below its persistence threshold whole on every rank and never gathers them)."""
+
+    def persistent(self, threshold: float) -> int:
+        return sum(n for n, _ in self.tensors if n <= threshold)
+
+    def replicated_persistent(self, threshold: float) -> int:
+        return sum(n for n, split in self.tensors if n <= threshold and not split)
 
     def per_rank(self, tp: int) -> int:
         """Parameters on one tensor-parallel rank."""
@@ -162,6 +175,10 @@ class Job:
 # Model shapes, offline
 
 
+# The names AutoTP treats as row-parallel (its LinearAllreduce: output all-reduced in forward).
+_ROW_PARALLEL = {"o_proj", "down_proj", "out_proj", "dense", "dense_4h_to_h", "fc2", "w2", "wo", "c_proj"}
+
+
 def _architecture_source(section, key: str) -> str:
     """A local config for ``section``: its ``config`` file, its local ``path``, or a shipped
     architecture in launch/configs/models whose ``_name_or_path`` is the hub id in ``path``."""
@@ -194,19 +211,26 @@ def model_shape(source: str, *, vocab: int, tp: int, attn_implementation: str = 
     untied_at_load = tied and tp > 1 and type(embedding) is not torch.nn.Embedding
     head_params = embedding.weight.numel() if untied_at_load else (0 if tied or head is None else head.weight.numel())
     sharded = replicated = largest = 0
+    tensors = [(embedding.weight.numel(), False)]
+    if head_params:
+        tensors.append((head_params // tp, True))
     seen = {id(embedding.weight)} | ({id(head.weight)} if head is not None else set())
     layers = [module for module in model.modules() if type(module).__name__.endswith("DecoderLayer")]
     for layer in layers:
         largest = max(largest, sum(p.numel() for p in layer.parameters()))
+    linears = [name.rsplit(".", 1)[-1] for name, module in layers[0].named_modules() if isinstance(module, torch.nn.Linear)]
+    row = sum(name in _ROW_PARALLEL for name in linears)
     for module in model.modules():
         for name, parameter in module.named_parameters(recurse=False):
             if id(parameter) in seen:
                 continue
             seen.add(id(parameter))
-            if isinstance(module, torch.nn.Linear) and name == "weight":
+            split = isinstance(module, torch.nn.Linear) and name == "weight"
+            if split:
                 sharded += parameter.numel()
             else:
                 replicated += parameter.numel()
+            tensors.append((parameter.numel() // tp if split else parameter.numel(), split))
     replicated += embedding.weight.numel()
     eager = attn_implementation == "eager" or (attn_implementation == "auto" and
                                                getattr(text, "attn_logit_softcapping", None) is not None)
@@ -215,7 +239,8 @@ def model_shape(source: str, *, vocab: int, tp: int, attn_implementation: str = 
                       heads=heads, kv_heads=getattr(text, "num_key_value_heads", None) or heads,
                       head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads, vocab=vocab,
                       sharded=sharded, replicated=replicated, head=head_params, largest_layer=largest,
-                      eager_attention=eager)
+                      eager_attention=eager, row_parallel=row, column_parallel=len(linears) - row,
+                      tensors=tuple(tensors))
 
 
 def _vocab_rows(source: str) -> int:
@@ -301,49 +326,78 @@ def estimate(job: Job, layout: Layout, cluster: Cluster, *, device_type: str = "
     vocab_local = job.student.vocab // tp
     ds = job.ds
     reduce_bucket = _bucket(ds, "reduce_bucket_size", 5e8)
-    prefetch_bucket = _bucket(ds, "stage3_prefetch_bucket_size", 5e7)
     persistence = _bucket(ds, "stage3_param_persistence_threshold", 1e5)
 
     memory = dict.fromkeys(MEMORY_TERMS, 0.0)
-    memory["student_weights"] = w * student / (dp if stage == 3 else 1)
-    memory["student_master"] = 4 * student / dp
-    memory["student_optimizer"] = 8 * student / dp  # Adam's two moments, fp32
-    # Stage 1 keeps every gradient until the step; stages 2 and 3 keep their partition.
-    memory["student_gradients"] = grad_bytes * student / (1 if stage == 1 else dp)
+    # Where the optimizer's fp32 states live: stages 1 and 2 partition them over the data-parallel
+    # ranks; stage 3 partitions the TP-split tensors over those and the TP-replicated ones
+    # (embedding, norms) over every rank, and keeps tensors under the persistence threshold whole.
+    if stage == 3:
+        replicated = job.student.replicated
+        states = (student - replicated) / dp + replicated / cluster.world_size
+    else:
+        states = student / dp
+    memory["student_weights"] = w * (states + job.student.persistent(persistence) if stage == 3 else student)
+    memory["student_master"] = 4 * states
+    # Adam's two moments (fp32); on CPU torch's AdamW also makes one partition-sized temporary per step.
+    memory["student_optimizer"] = (8 + (4 if device_type == "cpu" else 0)) * states
+    # Stage 1 holds every gradient until the step; stages 2 and 3 their partition (plus a bucket).
+    memory["student_gradients"] = grad_bytes * (student if stage == 1 else states)
     if teacher:
-        resident = layout.teacher_placement == "resident"
-        memory["teacher_weights"] = w * teacher / (1 if resident else dp)
+        resident = layout.teacher_placement == "resident" or dp == 1
+        memory["teacher_weights"] = w * (teacher if resident else teacher / dp + job.teacher.persistent(persistence))
     memory["activations"] = _activation_bytes(job.student, tokens, job.seq_len, tp, w, layout.activation_checkpointing)
     if teacher:
         memory["activations"] += _teacher_forward_bytes(job.teacher, tokens, job.seq_len, tp, w)
     logits = tokens * vocab_local * w  # L: one [tokens, V_local] tensor
     chunk = min(CPU_CHUNK_NUMEL if device_type == "cpu" else CHUNK_NUMEL, tokens * vocab_local)
     # The student's logits, the teacher's (donated to the gradient), the loss's fp32 chunk buffers.
-    memory["logits"] = (2 if teacher else 2) * logits + 4 * 4 * chunk
+    memory["logits"] = 2 * logits + 4 * 4 * chunk
+    # The gradient bucket (its touched part), and under ZeRO-3 the gathered parameters, which stay
+    # live up to stage3_max_live_parameters (the whole model, for models below 1e9 parameters).
+    live = _bucket(ds, "stage3_max_live_parameters", 1e9)
     buffers = grad_bytes * min(reduce_bucket, student)
     if stage == 3:
-        buffers += w * (min(prefetch_bucket, student) + job.student.largest_layer / tp)
+        buffers += w * (min(live, student) - states)
     if teacher and layout.teacher_placement == "zero3" and dp > 1:
-        buffers += w * (min(prefetch_bucket, teacher) + job.teacher.largest_layer / tp)
-    memory["comm_buffers"] = buffers
+        buffers += w * (min(live, teacher) - teacher / dp)
+    memory["comm_buffers"] = max(buffers, 0.0)
 
     traffic = dict.fromkeys(TRAFFIC_KINDS, 0.0)
+    # ZeRO reduces gradients (fp32) even over one data-parallel rank: stage 1 once per step (an
+    # all-reduce), stage 2 every micro-batch (an all-reduce), stage 3 every micro-batch (a reduce-scatter).
+    traffic["student_reduce_scatter"] = (1 if stage == 1 else accum) * grad_bytes * student
+    if stage == 3 and cluster.world_size > 1:
+        # The TP-replicated tensors are partitioned over every rank: gathered over all of them.
+        rest = job.student.replicated - job.student.replicated_persistent(persistence)
+        traffic["student_gather"] += accum * w * rest / cluster.world_size
     if dp > 1:
+        if stage == 3:
+            # Parameters gathered in forward stay gathered through backward unless the model is
+            # larger than stage3_max_live_parameters / max_reuse_distance (then gathered again).
+            gathers = accum * (1 if student <= live else 2)
+            split = student - job.student.replicated
+            traffic["student_gather"] += gathers * w * (split - (job.student.persistent(persistence) -
+                                                                job.student.replicated_persistent(persistence))) / dp
+        else:
+            traffic["student_gather"] = w * student / dp  # the updated partitions, once per step
         if teacher and layout.teacher_placement == "zero3":
-            traffic["teacher_gather"] = accum * w * teacher / dp
-        gathers = accum * 2 if stage == 3 else 1  # stage 3: forward and backward; 1/2: after the step
-        traffic["student_gather"] = gathers * w * student / dp
-        traffic["student_reduce_scatter"] = (1 if stage == 1 else accum) * grad_bytes * student
+            traffic["teacher_gather"] = accum * w * (teacher - job.teacher.persistent(persistence)) / dp
     if tp > 1:
-        student_passes = 4 + (2 if layout.activation_checkpointing else 0)  # forward, backward, recomputation
-        per_micro = tokens * w * (student_passes * job.student.layers * job.student.hidden + job.student.hidden)
+        model = job.student
+        # Forward: one all-reduce per row-parallel linear; backward: one per column-parallel linear
+        # and one for the vocabulary-parallel head's input; checkpointed recomputation repeats the
+        # forward's but the last (autograd's early stop: nothing after it is saved).
+        per_layer = model.row_parallel + model.column_parallel + (
+            model.row_parallel - 1 if layout.activation_checkpointing else 0)
+        per_micro = w * model.hidden * (tokens * model.layers * per_layer + micro * (job.seq_len - 1))
         if teacher:
-            per_micro += tokens * w * 2 * job.teacher.layers * job.teacher.hidden
-        traffic["tp_allreduce"] = accum * per_micro
-        if teacher:
+            per_micro += w * tokens * job.teacher.layers * job.teacher.row_parallel * job.teacher.hidden
+            # The loss's per-token statistics (3 + 3K fp32) and two argmaxes (2 fp32 each) per
+            # position with a target, plus the layout check (5 float64 per call).
             k = min(job.top_k, job.student.vocab) if job.loss_kind == "tail" else 0
-            per_token = 4 * ((3 + 3 * k) + 2 * 2)  # the loss's statistics, two argmaxes (fp32)
-            traffic["loss_exchange"] = accum * tokens * per_token
+            traffic["loss_exchange"] = accum * (micro * (job.seq_len - 1) * 4 * (3 + 3 * k + 4) + 40)
+        traffic["tp_allreduce"] = accum * per_micro
 
     flops = 6 * job.student.matmul_params() / tp + (2 * job.student.matmul_params() / tp
                                                     if layout.activation_checkpointing else 0)
@@ -359,7 +413,6 @@ def estimate(job: Job, layout: Layout, cluster: Cluster, *, device_type: str = "
     for kind in TRAFFIC_KINDS:
         bandwidth = cluster.nvlink_gbps * GB if kind in ("tp_allreduce", "loss_exchange") else dp_bandwidth
         seconds[kind] = traffic[kind] * wire[kind] / bandwidth
-    del persistence  # small parameters stay gathered: below the estimate's resolution
     estimate_ = Estimate(layout=layout, memory=memory, traffic=traffic, seconds=seconds)
     if estimate_.peak_memory_bytes > cluster.gpu_memory_gb * GB:
         estimate_.rejected = (f"needs {estimate_.peak_memory_bytes / GB:.1f} GB per GPU, more than the "
