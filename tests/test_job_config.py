@@ -155,7 +155,8 @@ def test_identity_holds_what_a_resume_must_match(base):
     assert "parallel.teacher_placement" not in keys
 
 
-@pytest.mark.parametrize("name, world_size", [("demo_teacher", 2), ("demo_distill", 2), ("gemma2_9b_to_1b", 16)])
+@pytest.mark.parametrize("name, world_size", [("demo_teacher", 2), ("demo_distill", 2), ("demo_sft_teacher", 2),
+                                              ("demo_sft_distill", 2), ("gemma2_9b_to_1b", 16)])
 def test_shipped_configs_are_valid(name, world_size):
     """Each shipped YAML loads and completes its DeepSpeed JSON: the run config's values, read here
     from the files themselves, land in DeepSpeed's keys, and the JSON's own settings survive."""
@@ -179,6 +180,8 @@ def test_shipped_configs_are_valid(name, world_size):
     assert student["tensor_parallel"]["autotp_size"] == raw["parallel"]["tensor_parallel"]
     assert student["optimizer"]["params"]["lr"] == raw["train"]["lr"]
     assert student["optimizer"]["params"]["betas"] == shipped_json["optimizer"]["params"]["betas"]
-    assert student["zero_optimization"] == {**shipped_json["zero_optimization"], "stage": 3}
+    # The JSONs say "stage": "auto": the run config's parallel.student_zero_stage (default 3) fills it.
+    assert student["zero_optimization"] == {**shipped_json["zero_optimization"],
+                                            "stage": raw["parallel"].get("student_zero_stage", 3)}
     assert student["bf16"]["enabled"] == (raw["train"].get("dtype") == "bf16")
     assert "optimizer" not in teacher and "tensor_parallel" not in zero_only

@@ -34,12 +34,19 @@ def assets(tmp_path_factory, tokenizer_dir, tokenizer, demo_dir):
     for split in ("train", "eval"):
         prepare(str(tokenizer_dir), [str(demo_dir / f"pretrain/{split}.txt")], str(root / split), fmt="text",
                 seq_len=32)
+        # Word problems with their prompts masked, for the SFT configs.
+        prepare(str(tokenizer_dir), [str(demo_dir / f"sft/{split}.jsonl")], str(root / f"sft-{split}"), fmt="sft",
+                seq_len=64)
     # Gemma-2 as in the paper's pair: tied, soft-capped, GQA (4 heads, 2 KV heads), sliding window 8 < 32.
     gemma_student = root / "gemma2_student.json"
     gemma2(TOKENS, hidden=64, layers=2, heads=4, kv_heads=2, sliding_window=8).to_json_file(str(gemma_student))
     demo_teacher = AutoConfig.from_pretrained(os.path.join(ROOT, "launch/configs/models/demo_teacher.json"))
+    demo_student = AutoConfig.from_pretrained(os.path.join(ROOT, "launch/configs/models/demo_student.json"))
     return {
         "root": root, "train": str(root / "train"), "eval": str(root / "eval"),
+        "sft-train": str(root / "sft-train"), "sft-eval": str(root / "sft-eval"),
+        # A pretrained student for the configs that start from one (student.path).
+        "demo_student": save_model(demo_student, root / "demo_student", tokenizer),
         # The demo teacher's own architecture (what demo_teacher.yaml trains), randomly initialised.
         "demo_teacher": save_model(demo_teacher, root / "demo_teacher", tokenizer),
         "gemma2_teacher": save_model(gemma2(TOKENS, hidden=96, layers=2, heads=4, kv_heads=2, sliding_window=8),
@@ -59,6 +66,12 @@ def _overrides(name, shipped, assets, tokenizer_dir):
         overrides["teacher.path"] = assets["gemma2_teacher" if "gemma-2" in shipped["teacher"]["path"] else "demo_teacher"]
     if shipped["student"].get("config", "").endswith("gemma2_1b.json"):
         overrides["student.config"] = assets["gemma2_student"]
+    if shipped["student"].get("path"):
+        # A config that starts from a trained model gets one of its architecture.
+        teacher_like = shipped["student"]["path"].rstrip("/").endswith("teacher/student")
+        overrides["student.path"] = assets["demo_teacher" if teacher_like else "demo_student"]
+    if "sft" in shipped["data"]["train"]:
+        overrides["data.train"], overrides["data.eval"] = assets["sft-train"], assets["sft-eval"]
     return overrides, str(out)
 
 
