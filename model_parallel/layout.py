@@ -5,7 +5,7 @@ from typing import Mapping, Optional
 
 import torch
 
-from model_parallel.collectives import gather_rows, group_rank
+from model_parallel.collectives import gather_rows, group_rank, is_parallel
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,17 @@ def resolve_vocab_shard(local_vocab_size: int,
     Every rank passes the error its own argument checks found (``local_error``) and the values that
     must be equal on all ranks (``must_agree``: name → number). One all-gather of ``2 + len(must_agree)``
     numbers per rank (on ``device``, the logits' device, as NCCL needs) carries both, so a bad input on any rank makes *every* rank raise ``ValueError``
-    here, before the caller starts a collective that the failing rank would never join.
+    here, before the caller starts a collective that the failing rank would never join. Without a
+    tensor-parallel group (None, or one rank) the checks are local: no collective, no host sync.
     """
+    if not is_parallel(group):
+        # One rank: nothing to agree on, and no device tensor to read back (no host sync).
+        if local_error is not None:
+            raise ValueError(f"{caller}: {local_error}")
+        if local_vocab_size < 1:
+            raise ValueError(f"{caller}: the vocabulary dimension is empty on tensor-parallel rank(s) [0] "
+                             f"(slice sizes [{local_vocab_size}]); every rank must hold at least one vocabulary entry")
+        return VocabShard(start=0, size=local_vocab_size, global_size=local_vocab_size)
     names = list(must_agree)
     local = torch.tensor([[float(local_error is not None), float(local_vocab_size)] + [float(must_agree[n]) for n in names]],
                          dtype=torch.float64,
