@@ -132,3 +132,22 @@ def test_the_production_header_is_the_planners():
     recommended = plan(load_config(os.path.join(ROOT, PRODUCTION)), Cluster()).chosen.layout
     configured = json.loads(_plan_command("--config", PRODUCTION, "--json", "--as-configured").stdout)["layout"]
     assert configured == recommended.as_config()
+
+
+def test_the_production_deepspeed_json_has_the_plans_settings():
+    """Bucket sizes, persistence and the accumulation dtype of the shipped 9B -> 1B job are the plan's
+    (training.plan.deepspeed_settings), as the job completes its DeepSpeed config."""
+    from training.deepspeed_config import build_deepspeed_configs
+
+    cfg = load_config(os.path.join(ROOT, PRODUCTION))
+    chosen = plan(cfg, Cluster())
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        student = build_deepspeed_configs(cfg, world_size=16, bf16=True).student
+    finally:
+        os.chdir(cwd)
+    assert chosen.deepspeed and chosen.shown is chosen.chosen
+    for dotted, value in chosen.deepspeed.items():
+        section, key = dotted.split(".")
+        assert student[section][key] == value, dotted

@@ -13,6 +13,7 @@ wire with the ring algorithms' factors.
 
 import glob
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional
@@ -124,6 +125,35 @@ class Layout:
     def set_arguments(self) -> str:
         return " ".join(f"--set {key}={str(value).lower() if isinstance(value, bool) else value}"
                         for key, value in self.as_config().items())
+
+
+def _one_digit(value: float) -> int:
+    """``value`` rounded down to one significant digit (4.6e7 -> 4e7)."""
+    scale = 10 ** int(math.floor(math.log10(value)))
+    return int(value // scale * scale)
+
+
+def deepspeed_settings(job: "Job", layout: Layout) -> Dict[str, object]:
+    """The DeepSpeed JSON values the plan chooses for ``layout`` (dotted keys), as estimates:
+
+    - ``reduce_bucket_size`` (and ZeRO-3's ``stage3_prefetch_bucket_size``): the student's
+      parameters per rank over 8, so that a step's gradient reduction and parameter gathers come in
+      at least 8 pieces that can overlap with compute, between 5e6 elements (below which a
+      collective's latency dominates) and DeepSpeed's 5e8; one significant digit;
+    - ``stage3_param_persistence_threshold``: DeepSpeed's 1e5 (tensors below it cost more to gather
+      than to keep);
+    - ``data_types.grad_accum_dtype``: fp32 under bf16 (the job sets it; 8 mantissa bits lose
+      micro-batch contributions otherwise).
+    """
+    student = job.student.per_rank(layout.tensor_parallel)
+    bucket = _one_digit(min(5e8, max(5e6, student / 8)))
+    settings = {"zero_optimization.reduce_bucket_size": bucket}
+    if layout.student_zero_stage == 3 or layout.teacher_placement == "zero3":
+        settings["zero_optimization.stage3_prefetch_bucket_size"] = bucket
+        settings["zero_optimization.stage3_param_persistence_threshold"] = 100000
+    if job.weight_bytes == 2:
+        settings["data_types.grad_accum_dtype"] = "fp32"
+    return settings
 
 
 @dataclass
@@ -471,6 +501,8 @@ class Plan:
     shown: Estimate
     smallest_cluster: Optional[Cluster] = None
     """Where nothing fits: the fewest nodes of these GPUs on which something would."""
+    deepspeed: Dict[str, object] = field(default_factory=dict)
+    """:func:`deepspeed_settings` for ``shown``."""
 
     def to_json(self) -> dict:
         shown = self.shown
@@ -479,6 +511,7 @@ class Plan:
                 "peak_memory_bytes": shown.peak_memory_bytes, "step_time_s": shown.step_time_s,
                 "seconds": shown.seconds, "bottleneck": shown.bottleneck, "fits": shown.fits,
                 "layout": shown.layout.as_config(), "set_arguments": shown.layout.set_arguments(),
+                "deepspeed": self.deepspeed,
                 "recommended": self.chosen.layout.as_config() if self.chosen else None,
                 "smallest_cluster": asdict(self.smallest_cluster) if self.smallest_cluster else None,
                 "layouts": [{"layout": e.layout.as_config(), "peak_memory_bytes": e.peak_memory_bytes,
@@ -528,7 +561,8 @@ def plan(cfg, cluster: Cluster, *, as_configured: bool = False, bf16: Optional[b
     smallest = None
     if chosen is None:
         smallest = _smallest_cluster(cfg, cluster, bf16=bf16, device_type=device_type)
-    return Plan(cluster=cluster, estimates=estimates, chosen=chosen, shown=shown, smallest_cluster=smallest)
+    return Plan(cluster=cluster, estimates=estimates, chosen=chosen, shown=shown, smallest_cluster=smallest,
+                deepspeed=deepspeed_settings(job_for_tp(shown.layout.tensor_parallel), shown.layout))
 
 
 def _smallest_cluster(cfg, cluster: Cluster, **options) -> Optional[Cluster]:
@@ -570,6 +604,8 @@ def describe(result: Plan, *, world_note: str = "") -> List[str]:
                      f"{result.chosen.layout.set_arguments()}")
     elif compared and result.chosen is not None:
         lines.append(f"  select it with: {shown.layout.set_arguments()}")
+    if result.deepspeed:
+        lines.append("  DeepSpeed JSON for it: " + ", ".join(f"{k}: {v}" for k, v in result.deepspeed.items()))
     lines.append(f"  memory per GPU: {_gb(shown.peak_memory_bytes)} of {cluster.gpu_memory_gb:g} GB")
     for term, value in shown.memory.items():
         lines.append(f"    {term:<24} {_gb(value)}")
