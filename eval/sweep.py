@@ -322,7 +322,7 @@ def _port() -> int:
     return free_port()
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m eval.sweep", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="base run config (YAML)")
     parser.add_argument("--losses", type=_csv(str), default=["ce", "kl", "reverse_kl", "tail"])
@@ -338,7 +338,11 @@ def main(argv=None) -> int:
     parser.add_argument("--math-examples", type=int, default=50)
     parser.add_argument("--eval-batches", type=int, default=0, help="evaluation batches per rank (0: all)")
     parser.add_argument("--quick", action="store_true", help="tiny teacher and data, kl and tail, one seed")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     for override in args.overrides:
         if override.split("=", 1)[0].strip() in _OWNED:
             raise ConfigError(f"--set {override}: the sweep sets {override.split('=', 1)[0]} itself")

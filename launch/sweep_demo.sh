@@ -9,6 +9,7 @@
 #    from the same pre-trained student (the demo's, demo_distill.yaml) on the word problems with the
 #    prompt tokens masked (demo_sft_distill.yaml), evaluated with math accuracy too.
 # Restartable: what exists is reused (teachers, students, runs). Extra arguments go to both sweeps.
+# DRY_RUN=1 prints the commands instead of running them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/env.sh
@@ -19,31 +20,32 @@ NUM_PROCS=${NUM_PROCS:-2}
 export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore::FutureWarning}
 # The demo runs these on one tensor-parallel rank per process: the fastest layout of the tiny pair.
 FAST=(--set parallel.tensor_parallel=1 --set parallel.student_zero_stage=2)
+run() { if [[ -n "${DRY_RUN:-}" ]]; then printf '+'; printf ' %q' "$@"; printf '\n'; else "$@"; fi; }
 
-if [[ ! -f "$DEMO/prepared/sft-eval/manifest.json" ]]; then
-  python -m data.synthetic --out "$DEMO/data" --seed 0 --mb 4
-  python -m data.tokenizer --input "$DEMO/data/pretrain/train.txt" "$DEMO/data/sft/train.jsonl" --vocab-size 1024 \
+if [[ -n "${DRY_RUN:-}" || ! -f "$DEMO/prepared/sft-eval/manifest.json" ]]; then
+  run python -m data.synthetic --out "$DEMO/data" --seed 0 --mb 4
+  run python -m data.tokenizer --input "$DEMO/data/pretrain/train.txt" "$DEMO/data/sft/train.jsonl" --vocab-size 1024 \
     --out "$DEMO/tokenizer"
   for split in train eval; do
-    python -m data.prepare --tokenizer "$DEMO/tokenizer" --input "$DEMO/data/pretrain/$split.txt" --format text \
+    run python -m data.prepare --tokenizer "$DEMO/tokenizer" --input "$DEMO/data/pretrain/$split.txt" --format text \
       --seq-len 128 --out "$DEMO/prepared/pretrain-$split" --num-proc 2
-    python -m data.prepare --tokenizer "$DEMO/tokenizer" --input "$DEMO/data/sft/$split.jsonl" --format sft \
+    run python -m data.prepare --tokenizer "$DEMO/tokenizer" --input "$DEMO/data/sft/$split.jsonl" --format sft \
       --seq-len 192 --drop-long --out "$DEMO/prepared/sft-$split"
   done
 fi
 train() {  # train CONFIG OUTPUT_DIR: unless OUTPUT_DIR/student exists
-  [[ -f "$2/student/config.json" ]] && return 0
-  deepspeed --num_gpus "$NUM_PROCS" --module launch.distill --config "$1" "${FAST[@]}"
+  [[ -z "${DRY_RUN:-}" && -f "$2/student/config.json" ]] && return 0
+  run deepspeed --num_gpus "$NUM_PROCS" --module launch.distill --config "$1" "${FAST[@]}"
 }
 train launch/configs/demo_teacher.yaml "$DEMO/teacher"
 train launch/configs/demo_distill.yaml "$DEMO/distill"
 train launch/configs/demo_sft_teacher.yaml "$DEMO/sft_teacher"
-python -m eval.math --model "$DEMO/sft_teacher/student" --data "$DEMO/data/sft/eval.jsonl" --max-examples 100 \
+run python -m eval.math --model "$DEMO/sft_teacher/student" --data "$DEMO/data/sft/eval.jsonl" --max-examples 100 \
   --max-new-tokens 64 | sed 's/^/math accuracy of the SFT teacher: /'
 
-python -m eval.sweep --config launch/configs/demo_distill.yaml --out "$OUT/pretrain" "${FAST[@]}" \
+run python -m eval.sweep --config launch/configs/demo_distill.yaml --out "$OUT/pretrain" "${FAST[@]}" \
   --set train.max_steps=150 --set eval.every=0 --eval-batches 16 --launcher-args "--num_gpus $NUM_PROCS" "$@"
-python -m eval.sweep --config launch/configs/demo_sft_distill.yaml --out "$OUT/sft" "${FAST[@]}" \
+run python -m eval.sweep --config launch/configs/demo_sft_distill.yaml --out "$OUT/sft" "${FAST[@]}" \
   --math-data "$DEMO/data/sft/eval.jsonl" --math-examples 50 --eval-batches 16 \
   --launcher-args "--num_gpus $NUM_PROCS" "$@"
 echo "Reports: $OUT/pretrain/report.md and $OUT/sft/report.md"

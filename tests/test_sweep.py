@@ -54,3 +54,28 @@ def test_quick_sweep_reports_the_runs_own_metrics_and_restarts(tmp_path):
     assert "could not load a model config from '/nonexistent/student.json'" in failed[0]["error"]
     assert "FAILED" in broken.stderr
     assert "## Failed runs" in (tmp_path / "broken" / "report.md").read_text()
+
+
+def test_the_demo_sweep_script_runs_both_settings_with_the_shipped_configs(tmp_path):
+    """launch/sweep_demo.sh under DRY_RUN=1: the data, the three trainings and the two sweeps it runs,
+    each sweep's arguments accepted by eval.sweep's own parser and its config loading."""
+    import shlex
+
+    from eval.sweep import build_parser
+    from training.config import load_config
+
+    result = subprocess.run(["bash", "launch/sweep_demo.sh", str(tmp_path / "sweep")], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "DRY_RUN": "1"})
+    assert result.returncode == 0, result.stderr
+    commands = [shlex.split(line[2:]) for line in result.stdout.splitlines() if line.startswith("+ ")]
+    trained = [c[c.index("--config") + 1] for c in commands if c[:1] == ["deepspeed"]]
+    assert trained == ["launch/configs/demo_teacher.yaml", "launch/configs/demo_distill.yaml",
+                       "launch/configs/demo_sft_teacher.yaml"]
+    sweeps = [c[3:] for c in commands if c[:3] == ["python", "-m", "eval.sweep"]]
+    assert [s[s.index("--config") + 1] for s in sweeps] == ["launch/configs/demo_distill.yaml",
+                                                            "launch/configs/demo_sft_distill.yaml"]
+    for arguments in sweeps:
+        args = build_parser().parse_args(arguments)
+        assert args.losses == ["ce", "kl", "reverse_kl", "tail"] and args.seeds == [0, 1, 2]
+        load_config(os.path.join(ROOT, args.config), args.overrides)
+    assert "--math-data" in sweeps[1] and "--math-data" not in sweeps[0]
