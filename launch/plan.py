@@ -1,6 +1,6 @@
 """Compare the layouts of a distillation job on a cluster before it runs (estimates).
 
-    python -m launch.plan --config FILE [--set key=value ...] [--nodes N --gpus-per-node G
+    python -m launch.plan --config FILE [--set key=value ...] [--nodes N --gpus-per-node G [--gpus N*G]
         --gpu-memory-gb M --tflops F --nvlink-gbps B --ib-gbps B] [--as-configured] [--json] [--header]
 
 Prints, per GPU, memory by term, bytes handed to collectives per step by kind, a step-time
@@ -39,6 +39,8 @@ def main(argv=None) -> int:
                         help="override a config key (repeatable)")
     parser.add_argument("--nodes", type=int, default=_DEFAULTS["nodes"])
     parser.add_argument("--gpus-per-node", type=int, default=_DEFAULTS["gpus_per_node"])
+    parser.add_argument("--gpus", type=int, default=None,
+                        help="total GPUs, a check: must equal --nodes x --gpus-per-node")
     parser.add_argument("--gpu-memory-gb", type=float, default=_DEFAULTS["gpu_memory_gb"],
                         help="usable memory per GPU, GB = 1e9 bytes (default 80)")
     parser.add_argument("--tflops", type=float, default=_DEFAULTS["tflops"],
@@ -54,6 +56,9 @@ def main(argv=None) -> int:
     for name in ("nodes", "gpus_per_node", "gpu_memory_gb", "tflops", "nvlink_gbps", "ib_gbps"):
         if not getattr(args, name) > 0:
             raise ConfigError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(args, name)!r}")
+    if args.gpus is not None and args.gpus != args.nodes * args.gpus_per_node:
+        raise ConfigError(f"--gpus {args.gpus} does not match --nodes {args.nodes} x --gpus-per-node "
+                          f"{args.gpus_per_node} = {args.nodes * args.gpus_per_node}")
     cfg = load_config(args.config, args.overrides)
 
     from training.plan import Cluster, describe, plan

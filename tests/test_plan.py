@@ -90,6 +90,8 @@ def test_json_names_every_term_and_layout(tmp_path):
     (["--gpus-per-node", "4", "--set", "parallel.tensor_parallel=8"],
      "parallel.tensor_parallel 8 must divide the 4 GPUs of a node"),
     (["--gpus-per-node", "0"], "--gpus-per-node: must be > 0"),
+    (["--nodes", "2", "--gpus-per-node", "8", "--gpus", "12"],
+     "--gpus 12 does not match --nodes 2 x --gpus-per-node 8 = 16"),
 ])
 def test_bad_input_is_one_line_naming_the_key(args, message):
     result = _plan_command("--config", PRODUCTION, *args)
