@@ -121,15 +121,20 @@ def _run_logged(command: List[str], log_path: str, env=None) -> int:
         return subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
 
 
-def train_and_evaluate(run_dir: str, args, setting: Setting, seed: int, cfg) -> Optional[str]:
-    """Train (resuming where a checkpoint exists) and evaluate one run; the error, or None."""
+def _distill_command(launcher_args: str, config: str, overrides: List[str]) -> List[str]:
+    """``launch.distill`` under the deepspeed launcher, on a free local rendezvous port."""
     from model_parallel.spawn import free_port
 
+    return (["deepspeed", *shlex.split(launcher_args), "--master_port", str(free_port()), "--module",
+             "launch.distill", "--config", config] + [item for o in overrides for item in ("--set", o)])
+
+
+def train_and_evaluate(run_dir: str, args, setting: Setting, seed: int, cfg) -> Optional[str]:
+    """Train (resuming where a checkpoint exists) and evaluate one run; the error, or None."""
     os.makedirs(run_dir, exist_ok=True)
     log = os.path.join(run_dir, "sweep.log")
     overrides = args.overrides + setting.overrides() + [f"output_dir={run_dir}", f"seed={seed}"]
-    command = (["deepspeed", *shlex.split(args.launcher_args), "--master_port", str(free_port()), "--module",
-                "launch.distill", "--config", args.config] + [item for o in overrides for item in ("--set", o)])
+    command = _distill_command(args.launcher_args, args.config, overrides)
     env = {**os.environ, "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore::FutureWarning")}
     if _run_logged(command, log, env) != 0 or not os.path.isfile(os.path.join(run_dir, "student", "config.json")):
         return f"training failed: {_last_error(log)}"
@@ -300,12 +305,10 @@ def _quick_assets(out_dir: str, launcher_args: str) -> List[str]:
         steps += [[python, "-m", "data.prepare", "--tokenizer", f"{assets}/tokenizer", "--input",
                    f"{assets}/data/pretrain/{split}.txt", "--format", "text", "--seq-len", "64", "--out",
                    f"{assets}/prepared-{split}"] for split in ("train", "eval")]
-        steps.append(["deepspeed", *shlex.split(launcher_args), "--master_port", str(_port()), "--module",
-                      "launch.distill", "--config", "launch/configs/demo_teacher.yaml", "--set",
-                      f"output_dir={assets}/teacher", "--set", f"tokenizer={assets}/tokenizer", "--set",
-                      f"student.config={tiny}", "--set", f"data.train={assets}/prepared-train", "--set",
-                      f"data.eval={assets}/prepared-eval", "--set", "train.max_steps=30", "--set",
-                      "train.warmup_steps=2", "--set", "checkpoint.every=1000", "--set", "eval.every=0"])
+        steps.append(_distill_command(launcher_args, "launch/configs/demo_teacher.yaml", [
+            f"output_dir={assets}/teacher", f"tokenizer={assets}/tokenizer", f"student.config={tiny}",
+            f"data.train={assets}/prepared-train", f"data.eval={assets}/prepared-eval", "train.max_steps=30",
+            "train.warmup_steps=2", "checkpoint.every=1000", "eval.every=0"]))
         log = os.path.join(assets, "assets.log")
         for command in steps:
             if _run_logged(command, log) != 0:
@@ -314,12 +317,6 @@ def _quick_assets(out_dir: str, launcher_args: str) -> List[str]:
             f"data.train={assets}/prepared-train", f"data.eval={assets}/prepared-eval", "train.max_steps=8",
             "train.warmup_steps=1", "checkpoint.every=1000", "eval.every=0", "eval.max_batches=2",
             "logging.every=4"]
-
-
-def _port() -> int:
-    from model_parallel.spawn import free_port
-
-    return free_port()
 
 
 def build_parser() -> argparse.ArgumentParser:

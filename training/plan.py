@@ -11,6 +11,7 @@ step (what ``model_parallel.comm_counter`` counts); the time model turns them in
 wire with the ring algorithms' factors.
 """
 
+import functools
 import glob
 import json
 import math
@@ -225,8 +226,10 @@ def _architecture_source(section, key: str) -> str:
                       f"{os.path.relpath(MODELS_DIR)} has _name_or_path {source!r}; add its config.json there")
 
 
+@functools.lru_cache(maxsize=None)
 def model_shape(source: str, *, vocab: int, tp: int, attn_implementation: str = "auto") -> ModelShape:
-    """Count ``source``'s parameters on the meta device, with ``vocab`` embedding rows."""
+    """Count ``source``'s parameters on the meta device, with ``vocab`` embedding rows (cached: a
+    plan compares every layout, and a plan that fits nowhere plans again for bigger clusters)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -273,6 +276,7 @@ def model_shape(source: str, *, vocab: int, tp: int, attn_implementation: str = 
                       tensors=tuple(tensors))
 
 
+@functools.lru_cache(maxsize=None)
 def _vocab_rows(source: str) -> int:
     from transformers import AutoConfig
 
