@@ -36,20 +36,14 @@ def resolve_vocab_shard(local_vocab_size: int,
     here, before the caller starts a collective that the failing rank would never join. Without a
     tensor-parallel group (None, or one rank) the checks are local: no collective, no host sync.
     """
-    if not is_parallel(group):
-        # One rank: nothing to agree on, and no device tensor to read back (no host sync).
-        if local_error is not None:
-            raise ValueError(f"{caller}: {local_error}")
-        if local_vocab_size < 1:
-            raise ValueError(f"{caller}: the vocabulary dimension is empty on tensor-parallel rank(s) [0] "
-                             f"(slice sizes [{local_vocab_size}]); every rank must hold at least one vocabulary entry")
-        return VocabShard(start=0, size=local_vocab_size, global_size=local_vocab_size)
     names = list(must_agree)
-    local = torch.tensor([[float(local_error is not None), float(local_vocab_size)] + [float(must_agree[n]) for n in names]],
-                         dtype=torch.float64,
-                         device=device)
-    # host sync: every rank must know the layout (and any rank's error) before the data collectives.
-    table = gather_rows(local, group)[0].cpu()  # (ranks, 2 + len(names))
+    row = [[float(local_error is not None), float(local_vocab_size)] + [float(must_agree[n]) for n in names]]
+    if is_parallel(group):
+        local = torch.tensor(row, dtype=torch.float64, device=device)
+        # host sync: every rank must know the layout (and any rank's error) before the data collectives.
+        table = gather_rows(local, group)[0].cpu()  # (ranks, 2 + len(names))
+    else:  # one rank: its own row is the table, built on the host (no collective, no host sync)
+        table = torch.tensor(row, dtype=torch.float64, device="cpu")
     if local_error is not None:
         raise ValueError(f"{caller}: {local_error}")
     failed = [rank for rank, flag in enumerate(table[:, 0].tolist()) if flag]
