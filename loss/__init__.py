@@ -8,7 +8,7 @@ by name; :func:`per_token_loss` picks one.
 from core.tokens import IGNORE_INDEX
 from loss.baselines import cross_entropy, forward_kl, reverse_kl
 from loss.registry import LOSSES, Divergence
-from loss.tail import TailDivergence, TailParts, tail_divergence, tail_divergence_parts
+from loss.tail import TailDivergence, TailParts, TopOne, tail_divergence, tail_divergence_parts
 
 LOSS_KINDS = tuple(LOSSES)
 
@@ -50,6 +50,7 @@ __all__ = [
     "LOSS_KINDS",
     "TailDivergence",
     "TailParts",
+    "TopOne",
     "cross_entropy",
     "forward_kl",
     "per_token_loss",

@@ -24,8 +24,9 @@ class Divergence:
     """``compute(student, teacher, *, top_k, beta_for, temperature, tp_group, donate_teacher) -> {"kd": [n], ...}``;
     ``beta_for(teacher_tail_mass)`` gives the tail weight (a number, or per token);
     ``donate_teacher`` lets backward reuse the teacher's storage for the student's gradient (the
-    caller does not read the teacher's logits after backward); a divergence may ignore it. None:
-    no divergence (cross-entropy only)."""
+    caller does not read the teacher's logits after backward); a divergence may ignore it. It may
+    add ``student_top1`` / ``teacher_top1`` (global argmax ids) where its own pass gives them for
+    free. None: no divergence (cross-entropy only)."""
     uses_top_k: bool = False
     """Whether ``loss.top_k``, ``loss.beta`` and ``loss.beta_mode`` apply."""
 
@@ -35,9 +36,13 @@ class Divergence:
 
 
 def _tail(student, teacher, *, top_k, beta_for, temperature, tp_group, donate_teacher) -> Dict:
-    parts = tail_divergence_parts(student, teacher, top_k=top_k, temperature=temperature, tp_group=tp_group,
-                                  donate_teacher=donate_teacher)
+    parts, top1 = tail_divergence_parts(student, teacher, top_k=top_k, temperature=temperature, tp_group=tp_group,
+                                        donate_teacher=donate_teacher, return_top1=True)
     out = parts._asdict()
+    # By-products of the same pass: the agreement metric needs no second read of the logits.
+    out["student_top1"] = top1.student
+    if top1.teacher is not None:
+        out["teacher_top1"] = top1.teacher
     out["kd"] = parts.head_kl + beta_for(parts.teacher_tail_mass) * parts.tail_kl
     return out
 

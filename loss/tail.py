@@ -13,9 +13,11 @@ logits (rank r holds the r-th slice; slices may be uneven and smaller than K).
 Algorithm (DESIGN.md §2, in one pass over the logits): each rank proposes its local top-K teacher
 candidates and summarises the rest of its slice, its *local tail*, by three numbers: the teacher's
 and student's log-sum-exp over it and the mean log-ratio under the teacher's local-tail softmax.
-One all-gather of those ``3 + 3K`` numbers per token per rank (candidates travel with their
-teacher logit, student logit and id) lets every rank pick the same global top-K and fold the
-candidates left out back into the tail, exactly and without cancellation. Forward runs two
+One all-gather of those numbers per token per rank (candidates travel with their teacher logit,
+student logit and id), plus the student's local maximum and its id, ``5 + 3K`` in all, lets every
+rank pick the same global top-K and fold the candidates left out back into the tail, exactly and
+without cancellation. The same pass gives both models' global argmax (the teacher's is the first
+of its top-K) for the top-1 agreement metric, so no caller re-reads the logits for it. Forward runs two
 all-gathers per call: the argument/layout check (a few numbers per rank) and that one per-token
 exchange, O(K·TP) bytes per token whatever the vocabulary size. Every rank returns the same
 per-token values and back-propagates the same loss, so backward runs **zero** collectives: each
@@ -27,7 +29,7 @@ still gets an exact renormalised tail. ``-inf`` logits carry no mass, get zero g
 every tie; a row that is ``-inf`` throughout yields D = 0 and a zero gradient.
 """
 
-from typing import NamedTuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -42,6 +44,15 @@ CHUNK_NUMEL = 1 << 24
 CPU_CHUNK_NUMEL = 1 << 18
 
 _NEG_INF = float("-inf")
+
+
+class TopOne(NamedTuple):
+    """Each model's most probable token, global ids (int64, the logits' shape minus the last dim),
+    ties to the lower id as for the top-K: by-products of the pass the divergence makes."""
+
+    student: torch.Tensor
+    teacher: Optional[torch.Tensor]
+    """The first of the teacher's top-K; None for K = 0 (no top-K is taken)."""
 
 
 class TailParts(NamedTuple):
@@ -94,31 +105,41 @@ def _owned_flat_index(top_ids: torch.Tensor, shard: VocabShard) -> tuple:
     return rows[owned] * shard.size + local[owned], owned
 
 
+# Per-token statistics columns of the exchanged payload, before the 3K candidate columns.
+_T_TAIL, _S_TAIL, _MEAN, _S_MAX, _S_MAX_ID, _STATS = range(6)
+
+
 def _local_statistics(student, teacher, k, shard, inv_t, payload):
-    """Fill ``payload`` (``[N, 3 + 3K]``) with this slice's per-token statistics, in one pass.
+    """Fill ``payload`` (``[N, 5 + 3K]``) with this slice's per-token statistics, in one pass.
 
     Columns: the teacher's and student's log-sum-exp over the *local tail* (the slice minus its
     own top-K teacher candidates), the mean of ``(t − s)/τ`` under the teacher's local-tail
-    softmax, then the K candidates' unscaled teacher logits, unscaled student logits and global
-    ids (``-inf`` and ids past the vocabulary where the slice has fewer than K entries). Unscaled,
-    so that candidates are ranked on the very values every layout's ``local_topk`` compared.
+    softmax, the student's largest logit on the slice and its global id, then the K candidates'
+    unscaled teacher logits, unscaled student logits and global ids (``-inf`` and ids past the
+    vocabulary where the slice has fewer than K entries). Unscaled, so that candidates are ranked
+    on the very values every layout's ``local_topk`` compared.
     """
     k_local = min(k, shard.size)
-    payload[:, 3:3 + 2 * k] = _NEG_INF
+    cand = _STATS  # first candidate column
+    payload[:, cand:cand + 2 * k] = _NEG_INF
     # Padding candidates lose every tie to a real id; the ranks together always propose at
     # least K real ones, so padding is never chosen.
-    payload[:, 3 + 2 * k:] = torch.arange(k, device=payload.device) + shard.global_size
+    payload[:, cand + 2 * k:] = torch.arange(k, device=payload.device) + shard.global_size
     if shard.size == k_local:  # the whole slice is candidates: no local tail
-        payload[:, 0:2] = _NEG_INF
-        payload[:, 2] = 0.0
+        payload[:, _T_TAIL:_S_TAIL + 1] = _NEG_INF
+        payload[:, _MEAN] = 0.0
     for rows in _row_chunks(student.shape[0], shard.size, student.device):
         t = teacher[rows].float()  # (R, V_local); a view when already fp32, never written
         s = student[rows].float()
+        # The first maximum, as global_argmax takes it; while the chunk is in cache.
+        s_max, s_max_index = s.max(dim=-1)
+        payload[rows, _S_MAX] = s_max
+        payload[rows, _S_MAX_ID] = s_max_index + shard.start
         if k_local:
             top_t, top_index, t_tail_max = local_topk(t, k_local)
-            payload[rows, 3:3 + k_local] = top_t
-            payload[rows, 3 + k:3 + k + k_local] = s.gather(1, top_index)
-            payload[rows, 3 + 2 * k:3 + 2 * k + k_local] = top_index + shard.start
+            payload[rows, cand:cand + k_local] = top_t
+            payload[rows, cand + k:cand + k + k_local] = s.gather(1, top_index)
+            payload[rows, cand + 2 * k:cand + 2 * k + k_local] = top_index + shard.start
         else:
             t_tail_max = t.amax(dim=-1)
         if shard.size == k_local:
@@ -132,15 +153,15 @@ def _local_statistics(student, teacher, k, shard, inv_t, payload):
             s_tail.scatter_(1, top_index, _NEG_INF)
         s_shift = _finite_or_zero(s_tail.amax(dim=-1, keepdim=True)) * inv_t
         s_sum = _scaled_exp(s_tail, s_shift, inv_t, out=s_tail).sum(dim=-1)
-        payload[rows, 1] = s_shift.squeeze(1) + torch.log(s_sum)
+        payload[rows, _S_TAIL] = s_shift.squeeze(1) + torch.log(s_sum)
         t_shift = _finite_or_zero(t_tail_max).unsqueeze(1) * inv_t
         t_weight = _scaled_exp(t, t_shift, inv_t)  # teacher's local tail up to a per-row factor
         if k_local:
             t_weight.scatter_(1, top_index, 0.0)  # candidates may have overflowed; they are not tail
         t_sum = t_weight.sum(dim=-1)
-        payload[rows, 0] = t_shift.squeeze(1) + torch.log(t_sum)
+        payload[rows, _T_TAIL] = t_shift.squeeze(1) + torch.log(t_sum)
         weighted = t_weight.mul_(log_ratio).sum(dim=-1) * inv_t
-        payload[rows, 2] = torch.where(t_sum > 0, weighted / t_sum, torch.zeros_like(t_sum))
+        payload[rows, _MEAN] = torch.where(t_sum > 0, weighted / t_sum, torch.zeros_like(t_sum))
 
 
 class _TailDivergenceParts(torch.autograd.Function):
@@ -155,19 +176,22 @@ class _TailDivergenceParts(torch.autograd.Function):
         k = min(top_k, shard.global_size)
         # Token ids travel in the same buffer as the logits: exact in fp32 below 2**24.
         payload_dtype = torch.float32 if shard.global_size < 2**24 else torch.float64
-        payload = torch.empty(num_rows, 3 + 3 * k, dtype=payload_dtype, device=student.device)
+        payload = torch.empty(num_rows, _STATS + 3 * k, dtype=payload_dtype, device=student.device)
         _local_statistics(student, teacher, k, shard, inv_t, payload)
-        gathered = gather_rows(payload, tp_group)  # (N, TP, 3 + 3K), the only per-token collective
+        gathered = gather_rows(payload, tp_group)  # (N, TP, 5 + 3K), the only per-token collective
         del payload
 
         candidates = gathered.shape[1] * k
-        cand_t, cand_s, cand_ids = (gathered[:, :, 3 + i * k:3 + (i + 1) * k].reshape(num_rows, candidates)
+        cand_t, cand_s, cand_ids = (gathered[:, :, _STATS + i * k:_STATS + (i + 1) * k].reshape(num_rows, candidates)
                                     for i in range(3))
         order = rank_candidates(cand_t, cand_ids.long())
         cand_t, cand_s = (x.gather(1, order).float() * inv_t for x in (cand_t, cand_s))
         top_ids = cand_ids.gather(1, order[:, :k]).long()
         top_t, top_s, rest_t, rest_s = cand_t[:, :k], cand_s[:, :k], cand_t[:, k:], cand_s[:, k:]
-        local_tail_t, local_tail_s, local_mean = (gathered[:, :, i].float() for i in range(3))
+        local_tail_t, local_tail_s, local_mean = (gathered[:, :, i].float() for i in (_T_TAIL, _S_TAIL, _MEAN))
+        student_ids = gathered[:, :, _S_MAX_ID].long()  # (N, TP)
+        student_top1 = student_ids.gather(1, rank_candidates(gathered[:, :, _S_MAX], student_ids)[:, :1]).squeeze(1)
+        teacher_top1 = top_ids[:, 0] if k else None
         del gathered
 
         # The global tail: every rank's local tail plus the proposed candidates not chosen.
@@ -193,18 +217,18 @@ class _TailDivergenceParts(torch.autograd.Function):
         head_terms = torch.where(p_top > 0, p_top * (log_p_top - log_q_top), torch.zeros_like(p_top))
         head_kl = head_terms.sum(dim=1) + torch.where(has_tail, p_tail * (log_p_tail - log_q_tail), zero)
 
-        ctx.mark_non_differentiable(p_tail, q_tail)
+        ctx.mark_non_differentiable(p_tail, q_tail, student_top1)
         ctx.save_for_backward(student_logits, teacher_logits, top_ids, top_t.contiguous(), top_s.contiguous(), log_z_t,
                               log_z_s, log_tail_t, log_tail_s, p_tail, q_tail)
         ctx.shard, ctx.inv_t = shard, inv_t
         # The gradient can take the teacher's storage only where it has the student's layout.
         ctx.donated = (donate_teacher and teacher_logits.dtype == student_logits.dtype and
                        teacher_logits.is_contiguous() and student_logits.is_contiguous())
-        return head_kl, tail_kl, p_tail, q_tail
+        return head_kl, tail_kl, p_tail, q_tail, student_top1, teacher_top1
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_head, grad_tail, _grad_p_tail, _grad_q_tail):
+    def backward(ctx, grad_head, grad_tail, *_no_gradient):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None, None
         (student_logits, teacher_logits, top_ids, top_t, top_s, log_z_t, log_z_s, log_tail_t, log_tail_s, p_tail,
@@ -286,7 +310,7 @@ def _check_beta(beta, token_shape):
 
 
 def _tail_parts(student_logits, teacher_logits, top_k, temperature, tp_group, beta_error=None,
-                donate_teacher=False) -> TailParts:
+                donate_teacher=False) -> Tuple[TailParts, TopOne]:
     error = _check_logits(student_logits, teacher_logits, top_k, temperature) or beta_error
     device = next((x.device for x in (student_logits, teacher_logits) if isinstance(x, torch.Tensor)), None)
     # A rank with bad input still joins the check, with placeholder values, so that every rank raises.
@@ -301,12 +325,12 @@ def _tail_parts(student_logits, teacher_logits, top_k, temperature, tp_group, be
                                     "temperature": temperature if valid else 0,
                                     "the number of tokens": student_logits.shape[:-1].numel() if valid else 0,
                                 })
-    head_kl, tail_kl, p_tail, q_tail = _TailDivergenceParts.apply(student_logits, teacher_logits.detach(), top_k,
-                                                                  float(temperature), tp_group, shard,
-                                                                  donate_teacher)
+    *parts, student_top1, teacher_top1 = _TailDivergenceParts.apply(student_logits, teacher_logits.detach(), top_k,
+                                                                    float(temperature), tp_group, shard,
+                                                                    donate_teacher)
     token_shape = student_logits.shape[:-1]
-    return TailParts(head_kl.view(token_shape), tail_kl.view(token_shape), p_tail.view(token_shape),
-                     q_tail.view(token_shape))
+    top1 = TopOne(student_top1.view(token_shape), teacher_top1.view(token_shape) if teacher_top1 is not None else None)
+    return TailParts(*(part.view(token_shape) for part in parts)), top1
 
 
 def tail_divergence_parts(student_logits: torch.Tensor,
@@ -315,13 +339,18 @@ def tail_divergence_parts(student_logits: torch.Tensor,
                           top_k: int,
                           temperature: float = 1.0,
                           tp_group=None,
-                          donate_teacher: bool = False) -> TailParts:
+                          donate_teacher: bool = False,
+                          return_top1: bool = False) -> Union[TailParts, Tuple[TailParts, TopOne]]:
     """The per-token parts of the tail-aware divergence from one pass (see :class:`TailParts`).
 
     Same arguments and contract as :func:`tail_divergence`, without β:
-    ``D = head_kl + β · tail_kl``.
+    ``D = head_kl + β · tail_kl``. ``return_top1``: also each model's global argmax
+    (:class:`TopOne`), taken in the same pass and exchanged in the same all-gather, so that a
+    caller reporting top-1 agreement reads neither model's logits again.
     """
-    return _tail_parts(student_logits, teacher_logits, top_k, temperature, tp_group, donate_teacher=donate_teacher)
+    parts, top1 = _tail_parts(student_logits, teacher_logits, top_k, temperature, tp_group,
+                              donate_teacher=donate_teacher)
+    return (parts, top1) if return_top1 else parts
 
 
 def tail_divergence(student_logits: torch.Tensor,
@@ -360,9 +389,9 @@ def tail_divergence(student_logits: torch.Tensor,
         (shapes, dtypes, top_k, beta, temperature, token counts or K/τ differing across ranks).
     """
     token_shape = student_logits.shape[:-1] if isinstance(student_logits, torch.Tensor) else None
-    parts = _tail_parts(student_logits, teacher_logits, top_k, temperature, tp_group,
-                        _check_beta(beta, token_shape) if token_shape is not None else None,
-                        donate_teacher=donate_teacher)
+    parts, _ = _tail_parts(student_logits, teacher_logits, top_k, temperature, tp_group,
+                           _check_beta(beta, token_shape) if token_shape is not None else None,
+                           donate_teacher=donate_teacher)
     if isinstance(beta, torch.Tensor):
         beta = beta.detach().to(device=parts.tail_kl.device, dtype=torch.float32)
     return parts.head_kl + beta * parts.tail_kl

@@ -30,9 +30,10 @@ def _inputs(dtype=torch.float32):
 def _value_and_grad(student, teacher, beta, upstream, tp_group, top_k=TOP_K, temperature=1.3):
     student = student.clone().requires_grad_(True)
     value = tail_divergence(student, teacher, top_k=top_k, beta=beta, temperature=temperature, tp_group=tp_group)
-    parts = tail_divergence_parts(student.detach(), teacher, top_k=top_k, temperature=temperature, tp_group=tp_group)
+    parts, top1 = tail_divergence_parts(student.detach(), teacher, top_k=top_k, temperature=temperature,
+                                        tp_group=tp_group, return_top1=True)
     value.backward(upstream)
-    return value.detach(), torch.stack(parts), student.grad
+    return value.detach(), torch.stack(parts), student.grad, top1
 
 
 def _slice(x, bounds, rank):
@@ -60,13 +61,20 @@ def test_values_and_gradient_slices_equal_one_process(world_size, subgroups):
     per_rank = run_on_ranks(world_size, _sharded_worker, bounds, subgroups)
     student, teacher, beta, upstream = _inputs()
     for top_k in (0, 1, TOP_K, VOCAB, VOCAB + 3):
-        value, parts, grad = _value_and_grad(student, teacher, beta, upstream, None, top_k)
+        value, parts, grad, _ = _value_and_grad(student, teacher, beta, upstream, None, top_k)
         for rank, results in enumerate(per_rank):
             tp_rank = rank % len(bounds)
-            got_value, got_parts, got_grad = results[top_k]
+            got_value, got_parts, got_grad, got_top1 = results[top_k]
             torch.testing.assert_close(got_value, value, rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(got_parts, parts, rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(got_grad, _slice(grad, bounds, tp_rank), rtol=1e-6, atol=1e-6)
+            # The argmaxes of the same pass: the first maximum over the whole vocabulary (ties
+            # across slice boundaries and constant rows included), on every rank.
+            assert torch.equal(got_top1.student, student.argmax(dim=-1))
+            if top_k:
+                assert torch.equal(got_top1.teacher, teacher.argmax(dim=-1))
+            else:
+                assert got_top1.teacher is None  # no top-K taken
         # Every rank returns the very same per-token values.
         for results in per_rank[1:]:
             assert torch.equal(results[top_k][0], per_rank[0][top_k][0])
@@ -95,8 +103,8 @@ def test_communication_does_not_grow_with_the_vocabulary(world_size):
     total_bytes, forward_calls, backward_calls = large
     assert backward_calls == 0
     assert forward_calls == 2  # the argument/layout check and one per-token all-gather
-    # Per token per rank: 3 + 3K fp32 numbers; plus a few for the check.
-    per_token = (3 + 3 * TOP_K) * 4
+    # Per token per rank: 5 + 3K fp32 numbers (the student's argmax travels too); plus a few for the check.
+    per_token = (5 + 3 * TOP_K) * 4
     assert 64 * per_token <= total_bytes <= 64 * per_token + 64
 
 

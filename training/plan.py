@@ -427,10 +427,15 @@ def estimate(job: Job, layout: Layout, cluster: Cluster, *, device_type: str = "
         per_micro = w * model.hidden * (tokens * model.layers * per_layer + micro * (job.seq_len - 1))
         if teacher:
             per_micro += w * tokens * job.teacher.layers * job.teacher.row_parallel * job.teacher.hidden
-            # The loss's per-token statistics (3 + 3K fp32) and two argmaxes (2 fp32 each) per
-            # position with a target, plus the layout check (5 float64 per call).
-            k = min(job.top_k, job.student.vocab) if job.loss_kind == "tail" else 0
-            traffic["loss_exchange"] = accum * (micro * (job.seq_len - 1) * 4 * (3 + 3 * k + 4) + 40)
+            # Per position with a target, fp32: the tail loss's statistics (5 + 3K, the student's
+            # argmax among them; the teacher's is its first top-K id, or 2 more at K = 0); other
+            # kinds' two argmaxes (2 each). Plus the layout check (5 float64 per call).
+            if job.loss_kind == "tail":
+                k = min(job.top_k, job.student.vocab)
+                numbers = 5 + 3 * k + (2 if k == 0 else 0)
+            else:
+                numbers = 4
+            traffic["loss_exchange"] = accum * (micro * (job.seq_len - 1) * 4 * numbers + 40)
         traffic["tp_allreduce"] = accum * per_micro
 
     flops = 6 * job.student.matmul_params() / tp + (2 * job.student.matmul_params() / tp

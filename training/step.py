@@ -118,9 +118,11 @@ def _objective(engines, loss_cfg, student, teacher, targets, rows, num_rows, don
                                  sequence_ids=rows, num_sequences=num_rows, tp_group=engines.tp_group,
                                  donate_teacher=donate_teacher)
     if teacher is not None:
+        # The tail divergence hands back both argmaxes from its own pass; other kinds need one more.
         with torch.no_grad():
-            out["student_top1"] = global_argmax(student.detach(), engines.vocab_start, engines.tp_group)
-            out["teacher_top1"] = global_argmax(teacher, engines.vocab_start, engines.tp_group)
+            for name, logits in (("student_top1", student), ("teacher_top1", teacher)):
+                if name not in out:
+                    out[name] = global_argmax(logits.detach(), engines.vocab_start, engines.tp_group)
         out["top1_agreement"] = (out["student_top1"] == out["teacher_top1"]).float()
     return out
 
