@@ -146,6 +146,45 @@ def _init_added_rows(model, first_added: int, seed: int) -> None:
             weight.data[first_added:] = rows.to(device=weight.device, dtype=weight.dtype)
 
 
+def _draw_fresh_weights(model, seed: int) -> None:
+    """Draw a model built from a config again from ``seed`` alone: bitwise the same weights at every
+    ZeRO stage, tensor-parallel size, world size and device, in fp32 and rounded to bf16 alike.
+
+    transformers draws a fresh model from the global RNG in an order that depends on how it was
+    built: under ``zero.Init`` (a stage-3 student) it initialises gathered parameters module by
+    module; on the host (stages 1 and 2) it draws them in another order. So the same seed gave two
+    different students. Here every module with parameters of its own is drawn again by the model's
+    own ``_init_weights`` (HF's normal(0, initializer_range) matrices, unit norms, zero padding
+    rows), into fp32 host tensors, under a generator seeded from ``seed`` and the module's index.
+    Collective under ZeRO-3: each module's parameters are gathered, and rank 0's values (equal on
+    every rank) are what each rank keeps of its partition. A parameter shared by two modules (tied
+    embeddings) keeps its first draw.
+    """
+    import deepspeed
+
+    drawn = set()
+    for index, module in enumerate(model.modules()):
+        params = list(module.parameters(recurse=False))
+        if not params:
+            continue
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            saved = [(param.data, getattr(param, "_is_hf_initialized", False)) for param in params]
+            for param in params:
+                # transformers' init functions skip tensors flagged as initialised (loaded or tied).
+                param.data = torch.empty(param.shape, dtype=torch.float32, device="cpu")
+                param._is_hf_initialized = False
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed * 1_000_003 + index)
+                model._init_weights(module)
+            for param, (data, flag) in zip(params, saved):
+                drawn_values = param.data
+                param.data, param._is_hf_initialized = data, flag
+                if id(param) not in drawn:
+                    with torch.no_grad():
+                        param.data.copy_(drawn_values)  # host fp32 -> the parameter's device and dtype
+                    drawn.add(id(param))
+
+
 def _needs_untie(model) -> bool:
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     return head is not None and head.weight is embedding.weight and type(embedding) is not torch.nn.Embedding
@@ -177,6 +216,8 @@ def _build_model(section, key: str, vocab_size: int, zero_only: Optional[dict], 
         else:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=section.trust_remote_code,
                                                      attn_implementation=attention)
+    if not section.path:
+        _draw_fresh_weights(model, seed)
     embedding = model.get_input_embeddings().weight
     rows = getattr(embedding, "ds_shape", embedding.shape)[0]
     if rows != vocab_size:
@@ -272,7 +313,7 @@ def build_engines(*, student: StudentConfig, teacher: Optional[TeacherConfig], t
     partitioned = not train_student or ds_configs.student_stage == 3
     # Keep a reference: transformers finds the ZeRO-3 config through a weak reference to it.
     hf_ds_config = HfDeepSpeedConfig(ds_configs.zero_only) if partitioned else None
-    torch.manual_seed(seed)  # a fresh student's initial weights depend on the seed alone
+    torch.manual_seed(seed)  # the global RNG stream depends on the seed alone (the weights: _draw_fresh_weights)
     student_model = _build_model(student_source, "student", vocab_size, ds_configs.zero_only if partitioned else None,
                                  dtype, tp, frozen=not train_student, seed=seed)
     if activation_checkpointing:
