@@ -1,6 +1,7 @@
 """Tokens/s of the job's layouts beside a plain transformers ``Trainer`` + DDP baseline, in one run.
 
     python benchmarks/distill.py [--ranks 2] [--steps 20] [--warmup 3] [--seq-len 128] [--micro-batch 8]
+                                 [--tp 1 2] [--rounds 3]
 
 The pair is the demo's (launch/configs/models/demo_teacher.json -> demo_student.json, random
 weights, 1024-token vocabulary), fp32 on CPU with gloo. Every side trains the same steps of the
@@ -13,6 +14,10 @@ global batch (micro-batch x sequence x data-parallel ranks) per optimizer step.
   K 10, beta 2) for each tensor-parallel size x ``parallel.teacher_placement``; a layout slower than
   the baseline is shown with where its time goes (teacher forward, student forward, loss,
   backward, optimizer), for each student ZeRO stage (``parallel.student_zero_stage``).
+
+Every side runs once per round, the rounds one after another, and the medians over rounds are
+printed: on a shared machine whose speed drifts by tens of percent between minutes, a side's ratio
+to the baseline is taken within each round (paired), and its median and range are shown.
 """
 
 import argparse
@@ -151,6 +156,12 @@ def _trainer_worker(rank, world_size, work, args):
     return {"tokens_per_s": tokens / clock.seconds, "seconds_per_step": clock.seconds / args.steps}
 
 
+def _median(values):
+    import statistics
+
+    return statistics.median(values)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=2)
@@ -159,35 +170,42 @@ def main():
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rounds", type=int, default=3, help="runs of every side, interleaved (medians reported)")
     args = parser.parse_args()
 
     from benchmarks.demo_pair import save_random_teacher
     from model_parallel.spawn import run_on_ranks
 
     os.chdir(ROOT)  # the demo config's paths are relative to the repository
-    results = {}
+    baseline = "baseline: Trainer + DDP, teacher per rank, full-vocabulary KL"
+    sides = [(f"job: TP {tp} x DP {args.ranks // tp}, teacher {placement}, student ZeRO-{stage}", (tp, placement, stage))
+             for tp in args.tp for placement, stage in (("resident", 1), ("resident", 2), ("resident", 3), ("zero3", 3))]
+    runs = {name: [] for name in [baseline] + [name for name, _ in sides]}  # per side, one result per round
     with tempfile.TemporaryDirectory() as work:
         save_random_teacher(f"{work}/teacher")
-        results["baseline: Trainer + DDP, teacher per rank, full-vocabulary KL"] = run_on_ranks(
-            args.ranks, _trainer_worker, work, args, timeout=1800)[0]
-        for tp in args.tp:
-            for placement, stage in (("resident", 1), ("resident", 2), ("resident", 3), ("zero3", 3)):
-                name = f"job: TP {tp} x DP {args.ranks // tp}, teacher {placement}, student ZeRO-{stage}"
-                results[name] = run_on_ranks(args.ranks, _job_worker, work, args, tp, placement, stage,
-                                             deepspeed=True, timeout=1800)[0]
+        for round_index in range(args.rounds):
+            print(f"round {round_index + 1} of {args.rounds}", file=sys.stderr, flush=True)
+            runs[baseline].append(run_on_ranks(args.ranks, _trainer_worker, work, args, timeout=1800)[0])
+            for name, layout in sides:
+                runs[name].append(run_on_ranks(args.ranks, _job_worker, work, args, *layout, deepspeed=True,
+                                               timeout=1800)[0])
 
     print(f"demo teacher -> demo student, {args.ranks} processes (gloo, CPU), micro-batch {args.micro_batch} x "
-          f"{args.seq_len}, {args.steps} timed steps after {args.warmup} (rank 0)")
-    baseline = next(iter(results.values()))["tokens_per_s"]
-    width = max(len(name) for name in results)
-    print(f"  {'side':<{width}}  {'s/step':>8}  {'tokens/s':>9}  {'x baseline':>10}")
-    for name, result in results.items():
-        print(f"  {name:<{width}}  {result['seconds_per_step']:>8.4f}  {result['tokens_per_s']:>9.0f}  "
-              f"{result['tokens_per_s'] / baseline:>10.2f}")
-    for name, result in results.items():
-        if "split" in result and result["tokens_per_s"] < baseline:
-            split = ", ".join(f"{part} {seconds:.4f}" for part, seconds in result["split"].items())
-            print(f"  where a step of '{name}' goes (s): {split}")
+          f"{args.seq_len}, {args.steps} timed steps after {args.warmup} (rank 0), medians of {args.rounds} "
+          f"interleaved rounds")
+    width = max(len(name) for name in runs)
+    print(f"  {'side':<{width}}  {'s/step':>8}  {'tokens/s':>9}  {'x baseline':>10}  {'range':>11}")
+    for name, results in runs.items():
+        # Paired: each round's ratio to the baseline of the same round.
+        ratios = [r["tokens_per_s"] / b["tokens_per_s"] for r, b in zip(results, runs[baseline])]
+        print(f"  {name:<{width}}  {_median([r['seconds_per_step'] for r in results]):>8.4f}  "
+              f"{_median([r['tokens_per_s'] for r in results]):>9.0f}  {_median(ratios):>10.2f}  "
+              f"{min(ratios):>5.2f}-{max(ratios):<5.2f}")
+    for name, results in runs.items():
+        ratio = _median([r["tokens_per_s"] / b["tokens_per_s"] for r, b in zip(results, runs[baseline])])
+        if "split" in results[0] and ratio < 1.0:
+            split = ", ".join(f"{part} {_median([r['split'][part] for r in results]):.4f}" for part in results[0]["split"])
+            print(f"  where a step of '{name}' goes (s, medians): {split}")
 
 
 if __name__ == "__main__":
