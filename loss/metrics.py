@@ -129,6 +129,15 @@ class EvalSums:
                 known[name] = compute()
             return known[name]
 
+        if teacher is not None and not {"tail_divergence", "teacher_tail_mass", "student_tail_mass"} <= set(known):
+            # One pass gives the tail metrics and, as by-products, both models' argmax.
+            parts, top1 = tail_divergence_parts(student, teacher, top_k=self.top_k, tp_group=group, return_top1=True)
+            value("tail_divergence", lambda: parts.head_kl + self.beta * parts.tail_kl)
+            value("teacher_tail_mass", lambda: parts.teacher_tail_mass)
+            value("student_tail_mass", lambda: parts.student_tail_mass)
+            value("student_top1", lambda: top1.student)
+            if top1.teacher is not None:
+                value("teacher_top1", lambda: top1.teacher)
         student_top1 = value("student_top1", lambda: global_argmax(student, start, group))
         self.add_sum("tokens", torch.ones_like(targets, dtype=torch.float64))
         self.add_sum("nll", value("nll", lambda: cross_entropy(student, targets, tp_group=group)))
@@ -137,11 +146,6 @@ class EvalSums:
         self.top1_bins += top1_ece_bins(student, targets, n_bins=self.n_bins, tp_group=group)
         if teacher is None:
             return
-        if not {"tail_divergence", "teacher_tail_mass", "student_tail_mass"} <= set(known):
-            parts = tail_divergence_parts(student, teacher, top_k=self.top_k, tp_group=group)
-            value("tail_divergence", lambda: parts.head_kl + self.beta * parts.tail_kl)
-            value("teacher_tail_mass", lambda: parts.teacher_tail_mass)
-            value("student_tail_mass", lambda: parts.student_tail_mass)
         teacher_top1 = value("teacher_top1", lambda: global_argmax(teacher, start, group))
         for name, compute in (("forward_kl", lambda: forward_kl(student, teacher, tp_group=group)),
                               ("reverse_kl", lambda: reverse_kl(student, teacher, tp_group=group)),
