@@ -25,6 +25,7 @@ import os
 import sys
 import tempfile
 import time
+from statistics import median
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -156,12 +157,6 @@ def _trainer_worker(rank, world_size, work, args):
     return {"tokens_per_s": tokens / clock.seconds, "seconds_per_step": clock.seconds / args.steps}
 
 
-def _median(values):
-    import statistics
-
-    return statistics.median(values)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=2)
@@ -178,8 +173,10 @@ def main():
 
     os.chdir(ROOT)  # the demo config's paths are relative to the repository
     baseline = "baseline: Trainer + DDP, teacher per rank, full-vocabulary KL"
-    sides = [(f"job: TP {tp} x DP {args.ranks // tp}, teacher {placement}, student ZeRO-{stage}", (tp, placement, stage))
-             for tp in args.tp for placement, stage in (("resident", 1), ("resident", 2), ("resident", 3), ("zero3", 3))]
+    layouts = [(tp, placement, stage) for tp in args.tp
+               for placement, stage in (("resident", 1), ("resident", 2), ("resident", 3), ("zero3", 3))]
+    sides = [(f"job: TP {tp} x DP {args.ranks // tp}, teacher {placement}, student ZeRO-{stage}",
+              (tp, placement, stage)) for tp, placement, stage in layouts]
     runs = {name: [] for name in [baseline] + [name for name, _ in sides]}  # per side, one result per round
     with tempfile.TemporaryDirectory() as work:
         save_random_teacher(f"{work}/teacher")
@@ -195,16 +192,17 @@ def main():
           f"interleaved rounds")
     width = max(len(name) for name in runs)
     print(f"  {'side':<{width}}  {'s/step':>8}  {'tokens/s':>9}  {'x baseline':>10}  {'range':>11}")
+    # Paired: each round's ratio to the baseline of the same round.
+    ratios = {name: [r["tokens_per_s"] / b["tokens_per_s"] for r, b in zip(results, runs[baseline])]
+              for name, results in runs.items()}
     for name, results in runs.items():
-        # Paired: each round's ratio to the baseline of the same round.
-        ratios = [r["tokens_per_s"] / b["tokens_per_s"] for r, b in zip(results, runs[baseline])]
-        print(f"  {name:<{width}}  {_median([r['seconds_per_step'] for r in results]):>8.4f}  "
-              f"{_median([r['tokens_per_s'] for r in results]):>9.0f}  {_median(ratios):>10.2f}  "
-              f"{min(ratios):>5.2f}-{max(ratios):<5.2f}")
+        print(f"  {name:<{width}}  {median([r['seconds_per_step'] for r in results]):>8.4f}  "
+              f"{median([r['tokens_per_s'] for r in results]):>9.0f}  {median(ratios[name]):>10.2f}  "
+              f"{min(ratios[name]):>5.2f}-{max(ratios[name]):<5.2f}")
     for name, results in runs.items():
-        ratio = _median([r["tokens_per_s"] / b["tokens_per_s"] for r, b in zip(results, runs[baseline])])
-        if "split" in results[0] and ratio < 1.0:
-            split = ", ".join(f"{part} {_median([r['split'][part] for r in results]):.4f}" for part in results[0]["split"])
+        if "split" in results[0] and median(ratios[name]) < 1.0:
+            split = ", ".join(f"{part} {median([r['split'][part] for r in results]):.4f}"
+                              for part in results[0]["split"])
             print(f"  where a step of '{name}' goes (s, medians): {split}")
 
 
