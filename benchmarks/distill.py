@@ -173,8 +173,10 @@ def main():
 
     os.chdir(ROOT)  # the demo config's paths are relative to the repository
     baseline = "baseline: Trainer + DDP, teacher per rank, full-vocabulary KL"
+    # ZeRO stage 0 (plain data parallelism) is an fp32, TP-1 layout (training.deepspeed_config.stage_problem).
     layouts = [(tp, placement, stage) for tp in args.tp
-               for placement, stage in (("resident", 1), ("resident", 2), ("resident", 3), ("zero3", 3))]
+               for placement, stage in (("resident", 0), ("resident", 1), ("resident", 2), ("resident", 3),
+                                        ("zero3", 3)) if stage or tp == 1]
     sides = [(f"job: TP {tp} x DP {args.ranks // tp}, teacher {placement}, student ZeRO-{stage}",
               (tp, placement, stage)) for tp, placement, stage in layouts]
     runs = {name: [] for name in [baseline] + [name for name, _ in sides]}  # per side, one result per round

@@ -1,6 +1,6 @@
 """The planner against what the job measures, on CPU: peak memory growth and collective bytes per step.
 
-    python benchmarks/plan_check.py [--layouts 0 1 2 3 4 5]
+    python benchmarks/plan_check.py [--layouts 0 1 2 3 4 5 6]
 
 A random Llama teacher (157 M parameters) and student (65 M), fp32, vocabulary 8192, are trained
 with the job's own step (``training.step.train_step``: micro-batch 2 x 128, grad_accum 2) on gloo
@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (world, tensor_parallel, teacher_placement, student_zero_stage, activation_checkpointing)
 LAYOUTS = [(1, 1, "resident", 2, False), (2, 1, "resident", 2, False), (2, 1, "zero3", 3, False),
-           (2, 2, "resident", 3, True), (2, 2, "resident", 1, False), (2, 1, "resident", 1, True)]
+           (2, 2, "resident", 3, True), (2, 2, "resident", 1, False), (2, 1, "resident", 1, True),
+           (2, 1, "resident", 0, False)]
 MICRO, SEQ, ACCUM, VOCAB = 2, 128, 2, 8192
 _COMMON = dict(vocab_size=VOCAB, max_position_embeddings=SEQ, num_attention_heads=8, num_key_value_heads=4,
                tie_word_embeddings=False, bos_token_id=2, eos_token_id=3, pad_token_id=0)

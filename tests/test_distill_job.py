@@ -137,10 +137,10 @@ def test_tp2_run_learns_logs_and_exports(straight):
     assert set(state) == {"python", "numpy", "torch", "accelerator"} and len(state["torch"]) > 0
 
 
-def _reference_eval_tail_divergence(student_dir, teacher_dir, eval_dir, tokens=512):
-    """The job's final eval/tail_divergence (K 5, β 2, 2 batches of 2 rows), recomputed in one process
-    with plain transformers models on the first ``tokens`` vocabulary columns (the rest is padding,
-    which the job masks to -inf)."""
+def _reference_eval_tail_divergence(student_dir, teacher_dir, eval_dir, tokens=512, data_parallel=1):
+    """The job's final eval/tail_divergence (K 5, β 2, 2 batches of 2 rows per data-parallel rank:
+    the first 4 x ``data_parallel`` rows), recomputed in one process with plain transformers models
+    on the first ``tokens`` vocabulary columns (the rest is padding, which the job masks to -inf)."""
     from transformers import AutoModelForCausalLM
 
     from data.loader import Collator, eval_batches, load_prepared
@@ -152,7 +152,7 @@ def _reference_eval_tail_divergence(student_dir, teacher_dir, eval_dir, tokens=5
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in eval_batches(eval_set, batch_size=2, dp_size=1, dp_rank=0, collator=Collator(0)):
-            if count >= 2 * 2 * 31:
+            if count >= data_parallel * 2 * 2 * 31:
                 break
             s = student(input_ids=batch["input_ids"]).logits[:, :-1, :tokens].reshape(-1, tokens)
             t = teacher(input_ids=batch["input_ids"]).logits[:, :-1, :tokens].reshape(-1, tokens)
@@ -236,6 +236,33 @@ def test_student_zero_stage_trains_resumes_and_exports(straight, assets, tmp_pat
                                           "--set", "train.max_steps=10"], check=False)
         assert other.returncode == 2 and (f"checkpoint step_{STEPS} holds a ZeRO-2 student and this run asks for "
                                           f"ZeRO-3") in other.stderr
+
+
+def _grad_norms(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as lines:
+        return {r["step"]: r["grad_norm"] for r in map(json.loads, lines) if "grad_norm" in r}
+
+
+def test_plain_data_parallel_student_trains_resumes_and_exports(straight, assets):
+    """parallel.student_zero_stage 0 (DeepSpeed's plain data parallelism; fp32, TP 1) on 2 ranks as
+    TP 1 x DP 2 with the straight run's global batch (2 x 1 x 2 sequences): stopped at step 4 and
+    resumed, the losses and the gradient norms (all-reduced over the data-parallel ranks) follow the
+    ZeRO-3 TP 2 run; the export reproduces the run's evaluation. The norms here stay below
+    train.grad_clip; tests/test_plain_optimizer.py exercises the clip and the non-finite skip."""
+    config, out = _config(assets, "stage0", parallel={"student_zero_stage": 0, "tensor_parallel": 1},
+                          train={"grad_accum": 1})
+    _launch(config, 2, extra=["--set", "train.stop_at_step=4"])
+    _launch(config, 2)
+    losses, reference = _losses(out), _losses(straight)
+    norms, reference_norms = _grad_norms(out), _grad_norms(straight)
+    assert losses.keys() == reference.keys() == norms.keys()
+    for step in reference:
+        # The same math on other vocabulary slices and reduction orders, as in the TP 1 test above.
+        assert losses[step] == pytest.approx(reference[step], rel=1e-4), step
+        assert norms[step] == pytest.approx(reference_norms[step], rel=1e-4), step
+    exported = _reference_eval_tail_divergence(os.path.join(out, "student"), assets["teacher"], assets["eval"],
+                                               data_parallel=2)
+    assert exported == pytest.approx(_final_record(out)["eval/tail_divergence"], rel=1e-4)
 
 
 def test_activation_checkpointing_and_eager_attention_keep_the_losses(straight, assets):

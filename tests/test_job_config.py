@@ -75,7 +75,8 @@ def test_deepspeed_config_is_completed_from_the_run_config(base):
 @pytest.mark.parametrize("ds, message", [
     ({"train_micro_batch_size_per_gpu": 8}, "train_micro_batch_size_per_gpu is 8 but the run config implies 2"),
     ({"tensor_parallel": {"autotp_size": 4}}, "tensor_parallel.autotp_size is 4 but the run config implies 2"),
-    ({"zero_optimization": {"stage": 0}}, r"zero_optimization.stage must be 1, 2, 3 or \"auto\" for the student, got 0"),
+    ({"zero_optimization": {"stage": 4}}, r"zero_optimization.stage must be 0, 1, 2, 3 or \"auto\" for the student, got 4"),
+    ({"zero_optimization": {"stage": 0}}, "zero_optimization.stage: the student's ZeRO stage 0 .* trains in fp32 only"),
     ({"train_batch_size": 7}, "train_batch_size disagrees"),
     ({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 8}},
      "zero_optimization.zero_hpz_partition_size > 1 does not work with tensor parallelism "
@@ -111,8 +112,18 @@ def test_the_students_zero_stage_comes_from_the_json_or_the_run_config(base, tmp
     assert stage(2) == 2 and stage(2, "parallel.student_zero_stage=2") == 2
     with pytest.raises(ConfigError, match="parallel.student_zero_stage is 1 but .* sets zero_optimization.stage 2"):
         stage(2, "parallel.student_zero_stage=1")
-    with pytest.raises(ConfigError, match="parallel.student_zero_stage: must be 1, 2 or 3, got 4"):
+    with pytest.raises(ConfigError, match="parallel.student_zero_stage: must be 0, 1, 2 or 3, got 4"):
         load_config(base, ["parallel.student_zero_stage=4"])
+    # Stage 0 (plain data parallelism): fp32 at TP 1 only, from either key; refused by name otherwise.
+    assert stage("auto", "parallel.student_zero_stage=0", "parallel.tensor_parallel=1") == 0
+    assert stage(0, "parallel.tensor_parallel=1") == 0
+    with pytest.raises(ConfigError, match="zero_optimization.stage: the student's ZeRO stage 0 .* needs "
+                                          "parallel.tensor_parallel 1, got 2"):
+        stage("auto", "parallel.student_zero_stage=0")
+    cfg = load_config(base, [f"parallel.deepspeed_config={tmp_path / 'stage.json'}", "parallel.tensor_parallel=1",
+                             "parallel.student_zero_stage=0"])  # the JSON's stage: "auto"
+    with pytest.raises(ConfigError, match="stage 0 .* trains in fp32 only, and this run is bf16"):
+        build_deepspeed_configs(cfg, world_size=4, bf16=True)
 
 
 def test_tensor_parallel_must_divide_the_world(base):

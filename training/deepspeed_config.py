@@ -104,13 +104,33 @@ def _student_stage(ds: dict, cfg: RunConfig, source: str) -> int:
     """The student's ZeRO stage: the JSON's, or ``parallel.student_zero_stage`` where it says "auto"."""
     stage, chosen = ds.get("zero_optimization", {}).get("stage", AUTO), cfg.parallel.student_zero_stage
     if stage == AUTO:
-        return chosen or 3
-    if stage not in (1, 2, 3):
-        raise ConfigError(f"{source}: zero_optimization.stage must be 1, 2, 3 or \"auto\" for the student, got {stage!r}")
+        return 3 if chosen is None else chosen
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{source}: zero_optimization.stage must be 0, 1, 2, 3 or \"auto\" for the student, "
+                          f"got {stage!r}")
     if chosen is not None and chosen != stage:
         raise ConfigError(f"parallel.student_zero_stage is {chosen} but {source} sets zero_optimization.stage "
                           f"{stage}; set the JSON's stage to \"auto\" or make the two agree")
     return stage
+
+
+def stage_problem(stage: int, *, tensor_parallel: int, bf16: bool):
+    """Why the student cannot train at ZeRO ``stage`` in this layout, or None.
+
+    Stage 0 (DeepSpeed's plain data parallelism) is fp32 at TP 1 only: DeepSpeed 0.19.8 accumulates a
+    stage-0 bf16 model's gradients in bf16 (the job keeps them fp32), and its stage-0 gradient
+    norm does not count AutoTP's shards (they carry no model-parallel mark), so clipping at TP > 1
+    would use a wrong norm.
+    """
+    if stage != 0:
+        return None
+    if bf16:
+        return ("the student's ZeRO stage 0 (plain data parallelism) trains in fp32 only, and this run is bf16 "
+                "(train.dtype bf16, or auto on a bf16 GPU); use stage 1 or train.dtype fp32")
+    if tensor_parallel > 1:
+        return (f"the student's ZeRO stage 0 (plain data parallelism) needs parallel.tensor_parallel 1, got "
+                f"{tensor_parallel}; use stage 1")
+    return None
 
 
 def _resident(frozen: dict) -> dict:
@@ -139,7 +159,10 @@ def build_deepspeed_configs(cfg: RunConfig, world_size: int, bf16: bool, *, univ
     train = cfg.train
     _complete_common(ds, source, tp=cfg.parallel.tensor_parallel, world_size=world_size,
                      micro_batch_size=train.micro_batch_size, grad_accum=train.grad_accum, bf16=bf16)
-    ds.setdefault("zero_optimization", {})["stage"] = _student_stage(ds, cfg, source)
+    stage = ds.setdefault("zero_optimization", {})["stage"] = _student_stage(ds, cfg, source)
+    problem = stage_problem(stage, tensor_parallel=cfg.parallel.tensor_parallel, bf16=bf16)
+    if problem:
+        raise ConfigError(f"parallel.student_zero_stage / {source}: zero_optimization.stage: {problem}")
     _put(ds, "gradient_clipping", train.grad_clip, source)
     _put(ds, "optimizer.type", "AdamW", source)
     _put(ds, "optimizer.params.lr", train.lr, source)

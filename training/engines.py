@@ -20,6 +20,7 @@ from loss.registry import LOSSES
 from model_parallel.distributed import accelerator_device
 from training.config import ConfigError, RunConfig, StudentConfig, TeacherConfig
 from training.deepspeed_config import DeepSpeedConfigs
+from training.plain_optimizer import plain_data_parallel
 
 
 @dataclass
@@ -309,7 +310,7 @@ def build_engines(*, student: StudentConfig, teacher: Optional[TeacherConfig], t
     if teacher_source is not None and teacher_weights:
         teacher = build_teacher(teacher_source, vocab_size=vocab_size, ds_configs=ds_configs, dtype=dtype,
                                 tensor_parallel=tp, seed=seed)
-    # zero.Init only where ZeRO-3 partitions the student's weights; stages 1 and 2 load it whole.
+    # zero.Init only where ZeRO-3 partitions the student's weights; stages 0 to 2 load it whole.
     partitioned = not train_student or ds_configs.student_stage == 3
     # Keep a reference: transformers finds the ZeRO-3 config through a weak reference to it.
     hf_ds_config = HfDeepSpeedConfig(ds_configs.zero_only) if partitioned else None
@@ -319,7 +320,10 @@ def build_engines(*, student: StudentConfig, teacher: Optional[TeacherConfig], t
     if activation_checkpointing:
         student_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if train_student:
-        student, *_ = deepspeed.initialize(model=student_model, config=ds_configs.student,
+        config, optimizer = ds_configs.student, None
+        if ds_configs.student_stage == 0:  # DeepSpeed's plain optimizer neither skips NaN steps nor reports the norm
+            config, optimizer = plain_data_parallel(config)
+        student, *_ = deepspeed.initialize(model=student_model, config=config, optimizer=optimizer,
                                            model_parameters=[p for p in student_model.parameters() if p.requires_grad])
     else:
         student, *_ = deepspeed.initialize(model=student_model, config=ds_configs.frozen)

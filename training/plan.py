@@ -22,6 +22,7 @@ from typing import Dict, List, Optional
 from core.errors import ConfigError
 from loss.registry import divergence
 from loss.tail import CHUNK_NUMEL, CPU_CHUNK_NUMEL
+from training.deepspeed_config import _read, resolve_student_stage, stage_problem
 
 GB = 1e9
 MEMORY_TERMS = ("teacher_weights", "student_weights", "student_master", "student_optimizer", "student_gradients",
@@ -296,7 +297,6 @@ def job_from_config(cfg, *, world_size: int, tp: Optional[int] = None, bf16: Opt
     """The plan's view of ``cfg`` (a :class:`training.config.RunConfig`) on ``world_size`` GPUs,
     its models counted for tensor-parallel size ``tp`` (default: the config's); ``bf16`` where the
     caller knows it (default: ``train.dtype`` bf16 or auto)."""
-    from training.deepspeed_config import _read
 
     tp = tp or cfg.parallel.tensor_parallel
     needs_teacher = divergence(cfg.loss.kind).needs_teacher
@@ -363,20 +363,22 @@ def estimate(job: Job, layout: Layout, cluster: Cluster, *, device_type: str = "
     persistence = _bucket(ds, "stage3_param_persistence_threshold", 1e5)
 
     memory = dict.fromkeys(MEMORY_TERMS, 0.0)
-    # Where the optimizer's fp32 states live: stages 1 and 2 partition them over the data-parallel
-    # ranks; stage 3 partitions the TP-split tensors over those and the TP-replicated ones
-    # (embedding, norms) over every rank, and keeps tensors under the persistence threshold whole.
+    # Where the optimizer's fp32 states live: stage 0 keeps them whole on every rank; stages 1 and 2
+    # partition them over the data-parallel ranks; stage 3 partitions the TP-split tensors over
+    # those and the TP-replicated ones (embedding, norms) over every rank, and keeps tensors under
+    # the persistence threshold whole.
     if stage == 3:
         replicated = job.student.replicated
         states = (student - replicated) / dp + replicated / cluster.world_size
     else:
-        states = student / dp
+        states = student / dp if stage else student
     memory["student_weights"] = w * (states + job.student.persistent(persistence) if stage == 3 else student)
-    memory["student_master"] = 4 * states
+    # Stage 0 is fp32 only (training.deepspeed_config.stage_problem): the weights are the master copy.
+    memory["student_master"] = 4 * states if stage else 0.0
     # Adam's two moments (fp32); on CPU torch's AdamW also makes one partition-sized temporary per step.
     memory["student_optimizer"] = (8 + (4 if device_type == "cpu" else 0)) * states
-    # Stage 1 holds every gradient until the step; stages 2 and 3 their partition (plus a bucket).
-    memory["student_gradients"] = grad_bytes * (student if stage == 1 else states)
+    # Stages 0 and 1 hold every gradient until the step; stages 2 and 3 their partition (plus a bucket).
+    memory["student_gradients"] = grad_bytes * (student if stage <= 1 else states)
     if teacher:
         resident = layout.teacher_placement == "resident" or dp == 1
         memory["teacher_weights"] = w * (teacher if resident else teacher / dp + job.teacher.persistent(persistence))
@@ -398,9 +400,10 @@ def estimate(job: Job, layout: Layout, cluster: Cluster, *, device_type: str = "
     memory["comm_buffers"] = max(buffers, 0.0)
 
     traffic = dict.fromkeys(TRAFFIC_KINDS, 0.0)
-    # ZeRO reduces gradients (fp32) even over one data-parallel rank: stage 1 once per step (an
-    # all-reduce), stage 2 every micro-batch (an all-reduce), stage 3 every micro-batch (a reduce-scatter).
-    traffic["student_reduce_scatter"] = (1 if stage == 1 else accum) * grad_bytes * student
+    # DeepSpeed reduces gradients (fp32) even over one data-parallel rank: stages 0 and 1 once per
+    # step (an all-reduce), stage 2 every micro-batch (an all-reduce), stage 3 every micro-batch (a
+    # reduce-scatter).
+    traffic["student_reduce_scatter"] = (1 if stage <= 1 else accum) * grad_bytes * student
     if stage == 3 and cluster.world_size > 1:
         # The TP-replicated tensors are partitioned over every rank: gathered over all of them.
         rest = job.student.replicated - job.student.replicated_persistent(persistence)
@@ -413,7 +416,7 @@ def estimate(job: Job, layout: Layout, cluster: Cluster, *, device_type: str = "
             split = student - job.student.replicated
             traffic["student_gather"] += gathers * w * (split - (job.student.persistent(persistence) -
                                                                 job.student.replicated_persistent(persistence))) / dp
-        else:
+        elif stage:
             traffic["student_gather"] = w * student / dp  # the updated partitions, once per step
         if teacher and layout.teacher_placement == "zero3":
             traffic["teacher_gather"] = accum * w * (teacher - job.teacher.persistent(persistence)) / dp
@@ -475,6 +478,9 @@ def layout_problem(job: Job, layout: Layout, cluster: Cluster) -> Optional[str]:
         for what, count in (("attention heads", model.heads), ("key-value heads", model.kv_heads)):
             if count % tp:
                 return f"parallel.tensor_parallel {tp} does not divide the {name}'s {count} {what}"
+    problem = stage_problem(layout.student_zero_stage, tensor_parallel=tp, bf16=job.weight_bytes == 2)
+    if problem:
+        return problem
     dp = cluster.world_size // tp
     if layout.micro_batch_size * layout.grad_accum * dp != job.global_batch:
         return (f"train.micro_batch_size {layout.micro_batch_size} x train.grad_accum {layout.grad_accum} x "
@@ -484,7 +490,9 @@ def layout_problem(job: Job, layout: Layout, cluster: Cluster) -> Optional[str]:
 
 def candidate_layouts(job_for_tp, cluster: Cluster) -> List[Layout]:
     """Every layout at ``job``'s global batch: TP sizes up to a node, both teacher placements, ZeRO
-    stages 1-3, micro-batches that divide the batch (grad_accum adjusted), checkpointing off and on."""
+    stages 1-3 (and 0 where it can run: fp32 at TP 1), micro-batches that divide the batch
+    (grad_accum adjusted), checkpointing off and on."""
+
     layouts = []
     for tp in (size for size in (1, 2, 4, 8, 16) if size <= cluster.gpus_per_node):
         dp = cluster.world_size // tp
@@ -494,7 +502,8 @@ def candidate_layouts(job_for_tp, cluster: Cluster) -> List[Layout]:
         placements = ("resident", "zero3") if job.teacher is not None else ("resident",)
         for micro in micros:
             for placement in placements:
-                for stage in (1, 2, 3):
+                for stage in (s for s in (0, 1, 2, 3) if not stage_problem(s, tensor_parallel=tp,
+                                                                           bf16=job.weight_bytes == 2)):
                     for checkpointing in (False, True):
                         layouts.append(Layout(tp, placement, stage, micro, max(per_rank // micro, 1), checkpointing))
     return layouts
@@ -529,8 +538,6 @@ class Plan:
 
 
 def configured_layout(cfg, cluster: Cluster) -> Layout:
-    from training.deepspeed_config import resolve_student_stage
-
     return Layout(cfg.parallel.tensor_parallel, cfg.parallel.teacher_placement, resolve_student_stage(cfg),
                   cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.activation_checkpointing)
 
