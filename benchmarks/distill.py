@@ -157,6 +157,20 @@ def _trainer_worker(rank, world_size, work, args):
     return {"tokens_per_s": tokens / clock.seconds, "seconds_per_step": clock.seconds / args.steps}
 
 
+def _run_side(name, ranks, worker, *args, deepspeed=False, attempts=3):
+    """Rank 0's result of one side; a side whose processes crash (seen here: the Trainer's gloo
+    threads aborting at exit, once in a few dozen runs) is run again, and the retry is reported."""
+    from model_parallel.spawn import run_on_ranks
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return run_on_ranks(ranks, worker, *args, deepspeed=deepspeed, timeout=1800)[0]
+        except Exception as error:  # noqa: BLE001 -- reported, then retried or raised
+            if attempt == attempts:
+                raise
+            print(f"'{name}' failed ({error!r}); running it again", file=sys.stderr, flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=2)
@@ -169,7 +183,6 @@ def main():
     args = parser.parse_args()
 
     from benchmarks.demo_pair import save_random_teacher
-    from model_parallel.spawn import run_on_ranks
 
     os.chdir(ROOT)  # the demo config's paths are relative to the repository
     baseline = "baseline: Trainer + DDP, teacher per rank, full-vocabulary KL"
@@ -184,10 +197,9 @@ def main():
         save_random_teacher(f"{work}/teacher")
         for round_index in range(args.rounds):
             print(f"round {round_index + 1} of {args.rounds}", file=sys.stderr, flush=True)
-            runs[baseline].append(run_on_ranks(args.ranks, _trainer_worker, work, args, timeout=1800)[0])
+            runs[baseline].append(_run_side(baseline, args.ranks, _trainer_worker, work, args))
             for name, layout in sides:
-                runs[name].append(run_on_ranks(args.ranks, _job_worker, work, args, *layout, deepspeed=True,
-                                               timeout=1800)[0])
+                runs[name].append(_run_side(name, args.ranks, _job_worker, work, args, *layout, deepspeed=True))
 
     print(f"demo teacher -> demo student, {args.ranks} processes (gloo, CPU), micro-batch {args.micro_batch} x "
           f"{args.seq_len}, {args.steps} timed steps after {args.warmup} (rank 0), medians of {args.rounds} "
