@@ -121,6 +121,24 @@ def test_a_zero3_teacher_trades_memory_for_traffic():
                                                             2 * job.teacher.persistent(1e5))
 
 
+def test_stage_0_is_planned_only_where_it_runs_and_holds_whole_states():
+    """Stage 0 (plain data parallelism) is a candidate for an fp32 job at TP 1 only; against stage 1
+    it holds every Adam state on each rank, no fp32 master copy, and moves no parameter all-gather."""
+    cfg = load_config(os.path.join(ROOT, PRODUCTION))
+    cluster = Cluster(nodes=2, gpus_per_node=8)
+    for bf16 in (True, False):
+        estimates = plan(cfg, cluster, bf16=bf16).estimates
+        stage_0 = {e.layout.tensor_parallel for e in estimates if e.layout.student_zero_stage == 0}
+        assert stage_0 == (set() if bf16 else {1})
+    job = job_from_config(cfg, world_size=16, tp=1, bf16=False)
+    zero_0, zero_1 = (estimate(job, Layout(1, "resident", stage, 1, 4, True), cluster) for stage in (0, 1))
+    params = job.student.per_rank(1)
+    assert zero_0.memory["student_optimizer"] == 16 * zero_1.memory["student_optimizer"] == 8 * params
+    assert zero_0.memory["student_master"] == 0 and zero_1.memory["student_master"] == 4 * params / 16
+    assert zero_0.traffic["student_gather"] == 0 and zero_1.traffic["student_gather"] == 4 * params / 16
+    assert zero_0.traffic["student_reduce_scatter"] == zero_1.traffic["student_reduce_scatter"] == 4 * params
+
+
 def test_the_production_header_is_the_planners():
     """launch/configs/gemma2_9b_to_1b.yaml opens with what the planner prints for it (regenerate with
     the command on its second line), and its layout is the one the plan recommends."""

@@ -297,7 +297,6 @@ def job_from_config(cfg, *, world_size: int, tp: Optional[int] = None, bf16: Opt
     """The plan's view of ``cfg`` (a :class:`training.config.RunConfig`) on ``world_size`` GPUs,
     its models counted for tensor-parallel size ``tp`` (default: the config's); ``bf16`` where the
     caller knows it (default: ``train.dtype`` bf16 or auto)."""
-
     tp = tp or cfg.parallel.tensor_parallel
     needs_teacher = divergence(cfg.loss.kind).needs_teacher
     sources = {"student": _architecture_source(cfg.student, "student")}
@@ -492,7 +491,6 @@ def candidate_layouts(job_for_tp, cluster: Cluster) -> List[Layout]:
     """Every layout at ``job``'s global batch: TP sizes up to a node, both teacher placements, ZeRO
     stages 1-3 (and 0 where it can run: fp32 at TP 1), micro-batches that divide the batch
     (grad_accum adjusted), checkpointing off and on."""
-
     layouts = []
     for tp in (size for size in (1, 2, 4, 8, 16) if size <= cluster.gpus_per_node):
         dp = cluster.world_size // tp
