@@ -106,7 +106,7 @@ class ParallelConfig:
     student_zero_stage: Optional[int] = None
     """The student's ZeRO stage (0, 1, 2 or 3) where the DeepSpeed JSON's ``zero_optimization.stage``
     is ``"auto"`` or absent (then 3); a JSON stage that differs is refused. 0 is DeepSpeed's plain
-    data parallelism (every rank holds the whole optimizer state; fp32 only)."""
+    data parallelism (every rank holds the whole optimizer state; fp32 at ``tensor_parallel`` 1 only)."""
     teacher_placement: Literal["resident", "zero3"] = "resident"
     """``resident``: each rank keeps its tensor-parallel shard of the frozen teacher whole for the
     whole run (ZeRO stage 0 + AutoTP), so its forward moves no parameter bytes, only the TP
