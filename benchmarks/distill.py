@@ -159,13 +159,16 @@ def _trainer_worker(rank, world_size, work, args):
 
 def _run_side(name, ranks, worker, *args, deepspeed=False, attempts=3):
     """Rank 0's result of one side; a side whose processes crash (seen here: the Trainer's gloo
-    threads aborting at exit, once in a few dozen runs) is run again, and the retry is reported."""
+    threads aborting at exit, once in a few dozen runs) is run again, and the retry is reported.
+    An error raised in a rank or a hang is not retried: it fails the benchmark at once."""
+    from torch.multiprocessing import ProcessExitedException
+
     from model_parallel.spawn import run_on_ranks
 
     for attempt in range(1, attempts + 1):
         try:
             return run_on_ranks(ranks, worker, *args, deepspeed=deepspeed, timeout=1800)[0]
-        except Exception as error:  # noqa: BLE001 -- reported, then retried or raised
+        except ProcessExitedException as error:  # killed by a signal or exited without its result
             if attempt == attempts:
                 raise
             print(f"'{name}' failed ({error!r}); running it again", file=sys.stderr, flush=True)

@@ -498,10 +498,10 @@ def candidate_layouts(job_for_tp, cluster: Cluster) -> List[Layout]:
         per_rank = job.global_batch // dp if job.global_batch % dp == 0 else 0
         micros = [m for m in (1, 2, 4, 8, 16, 32) if per_rank and per_rank % m == 0] or [1]
         placements = ("resident", "zero3") if job.teacher is not None else ("resident",)
+        stages = [s for s in (0, 1, 2, 3) if not stage_problem(s, tensor_parallel=tp, bf16=job.weight_bytes == 2)]
         for micro in micros:
             for placement in placements:
-                for stage in (s for s in (0, 1, 2, 3) if not stage_problem(s, tensor_parallel=tp,
-                                                                           bf16=job.weight_bytes == 2)):
+                for stage in stages:
                     for checkpointing in (False, True):
                         layouts.append(Layout(tp, placement, stage, micro, max(per_rank // micro, 1), checkpointing))
     return layouts
