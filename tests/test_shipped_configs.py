@@ -2,7 +2,8 @@
 ``launch/distill.sh``'s own command line, with its DeepSpeed JSON unchanged. Only what cannot run
 here is overridden: model paths (tiny local models of the same architecture), tokenizer and data
 paths, the tensor-parallel size, the sequence length (through the data), steps and batch sizes.
-``launch/slurm.sbatch`` is checked in its dry-run mode.
+``launch/slurm.sbatch`` runs itself, under stand-in ``srun``/``scontrol`` (``tests/slurm_standins.py``)
+that start two nodes on this machine, each with its own TMPDIR; its dry run is checked too.
 """
 
 import glob
@@ -114,22 +115,86 @@ def test_shipped_config_starts_on_two_simulated_nodes(config, assets, tokenizer_
     assert exported.model_type == ("gemma2" if "gemma2" in config else "llama")
 
 
+def _slurm_env(tmp_path, **extra):
+    """The environment of a batch step on the first of two nodes, with stand-in ``scontrol`` and
+    ``srun`` (``tests/slurm_standins.py``) first on PATH."""
+    from tests import slurm_standins
+
+    bin_dir = slurm_standins.install(tmp_path / "bin")
+    return {**os.environ, "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_NNODES": "2", "SLURM_SUBMIT_DIR": ROOT,
+            "PATH": f"{bin_dir}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
+            **extra}
+
+
 def test_slurm_dry_run_prints_the_per_node_command(tmp_path):
-    scontrol = tmp_path / "scontrol"
-    scontrol.write_text("#!/usr/bin/env bash\nprintf 'gpu-a\\ngpu-b\\n'\n")
-    scontrol.chmod(0o755)
-    env = {**os.environ, "DRY_RUN": "1", "SLURM_JOB_NODELIST": "gpu-[a-b]", "SLURM_NNODES": "2",
-           "SLURM_GPUS_ON_NODE": "8", "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+    env = _slurm_env(tmp_path, DRY_RUN="1", SLURM_JOB_ID="77", SLURM_GPUS_ON_NODE="8", SLURM_CPUS_PER_TASK="32",
+                     STANDIN_HOSTS="gpu-a gpu-b")
     result = subprocess.run(["bash", "launch/slurm.sbatch", "--config", "launch/configs/gemma2_9b_to_1b.yaml",
                              "--set", "train.stop_at_step=100"], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stderr
     environment, *hosts, command = result.stdout.strip().splitlines()
-    assert environment.startswith("NNODES=2 GPUS_PER_NODE=8 NO_SSH=1 MASTER_ADDR=gpu-a MASTER_PORT=29500 HOSTFILE=")
+    assert environment == (f"NNODES=2 GPUS_PER_NODE=8 NO_SSH=1 MASTER_ADDR=gpu-a MASTER_PORT=29500 "
+                           f"HOSTFILE={ROOT}/logs/hostfile-77")
     assert hosts == ["hostfile: gpu-a slots=8", "hostfile: gpu-b slots=8"]
-    assert shlex.split(command) == ["srun", "--kill-on-bad-exit=1", "bash", "-c",
+    assert shlex.split(command) == ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash", "-c",
                                     'NODE_RANK=$SLURM_NODEID exec bash launch/distill.sh "$@"', "_", "--config",
                                     "launch/configs/gemma2_9b_to_1b.yaml", "--set", "train.stop_at_step=100"]
+    assert not os.path.exists(os.path.join(ROOT, "logs/hostfile-77"))  # a dry run writes nothing
+
+
+def test_logs_directory_ships_for_slurm_output():
+    """SLURM opens ``--output=logs/...`` before the script runs: the directory must be in the clone."""
+    assert os.path.isfile(os.path.join(ROOT, "logs/.gitkeep"))
+    header = [line for line in open(os.path.join(ROOT, "launch/slurm.sbatch")) if line.startswith("#SBATCH --output")]
+    assert header == ["#SBATCH --output=logs/%x-%j.out\n"]
+    ignored = open(os.path.join(ROOT, ".gitignore")).read().split()
+    assert "logs/*" in ignored and "!logs/.gitkeep" in ignored
+
+
+@pytest.mark.e2e
+def test_slurm_batch_script_starts_both_nodes(assets, tokenizer_dir, tmp_path):
+    """launch/slurm.sbatch itself (not its dry run) under stand-in ``scontrol``/``srun``: two "nodes"
+    on this machine, one launcher and one rank each, each node with its own TMPDIR; the stand-in srun
+    fails if anything it hands a node names a path under the batch step's TMPDIR (a file there
+    exists on the first node only)."""
+    config = "launch/configs/demo_distill.yaml"
+    overrides, out = _overrides("slurm_demo_distill", yaml.safe_load(open(os.path.join(ROOT, config))), assets,
+                                tokenizer_dir)
+    batch_tmp, node_logs = tmp_path / "batch-tmp", tmp_path / "nodes"
+    batch_tmp.mkdir()
+    job_id = f"test{os.getpid()}"
+    hostfile = os.path.join(ROOT, "logs", f"hostfile-{job_id}")
+    env = _slurm_env(tmp_path, SLURM_JOB_ID=job_id, SLURM_GPUS_ON_NODE="1", TMPDIR=str(batch_tmp),
+                     STANDIN_HOSTS="127.0.0.1 localhost", STANDIN_NODE_LOGS=str(node_logs),
+                     MASTER_PORT=str(free_port()), PYTHONPATH=ROOT, OMP_NUM_THREADS="1",
+                     # launch/env.sh checks the venv this test runs in and installs nothing.
+                     VENV=sys.prefix)
+    args = ["--config", config] + [item for key, value in overrides.items() for item in ("--set", f"{key}={value}")]
+    try:
+        # SLURM runs a spooled copy of the script: only SLURM_SUBMIT_DIR says where the repository is.
+        result = subprocess.run(["bash", os.path.join(ROOT, "launch/slurm.sbatch"), *args], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=300)
+        logs = {rank: (node_logs / f"node{rank}.log").read_text() for rank in (0, 1)
+                if (node_logs / f"node{rank}.log").exists()}
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + "".join(
+            text[-3000:] for text in logs.values())
+        assert open(hostfile).read() == "127.0.0.1 slots=1\nlocalhost slots=1\n"
+    finally:
+        if os.path.exists(hostfile):
+            os.remove(hostfile)
+    assert "Installing requirements" not in result.stdout
+    for rank in (0, 1):
+        # Each node's own launcher, one local rank, its node rank in a world of 2.
+        assert f"--node_rank={rank}" in logs[rank] and "dist_world_size=2" in logs[rank], logs[rank][-2000:]
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    losses = {record["step"]: record["loss"] for record in records if "loss" in record}
+    assert sorted(losses) == [1, 2] and all(math.isfinite(value) for value in losses.values())
+    # The final checkpoint holds a model-state file from each tensor-parallel rank (one a node), so
+    # each node finished step 2.
+    tag = os.path.join(out, "checkpoints", "step_2")
+    assert sorted(name for name in os.listdir(tag) if name.endswith("model_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_01_model_states.pt"]
 
 
 @pytest.mark.parametrize("name, parameters", [("gemma2_9b", 9_241_705_984), ("gemma2_1b", None)])
