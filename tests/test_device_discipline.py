@@ -7,7 +7,8 @@ On a GPU a tensor made on the host and handed to NCCL fails; here it would pass 
   on ``meta`` and every collective checks its tensors' device (object collectives are refused);
 - the same run checks that the engines really are bf16, that ZeRO accumulates gradients over
   micro-batches in an fp32 buffer, and that the rows ``resize_token_embeddings`` added are
-  bitwise equal on every rank.
+  bitwise equal on every rank;
+- where CUDA is present (``benchmarks/gpu_check.sh``), the same on one CUDA rank (NCCL, TP 1).
 """
 
 import ast
@@ -94,6 +95,7 @@ def _rank(rank, world_size, config_path):
     cfg = load_config(config_path, [])
     engines = build_engines(**engine_sources(cfg), ds_configs=build_deepspeed_configs(cfg, world_size, bf16=True),
                             bf16=True)
+    out["device"] = str(engines.device)
     student = engines.student
     out["dtypes"] = sorted({str(p.dtype) for engine in (student, engines.teacher) for p in engine.module.parameters()})
     buffer = student.optimizer.grad_partitions_flat_buffer
@@ -122,22 +124,43 @@ def _rank(rank, world_size, config_path):
 
 
 @pytest.fixture(scope="module")
-def bf16_ranks(tmp_path_factory, tokenizer_dir, tokenizer, demo_dir):
+def bf16_assets(tmp_path_factory, tokenizer_dir, tokenizer, demo_dir):
     root = tmp_path_factory.mktemp("device")
     prepare(str(tokenizer_dir), [str(demo_dir / "pretrain/eval.txt")], str(root / "data"), fmt="text", seq_len=32)
     llama(STUDENT_ROWS, layers=1).to_json_file(str(root / "student.json"))
+    teacher = save_model(llama(TEACHER_ROWS, hidden=48), root / "teacher", tokenizer)
+    return root, str(tokenizer_dir), teacher
+
+
+def _bf16_config(assets, tensor_parallel: int) -> str:
+    root, tokenizer_dir, teacher = assets
     config = {
-        "output_dir": str(root / "run"), "seed": 5, "tokenizer": str(tokenizer_dir),
-        "teacher": {"path": save_model(llama(TEACHER_ROWS, hidden=48), root / "teacher", tokenizer)},
+        "output_dir": str(root / f"run-tp{tensor_parallel}"), "seed": 5, "tokenizer": tokenizer_dir,
+        "teacher": {"path": teacher},
         "student": {"config": str(root / "student.json")},
         "data": {"train": str(root / "data")},
         "loss": {"kind": "tail", "top_k": 5, "beta": 2.0, "beta_mode": "sequence"},
         "train": {"max_steps": 4, "micro_batch_size": 2, "grad_accum": 2, "warmup_steps": 1, "dtype": "bf16"},
-        "parallel": {"tensor_parallel": 2, "deepspeed_config": os.path.join(ROOT, "ds_configs/zero3_tp.json")},
+        "parallel": {"tensor_parallel": tensor_parallel,
+                     "deepspeed_config": os.path.join(ROOT, "ds_configs/zero3_tp.json")},
     }
-    path = root / "run.yaml"
+    path = root / f"run-tp{tensor_parallel}.yaml"
     path.write_text(yaml.safe_dump(config))
-    return run_on_ranks(2, _rank, str(path), deepspeed=True, timeout=300)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def bf16_ranks(bf16_assets):
+    return run_on_ranks(2, _rank, _bf16_config(bf16_assets, tensor_parallel=2), deepspeed=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def cuda_rank(bf16_assets):
+    """The same step and evaluation on one CUDA rank (NCCL, TP 1): what benchmarks/gpu_check.sh runs on
+    a one-GPU machine, where the 2-rank run above is gloo on the CPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (benchmarks/gpu_check.sh runs it)")
+    return run_on_ranks(1, _rank, _bf16_config(bf16_assets, tensor_parallel=1), deepspeed=True, timeout=300)[0]
 
 
 def test_the_guard_catches_a_forgotten_device_and_object_collectives(bf16_ranks):
@@ -173,6 +196,22 @@ def test_rows_added_by_resizing_are_identical_on_every_rank(bf16_ranks):
     generator = torch.Generator(device="cpu").manual_seed(5)
     expected = torch.empty(TEACHER_ROWS - STUDENT_ROWS, 32, device="cpu").normal_(0.0, 0.02, generator=generator)
     assert torch.equal(rows[0], expected.to(torch.bfloat16).float())
+
+
+def test_one_bf16_cuda_rank_keeps_every_tensor_on_the_device(cuda_rank):
+    out = cuda_rank
+    assert out["device"] == "cuda:0"
+    assert out["forgotten_device"] == "meta" and out["refused_object"].startswith("all_gather_object (from ")
+    assert out["dtypes"] == ["torch.bfloat16"]
+    assert out["means"]["tokens"] == 2 * 2 * 31 and 0 < out["means"]["loss"] < 20  # finite, and a KL-sized loss
+    assert 0 < out["eval"]["nll"] < 20
+    first, last = out["accumulation"]
+    assert first[:2] == (False, "torch.float32") and first[2] > 0
+    assert last[:2] == (True, "torch.float32") and last[2] != first[2]
+    # Drawn from the run's seed alone, on the host, whatever the device (as at TP 2 on CPU).
+    generator = torch.Generator(device="cpu").manual_seed(5)
+    expected = torch.empty(TEACHER_ROWS - STUDENT_ROWS, 32, device="cpu").normal_(0.0, 0.02, generator=generator)
+    assert torch.equal(out["added_rows"], expected.to(torch.bfloat16).float())
 
 
 def test_flash_attention_gives_the_sdpa_logits():
