@@ -28,6 +28,13 @@ GB = 1e9
 MEMORY_TERMS = ("teacher_weights", "student_weights", "student_master", "student_optimizer", "student_gradients",
                 "activations", "logits", "comm_buffers")
 TRAFFIC_KINDS = ("teacher_gather", "student_gather", "student_reduce_scatter", "tp_allreduce", "loss_exchange")
+# Outside the caching allocator on CUDA (estimates, read not measured): the context of torch 2.x with
+# CUDA 12's lazy module loading takes about 0.5-1 GB on an H100 (its upper end here); NCCL gives
+# each communicator, per channel and ring peer, a 4 MiB NCCL_BUFFSIZE buffer for the Simple protocol
+# plus about 4.6 MiB for LL128 and 0.25 MiB for LL, over up to 16 channels on an NVLink node.
+CUDA_CONTEXT_GB = 1.0
+NCCL_CHANNELS = 16
+NCCL_GB_PER_COMMUNICATOR = round(NCCL_CHANNELS * 2 * (4 + 4.6 + 0.25) * 2 ** 20 / GB, 2)
 MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch", "configs", "models")
 
 ASSUMPTIONS = (
@@ -41,7 +48,16 @@ ASSUMPTIONS = (
     "compute at the given achieved dense throughput for every matmul, attention included",
     "AutoTP shards the decoder layers' linear layers and the LM head; embeddings and norms are replicated; "
     "a tied head with a scaled embedding (Gemma-2) is untied at tensor_parallel > 1",
-    "no CUDA context, allocator fragmentation or NCCL buffers (about 1-3 GB per GPU more on CUDA)",
+    "activations: what autograd saves for backward per decoder layer and token, by the model's own ops "
+    "(norms that save fp32, eager attention's fp32 softmax and soft-capping, gated MLPs; held by "
+    "tests/test_saved_bytes.py to 10% of counted bytes); sdpa as torch's flash kernel saves it "
+    "(q, k, v, output, fp32 log-sum-exp: no [seq, seq] tensor), on CPU and on CUDA alike",
+    "the teacher's no-grad forward temporaries are added to the student's activations (an upper bound: "
+    "they are freed before the student's forward)",
+    f"on CUDA, outside the planned peak (max_memory_allocated) but inside the GPU's memory: the CUDA "
+    f"context, {CUDA_CONTEXT_GB:g} GB, and NCCL's buffers, {NCCL_GB_PER_COMMUNICATOR:g} GB per "
+    f"communicator (NCCL_BUFFSIZE 4 MiB x 2 peers x {NCCL_CHANNELS} channels, with the LL and LL128 "
+    f"buffers); estimates, not measured here; allocator fragmentation is not counted",
 )
 
 
@@ -81,8 +97,10 @@ class ModelShape:
     """Parameters of a separate LM head (0 when tied and kept tied)."""
     largest_layer: int
     """Parameters of the largest decoder layer (ZeRO-3 gathers one at a time, at least)."""
-    eager_attention: bool
-    """Attention materialises ``[heads, seq, seq]`` scores (Gemma-2's soft-capping without flash)."""
+    attention: str
+    """The attention implementation transformers resolves for the model (``eager`` materialises
+    ``[heads, seq, seq]`` scores; ``sdpa`` and the flash kernels do not). Gemma-2 has no sdpa
+    (transformers refuses it: soft-capping), so it resolves to eager."""
     row_parallel: int
     """Linear layers per decoder layer whose output AutoTP all-reduces in forward (o_proj, down_proj)."""
     column_parallel: int
@@ -90,6 +108,24 @@ class ModelShape:
     tensors: tuple
     """``(elements, split by AutoTP)`` of every parameter tensor on one TP rank (ZeRO-3 keeps those
     at or below its persistence threshold whole on every rank and never gathers them)."""
+    norms: int = 2
+    """RMS/layer norms per decoder layer (Llama 2, Gemma-2 4)."""
+    fp32_norm_output: bool = False
+    """The norm scales its fp32 normalised input by its weight in fp32 and saves that fp32 tensor
+    (Gemma's ``x * (1 + w.float())``); otherwise it casts back first and saves the cast (Llama)."""
+    softcap: bool = False
+    """Eager attention soft-caps its scores (``tanh``, which saves its ``[heads, seq, seq]`` output)."""
+    final_softcap: bool = False
+    """The head's logits are soft-capped (``tanh`` over ``[tokens, vocab]``)."""
+    gated_mlp: bool = True
+    """The MLP is ``down(act(gate(x)) * up(x))`` (saves 4 intermediate-sized tensors) rather than
+    ``fc2(act(fc1(x)))`` (2)."""
+    mask_kinds: int = 1
+    """Distinct ``[seq, seq]`` masks an eager forward builds (2 with sliding-window layers)."""
+
+    @property
+    def eager_attention(self) -> bool:
+        return self.attention == "eager"
 
     def persistent(self, threshold: float) -> int:
         return sum(n for n, _ in self.tensors if n <= threshold)
@@ -238,7 +274,9 @@ def model_shape(source: str, *, vocab: int, tp: int, attn_implementation: str = 
     config.vocab_size = vocab
     text = config.get_text_config()
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        # The implementation the job gets: "auto" leaves the choice to transformers, as training.engines does.
+        model = AutoModelForCausalLM.from_config(
+            config, attn_implementation=None if attn_implementation == "auto" else attn_implementation)
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is not None and head.weight is embedding.weight
     # Tied with a scaled embedding (Gemma-2): the job unties it at tensor_parallel > 1.
@@ -266,15 +304,24 @@ def model_shape(source: str, *, vocab: int, tp: int, attn_implementation: str = 
                 replicated += parameter.numel()
             tensors.append((parameter.numel() // tp if split else parameter.numel(), split))
     replicated += embedding.weight.numel()
-    eager = attn_implementation == "eager" or (attn_implementation == "auto" and
-                                               getattr(text, "attn_logit_softcapping", None) is not None)
+    attention = model.config.get_text_config()._attn_implementation or "eager"
+    norms = [module for module in layers[0].modules() if "norm" in type(module).__name__.lower()]
+    mlp_linears = [name for name in linears if name in ("gate_proj", "up_proj", "down_proj", "fc1", "fc2",
+                                                         "w1", "w2", "w3", "c_fc", "c_proj")]
     heads = text.num_attention_heads
+    layer_types = getattr(text, "layer_types", None) or []
     return ModelShape(layers=text.num_hidden_layers, hidden=text.hidden_size, intermediate=text.intermediate_size,
                       heads=heads, kv_heads=getattr(text, "num_key_value_heads", None) or heads,
                       head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads, vocab=vocab,
                       sharded=sharded, replicated=replicated, head=head_params, largest_layer=largest,
-                      eager_attention=eager, row_parallel=row, column_parallel=len(linears) - row,
-                      tensors=tuple(tensors))
+                      attention="eager" if attention == "eager" else attention, row_parallel=row,
+                      column_parallel=len(linears) - row, tensors=tuple(tensors), norms=len(norms),
+                      # Gemma's norms (Gemma-2's included) multiply by (1 + weight) in fp32.
+                      fp32_norm_output=any(type(norm).__name__.startswith("Gemma") for norm in norms),
+                      softcap=getattr(text, "attn_logit_softcapping", None) is not None,
+                      final_softcap=getattr(text, "final_logit_softcapping", None) is not None,
+                      gated_mlp="gate_proj" in linears or len(mlp_linears) >= 3,
+                      mask_kinds=max(len(set(layer_types)), 1))
 
 
 @functools.lru_cache(maxsize=None)
@@ -323,28 +370,70 @@ def _bucket(ds: Dict, key: str, default: float) -> float:
     return float(default if value == "auto" else value)
 
 
-def _activation_bytes(model: ModelShape, tokens: int, seq: int, tp: int, w: int, checkpointed: bool) -> float:
-    """Saved activations of a student forward over ``tokens`` (``tokens / seq`` sequences).
+def layer_saved_bytes(model: ModelShape, seq: int, tp: int, w: int) -> float:
+    """Bytes autograd saves for backward per decoder layer and token (sequences of ``seq`` tokens,
+    weights of ``w`` bytes, the split tensors over ``tp`` ranks), by op:
 
-    Per layer and token: the hidden-size tensors autograd saves (norm inputs and outputs, residual,
-    attention output: 6 H, replicated over TP), the split ones (q, k, v and the attention output
-    ``2·heads + 2·kv_heads`` head_dim, the MLP's gate, up, activation and product 4·I) and, with
-    eager attention, the ``[heads, seq]`` rows of the scores, soft-capped scores and probabilities.
-    Checkpointed: each layer keeps only its input (H) and one layer is recomputed at a time.
+    - each norm: its fp32 input (4 H), the fp32 rsqrt (4), and the normalised tensor its weight
+      multiplies, fp32 for Gemma's norms (4 H), else cast back (w H); plus the two norm outputs the
+      linear layers read (q/k/v's and the MLP's input, w H each), replicated over TP;
+    - eager attention: q, the key and value (``repeat_kv``'d to every query head) and the output
+      o_proj reads (w · heads · head_dim each); per score row of ``seq``: the fp32 softmax
+      output (4), its cast to the weights' dtype (w, none in fp32) and with soft-capping the
+      ``tanh`` output (w);
+    - sdpa (torch's flash kernel, CPU or CUDA): q and the output (w · heads · head_dim), the key
+      and value at their own heads (w · kv_heads · head_dim each; GQA without repetition), the
+      fp32 log-sum-exp (4 · heads); no ``[seq, seq]`` tensor;
+    - MLP: gated ``down(act(gate) * up)`` 4 w I (gate, act, up, product), else 2 w I.
     """
-    per_token = (6 * model.hidden + (2 * model.heads + 2 * model.kv_heads) * model.head_dim / tp +
-                 4 * model.intermediate / tp)
+    hidden, inner = model.hidden, model.intermediate / tp
+    heads, kv_heads, head_dim = model.heads / tp, model.kv_heads / tp, model.head_dim
+    norm = 4 * hidden + 4 + (4 if model.fp32_norm_output else w) * hidden
+    replicated = model.norms * norm + 2 * w * hidden
     if model.eager_attention:
-        per_token += 3 * model.heads * seq / tp
+        scores = 4 + (w if w != 4 else 0) + (w if model.softcap else 0)
+        attention = 4 * w * heads * head_dim + heads * seq * scores
+    else:
+        attention = w * (2 * heads + 2 * kv_heads) * head_dim + 4 * heads
+    mlp = (4 if model.gated_mlp else 2) * w * inner
+    return replicated + attention + mlp
+
+
+def _activation_bytes(model: ModelShape, tokens: int, seq: int, tp: int, w: int, checkpointed: bool) -> float:
+    """Saved activations of a student forward over ``tokens`` (``tokens / seq`` sequences): every
+    layer's :func:`layer_saved_bytes`, plus the final norm and the head's input. Checkpointed
+    (non-reentrant): each layer keeps only its input (w H) and one layer is recomputed at a time."""
+    per_layer = tokens * layer_saved_bytes(model, seq, tp, w)
+    final = tokens * (4 * model.hidden + 4 + (4 if model.fp32_norm_output else w) * model.hidden + w * model.hidden)
     if checkpointed:
-        return w * tokens * (model.layers * model.hidden + per_token)
-    return w * tokens * model.layers * per_token
+        return w * tokens * model.layers * model.hidden + per_layer + final
+    return model.layers * per_layer + final
 
 
-def _teacher_forward_bytes(model: ModelShape, tokens: int, seq: int, tp: int, w: int) -> float:
-    """The teacher's no-grad forward keeps one layer's temporaries at a time."""
-    per_token = 3 * model.hidden + 4 * model.intermediate / tp + (3 * model.heads * seq / tp if model.eager_attention else 0)
-    return w * tokens * per_token
+def teacher_forward_bytes(model: ModelShape, tokens: int, seq: int, tp: int, w: int) -> float:
+    """The peak of a no-grad forward above its input, before the head: one layer's temporaries at
+    a time, the larger of two moments, plus what the whole forward keeps (RoPE's cos and sin, and
+    eager attention's ``[seq, seq]`` masks, one per kind of layer, per sequence):
+
+    - at eager attention's softmax: the layer's input and normed input (2 w H), q, k, v after
+      RoPE (and k, v repeated to every head under GQA), and per score row the scores with their
+      mask (w), their fp32 copy (4, none in fp32) and the fp32 softmax (4); under sdpa q, k, v and
+      the output;
+    - at the MLP's product: input, residual and normed (3 w H), and act, up and their product (3 w I;
+      2 w I ungated).
+    """
+    hidden, inner = model.hidden, model.intermediate / tp
+    heads, kv_heads, head_dim = model.heads / tp, model.kv_heads / tp, model.head_dim
+    if model.eager_attention:
+        repeated = 2 * w * heads * head_dim if kv_heads < heads else 0
+        attention = (2 * w * hidden + w * (heads + 2 * kv_heads) * head_dim + repeated +
+                     heads * seq * (w + 4 + (4 if w != 4 else 0)))
+        kept = model.mask_kinds * w * seq
+    else:
+        attention = 2 * w * hidden + 2 * w * (heads + kv_heads) * head_dim
+        kept = 0
+    mlp = 3 * w * hidden + (3 if model.gated_mlp else 2) * w * inner
+    return tokens * (max(attention, mlp) + kept + 2 * w * head_dim)
 
 
 def estimate(job: Job, layout: Layout, cluster: Cluster, *, device_type: str = "cuda") -> Estimate:
@@ -383,7 +472,7 @@ def estimate(job: Job, layout: Layout, cluster: Cluster, *, device_type: str = "
         memory["teacher_weights"] = w * (teacher if resident else teacher / dp + job.teacher.persistent(persistence))
     memory["activations"] = _activation_bytes(job.student, tokens, job.seq_len, tp, w, layout.activation_checkpointing)
     if teacher:
-        memory["activations"] += _teacher_forward_bytes(job.teacher, tokens, job.seq_len, tp, w)
+        memory["activations"] += teacher_forward_bytes(job.teacher, tokens, job.seq_len, tp, w)
     logits = tokens * vocab_local * w  # L: one [tokens, V_local] tensor
     chunk = min(CPU_CHUNK_NUMEL if device_type == "cpu" else CHUNK_NUMEL, tokens * vocab_local)
     # The student's logits, the teacher's (donated to the gradient), the loss's fp32 chunk buffers.
