@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from core.errors import CheckpointError
 from core.files import write_atomically
+from model_parallel.byte_gather import all_gather_bytes
 from model_parallel.distributed import decided_on_rank_0
 from training import faults
 from training.config import RunConfig, identity
@@ -38,6 +39,7 @@ COMPLETE = "COMPLETE"
 TAG = re.compile(r"^step_(\d+)$")
 UNIVERSAL_SUFFIX = "_universal"
 ZERO_PARTITIONS = "zero_partitions"
+HEAD = "head"
 
 
 def tag_for(step: int) -> str:
@@ -98,10 +100,15 @@ def save(engine, root: str, step: int, client_state: dict, keep: int) -> str:
     Every rank also writes its own RNG states (:func:`rng_file`). ``client_state["layout"]`` is
     also written as ``<tag>/layout.json`` (plain JSON), so tools
     such as ``launch.export`` know the world the checkpoint was sharded for without loading it;
-    it gains the ZeRO-3 partitioning of every optimizer file (see :func:`zero_partitions`).
+    it gains the ZeRO-3 partitioning of every optimizer file (see :func:`zero_partitions`) and
+    whether the LM head was tied to the embedding (see :func:`head_record`).
+
+    Collectives: barriers and two tensor all-gathers on the engine's device (besides DeepSpeed's
+    own); no object collective.
     """
     tag = tag_for(step)
-    client_state = {**client_state, "layout": {**client_state["layout"], ZERO_PARTITIONS: zero_partitions(engine)}}
+    client_state = {**client_state, "layout": {**client_state["layout"], ZERO_PARTITIONS: zero_partitions(engine),
+                                               HEAD: head_record(engine.module)}}
     if dist.get_rank() == 0 and os.path.isdir(os.path.join(root, tag)):
         shutil.rmtree(os.path.join(root, tag))  # an incomplete leftover of a crashed save
     dist.barrier()
@@ -149,9 +156,31 @@ def zero_partitions(engine) -> dict:
     name = os.path.basename(engine._get_zero_ckpt_name("", ""))
     groups = [[optimizer._get_sub_group_partition_count(i), optimizer._get_sub_group_partition_rank(i)]
               for i in range(len(optimizer.fp16_groups))]
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (name, groups))
-    return dict(gathered)
+    # Two tensor all-gathers on the engine's device, not all_gather_object: this runs at every save
+    # and an object collective pickles through the device (DESIGN.md §6).
+    gathered = all_gather_bytes(json.dumps([name, groups]).encode(), device=engine.device)
+    return dict(json.loads(record) for record in gathered)
+
+
+def head_record(model) -> Optional[dict]:
+    """``{"tied", "head", "embedding", "scaled_embedding"}`` of an HF causal LM (None for other modules).
+
+    ``tied``: the head's weight *is* the embedding's; ``head``/``embedding``: their parameter names;
+    ``scaled_embedding``: the embedding is not a plain ``nn.Embedding`` (Gemma-2's scaled one),
+    which ``training.engines`` unties at ``tensor_parallel`` > 1 (AutoTP cannot share it). So a
+    Gemma-2 student is tied at TP 1 and untied at TP > 1: a resume across that boundary changes
+    the parameter set, and :func:`_check_head` and ``training.universal`` use this record to carry
+    it over or refuse it.
+    """
+    get_head, get_embedding = getattr(model, "get_output_embeddings", None), getattr(model, "get_input_embeddings", None)
+    head = get_head() if get_head else None
+    embedding = get_embedding() if get_embedding else None
+    if head is None or embedding is None:
+        return None
+    names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
+    return {"tied": head.weight is embedding.weight, "head": f"{names[id(head)]}.weight",
+            "embedding": f"{names[id(embedding)]}.weight",
+            "scaled_embedding": type(embedding) is not torch.nn.Embedding}
 
 
 def _sha256(path: str) -> str:
@@ -367,6 +396,37 @@ def _converted(root: str, tag: str) -> str:
         raise CheckpointError(f"checkpoint {tag}: conversion to the universal format failed: {error!r}") from None
 
 
+def _config_ties_head(section) -> bool:
+    """Whether the student's model config ties its LM head to its embedding (read, not built)."""
+    from training.engines import _model_config
+
+    config = _model_config(section, "student")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return bool(getattr(text, "tie_word_embeddings", False))
+
+
+def _check_head(cfg: RunConfig, tag: str, layout: dict) -> None:
+    """Refuse, before any model is built, a resume on another layout that would tie a head the
+    checkpoint trained apart from its embedding.
+
+    A Gemma-2 student (tied, scaled embedding) is untied at ``tensor_parallel`` > 1
+    (``training.engines``). Tied at save and untied now: ``training.universal`` gives the new head
+    the tied matrix's weight and Adam moments (a fresh untied run's head also starts as the
+    embedding's copy). Untied at save (TP > 1) and tied now (TP 1): one of the two trained matrices would be
+    dropped, so the resume is refused by name. Checkpoints without the record pass unchanged.
+    """
+    record, saved_tp, tp = layout.get(HEAD), layout["tensor_parallel"], cfg.parallel.tensor_parallel
+    if not record or record["tied"] or not record["scaled_embedding"] or saved_tp == 1 or tp > 1:
+        return
+    if _config_ties_head(cfg.student):
+        raise CheckpointError(
+            f"checkpoint {tag} was saved at parallel.tensor_parallel={saved_tp}, where the student's tied head is "
+            f"untied ({record['head']} trained apart from its scaled embedding {record['embedding']}); this run uses "
+            f"tensor_parallel={tp}, where the head is tied to the embedding and the trained {record['head']} would be "
+            f"dropped; resume at tensor_parallel > 1, or export the student (python -m launch.export) and start a run "
+            f"from it (student.path: its config is untied)")
+
+
 def _decide(cfg: RunConfig, world_size: int, student_stage: int) -> ResumePlan:
     """Rank 0's side of :func:`plan_resume`."""
     root = checkpoints_dir(cfg)
@@ -394,6 +454,7 @@ def _decide(cfg: RunConfig, world_size: int, student_stage: int) -> ResumePlan:
             raise CheckpointError(f"checkpoint {tag}: resuming a ZeRO-{stage} student on another TP x DP layout is "
                                   f"not supported yet (the universal conversion handles ZeRO-3 students); resume at "
                                   f"TP {layout['tensor_parallel']} x DP {layout['data_parallel']}")
+        _check_head(cfg, tag, layout)
         load_tag = _converted(root, tag)
     else:
         load_tag = tag
