@@ -81,21 +81,28 @@ def stale_build_locks(max_age_s: float = STALE_LOCK_S) -> list:
 def init_distributed(timeout_s: float = None, backend: str = None) -> None:
     """``deepspeed.init_distributed`` (``backend``, else NCCL on GPUs and gloo on CPU), then release
     the shm buffer. A stale JIT build lock, which would make that wait forever, is reported first
-    (once per node)."""
-    import deepspeed
-    import torch
+    (once per node).
+
+    The rank's device is decided before DeepSpeed is imported (:mod:`model_parallel.devices`): an
+    NCCL rank binds GPU ``LOCAL_RANK``, and one without a GPU of its own raises
+    :class:`core.errors.UserError` (one line) on every rank of the node before the rendezvous; a
+    gloo rank uses DeepSpeed's CPU accelerator and never touches CUDA, so a machine with fewer
+    GPUs than ranks runs gloo groups (DeepSpeed's shm comm op, C++ only, may build on first use).
+    """
     import torch.distributed as dist
+
+    from model_parallel.devices import bind, decide_rank_device, local_world_size
+
+    device = decide_rank_device(int(os.environ.get("LOCAL_RANK", "0")), backend, ranks_on_node=local_world_size())
+    bind(device)  # before `import deepspeed`: DeepSpeed fixes its accelerator at import
+    import deepspeed
 
     if os.environ.get("LOCAL_RANK", "0") == "0":
         for message in stale_build_locks():
             print(message, file=sys.stderr, flush=True)
 
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        # Before the first collective: NCCL binds each rank's communicator to the current device.
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
-    deepspeed.init_distributed(dist_backend=backend, verbose=False, **kwargs)
+    deepspeed.init_distributed(dist_backend=device.backend, verbose=False, **kwargs)
     dist.barrier()  # every rank has opened every buffer it needs
     path = shm_buffer_path(dist.get_rank())
     if os.path.exists(path):

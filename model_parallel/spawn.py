@@ -2,10 +2,11 @@
 
 Each rank runs ``fn(rank, world_size, *args)`` after ``torch.distributed`` is initialised with gloo
 (or ``deepspeed.init_distributed`` when ``deepspeed=True``: NCCL where each rank has a GPU, gloo
-otherwise). What it returns (tensors, numbers, strings) comes back per rank; an exception on any
-rank fails the test with that rank's traceback, and a group that does not finish in ``timeout``
-seconds is killed, so a hang is a failure, not a stuck CI. ``fn`` must be importable (a
-module-level function) because ranks are spawned.
+otherwise; gloo ranks run on DeepSpeed's CPU accelerator and never touch CUDA, so more ranks than
+GPUs works, see ``model_parallel.devices``). What it returns (tensors, numbers, strings) comes back
+per rank; an exception on any rank fails the test with that rank's traceback, and a group that
+does not finish in ``timeout`` seconds is killed, so a hang is a failure, not a stuck CI. ``fn``
+must be importable (a module-level function) because ranks are spawned.
 """
 
 import os
@@ -35,6 +36,8 @@ def _rank_main(rank, world_size, port, use_deepspeed, backend, out_dir, fn, args
 
             init_distributed(backend=backend)
         else:
+            # gloo: DeepSpeed ops that ``fn`` may import later stay off CUDA too.
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
             torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
         torch.save({"result": result}, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -50,7 +53,9 @@ def run_on_ranks(world_size, fn, *args, deepspeed=False, timeout=120):
 
     With ``deepspeed=True`` on a machine with a GPU per rank the group is NCCL (each rank on its
     own GPU, as under the launcher); otherwise gloo."""
-    backend = "nccl" if deepspeed and torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo"
+    from model_parallel.devices import local_group_backend
+
+    backend = local_group_backend(world_size, deepspeed=deepspeed)
     with tempfile.TemporaryDirectory() as out_dir:
         context = mp.start_processes(_rank_main,
                                      args=(world_size, free_port(), deepspeed, backend, out_dir, fn, args),

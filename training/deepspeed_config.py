@@ -2,16 +2,16 @@
 
 The run config owns batch sizes, optimizer, schedule, clipping, precision and the tensor-parallel
 size. A DeepSpeed file may leave those out or set them to ``"auto"``; a value it sets explicitly
-must equal the run config's, or :class:`ConfigError` names both.
+must equal the run config's, or :class:`ConfigError` names both. A key that makes DeepSpeed
+JIT-build an op this machine cannot build is refused by name (:mod:`training.jit_ops`).
 """
 
 import copy
 import json
 from typing import NamedTuple
 
-import torch
-
 from training.config import ConfigError, RunConfig
+from training.jit_ops import check_buildable
 
 AUTO = "auto"
 
@@ -145,6 +145,23 @@ def _zero_only(ds: dict) -> dict:
     return {key: value for key, value in ds.items() if key not in ("tensor_parallel", "checkpoint")}
 
 
+def _torch_adamw(params: dict, *, universal: bool) -> None:
+    """torch's AdamW through DeepSpeed (``torch_adam``) unless the JSON says otherwise: DeepSpeed's
+    own Adam is an op it JIT-builds (FusedAdam: nvcc; CPU Adam: a C++ build of minutes).
+
+    On CUDA torch's fused kernel (``fused``; DeepSpeed passes the key on to ``torch.optim.AdamW``),
+    unless the JSON sets ``foreach`` or the run loads a universal checkpoint: DeepSpeed 0.19.8 puts
+    that checkpoint's ``step`` on the host as it is (``ds_to_universal`` loads to CPU; ZeRO's
+    universal load assigns it into the optimizer state, past ``load_state_dict``), and the fused
+    kernel keeps its steps on the parameters' device; torch's default foreach update takes a host
+    step. On CPU the update is unchanged (torch's default)."""
+    from model_parallel.devices import accelerator_kind
+
+    params.setdefault("torch_adam", True)
+    if params["torch_adam"] and accelerator_kind() == "cuda" and not universal and not params.get("foreach"):
+        params.setdefault("fused", True)
+
+
 def resolve_student_stage(cfg: RunConfig) -> int:
     """The student's ZeRO stage this run will use (see ``parallel.student_zero_stage``)."""
     source = cfg.parallel.deepspeed_config
@@ -173,11 +190,10 @@ def build_deepspeed_configs(cfg: RunConfig, world_size: int, bf16: bool, *, univ
     _put(ds, "scheduler.params.warmup_min_ratio", 0.0, source)
     _put(ds, "scheduler.params.warmup_type", "linear", source)
     _put(ds, "scheduler.params.cos_min_ratio", train.min_lr / train.lr, source)
-    if not torch.cuda.is_available():
-        # torch's AdamW: the same update without JIT-compiling DeepSpeed's fused CPU Adam (minutes).
-        ds["optimizer"].setdefault("params", {}).setdefault("torch_adam", True)
+    _torch_adamw(ds["optimizer"].setdefault("params", {}), universal=universal)
     if universal:
         _put(ds, "checkpoint.load_universal", True, source)
+    check_buildable(ds, source)  # before any engine is built
     frozen = _frozen(ds)
     teacher = _resident(frozen) if cfg.parallel.teacher_placement == "resident" else frozen
     return DeepSpeedConfigs(student=ds, teacher=teacher, zero_only=_zero_only(frozen), frozen=frozen)
@@ -190,4 +206,5 @@ def frozen_deepspeed_configs(source: str, *, tensor_parallel: int, world_size: i
     _complete_common(ds, source, tp=tensor_parallel, world_size=world_size, micro_batch_size=micro_batch_size,
                      grad_accum=1, bf16=bf16)
     frozen = _frozen(ds)
+    check_buildable(frozen, source)  # before any engine is built
     return DeepSpeedConfigs(student=frozen, teacher=_resident(frozen), zero_only=_zero_only(frozen), frozen=frozen)
