@@ -4,9 +4,10 @@
 
 CHECKPOINT_DIR is a run's ``checkpoints`` directory (its ``latest`` tag is used) or one tag in it
 (``.../checkpoints/step_400``). The run's ``config.yaml`` (beside ``checkpoints``) and the tag's
-``layout.json`` say how the student was built and sharded; the export starts that many local gloo
-ranks, loads the shards, gathers ZeRO-3 partitions and tensor-parallel slices, and writes
-``config.json``, ``model.safetensors`` and the tokenizer to OUT_DIR.
+``layout.json`` say how the student was built and sharded; the export starts that many local
+ranks (NCCL where the machine has a GPU for each, else gloo on the CPU: a 16-rank checkpoint
+exports on one 8-GPU node), loads the shards, gathers ZeRO-3 partitions and tensor-parallel
+slices, and writes ``config.json``, ``model.safetensors`` and the tokenizer to OUT_DIR.
 """
 
 import argparse
