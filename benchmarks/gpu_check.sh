@@ -1,70 +1,134 @@
 #!/usr/bin/env bash
-# What to run the first time a GPU machine is available (not in CI):  bash benchmarks/gpu_check.sh
-#   1. the tests that exercise the accelerator: the one-device discipline and bf16 on CUDA engines
-#      (NCCL when there are 2+ GPUs), and with 2+ GPUs the launcher runs (TP 2, resume, bf16);
-#   2. the demo in bf16 on 1 GPU, then on all GPUs (NCCL, TP 2 where there are 2+);
-#   3. the paper's pair (launch/configs/gemma2_9b_to_1b.yaml, its DeepSpeed JSON unchanged) with
-#      the 9B / 1B architectures cut to TEACHER_LAYERS / STUDENT_LAYERS layers, sequence length
-#      2048, on 1 GPU (TP 1): prints peak accelerator memory (torch.cuda.max_memory_allocated,
-#      as the job logs it in metrics.jsonl) beside the planner's estimate for the same layout
-#      (planned_peak_memory_gb, which the job logs next to it; training.plan), and tokens/s.
-# Everything lands in runs/gpu_check/; a summary is printed at the end.
+# What to run the first time a GPU machine is available (not in CI):
+#   bash benchmarks/gpu_check.sh                  # in the project's venv (launch/env.sh makes it)
+#   bash benchmarks/gpu_check.sh --system-python  # python3 on PATH as it is: no venv, no downloads
+#   GPU_CHECK_PYTHON=/opt/conda/bin/python bash benchmarks/gpu_check.sh   # that python, likewise
+# For a machine with no network and its own CUDA torch: that python needs torch (a CUDA build) and the
+# rest of requirements.txt; section 0 says what is missing. Sections, each with its time budget on one
+# H100/H200 after install (estimates from the CPU timings; 6 min 30 s in all, under the 8 minutes a
+# first 15-minute window leaves after start-up):
+#   0. versions (python, torch + its CUDA, deepspeed, transformers, nvcc, GPUs and driver); stops with
+#      exit 2 and what to install if torch is a CPU build or sees no GPU                          ~15 s
+#   1. tests on the accelerator, each with its dtype named in its config: the one-device discipline
+#      (bf16, 2 ranks, and one CUDA rank); with 2+ GPUs also launcher runs (fp32 TP 2, bf16 against
+#      fp32, ZeRO-0 at fp32, ZeRO-1/2 stop and resume) on NCCL                                  ~90 s
+#   2. the demo pipeline once, cut short: data, tokenizer, teacher (40 steps), distillation (40
+#      steps), bf16, 1 GPU, TP 1; with 2+ GPUs the distillation again on all GPUs (TP 2)        ~2 min
+#   3. the paper's pair (launch/configs/gemma2_9b_to_1b.yaml, its DeepSpeed JSON unchanged) with the
+#      9B / 1B architectures cut to TEACHER_LAYERS / STUDENT_LAYERS layers, sequence length 2048,
+#      bf16, 1 GPU, TP 1, STEPS steps                                                           ~2.5 min
+#   4. one table: planned against measured peak memory, tokens/s, host syncs per step (counted by
+#      torch.cuda.set_sync_debug_mode in benchmarks/sync_count.py) and an MFU estimate          ~15 s
+# The distillation runs of 2 and 3 go through benchmarks/sync_count.py and log every step. A failed
+# section is reported and the next one still runs; the exit code is 1 if any failed.
+# Everything lands in runs/gpu_check/ (one log per section).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source launch/env.sh
+PY=${GPU_CHECK_PYTHON:-}
+for arg in "$@"; do
+  case "$arg" in
+    --system-python) PY=${PY:-python3} ;;
+    *) echo "usage: bash benchmarks/gpu_check.sh [--system-python]  (or GPU_CHECK_PYTHON=/path/to/python)" >&2; exit 2 ;;
+  esac
+done
+if [[ -z "$PY" ]]; then
+  source launch/env.sh
+  PY=python
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# Nothing is downloaded: every model is built here from a config, the tokenizer is trained here.
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore::FutureWarning}
 OUT=runs/gpu_check
 TEACHER_LAYERS=${TEACHER_LAYERS:-4}
 STUDENT_LAYERS=${STUDENT_LAYERS:-6}
 MICRO_BATCH=${MICRO_BATCH:-2}
 STEPS=${STEPS:-10}
-GPUS=$(python -c 'import torch; print(torch.cuda.device_count())')
-[[ "$GPUS" -ge 1 ]] || { echo "error: no CUDA device visible (torch.cuda.device_count() is 0)" >&2; exit 2; }
+DEMO_STEPS=${DEMO_STEPS:-40}
+
+echo "== 0. versions"
+"$PY" benchmarks/gpu_env.py  # exit 2, with what to install, before anything is written
+GPUS=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
 mkdir -p "$OUT"
-: > "$OUT/summary.txt"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpus.csv"
+deepspeed_launch() { "$PY" -m deepspeed.launcher.runner --master_port "$("$PY" -c 'from model_parallel.spawn import free_port; print(free_port())')" "$@"; }
 
-echo "== 1. tests on the accelerator"
-bash tests/run.sh tests/test_device_discipline.py
-if [[ "$GPUS" -ge 2 ]]; then
-  bash tests/run.sh tests/test_distill_job.py -k "tp2_run or resume_reproduces or bf16 or tensor_parallel_size"
-fi
-
-summarise() {  # summarise NAME RUN_DIR: peak memory and mean tokens/s over the steps after the first
-  python - "$1" "$2" <<'PY'
-import json, sys
-name, run = sys.argv[1:]
-records = [json.loads(line) for line in open(f"{run}/metrics.jsonl") if '"loss"' in line]
-rates = [r["tokens_per_s"] for r in records if r["step"] > 1]
-peak = max(r.get("peak_memory_gb", float("nan")) for r in records)
-planned = records[-1].get("planned_peak_memory_gb", float("nan"))
-print(f"{name}: {len(records)} logged steps, final loss {records[-1]['loss']:.4f}, "
-      f"peak memory {peak:.2f} GB (planned {planned:.2f} GB, ratio {planned / peak:.2f}), "
-      f"{sum(rates) / max(len(rates), 1):,.0f} tokens/s (mean after step 1)")
-PY
+tests() {
+  "$PY" -m pytest -q -p no:cacheprovider tests/test_device_discipline.py
+  if [[ "$GPUS" -ge 2 ]]; then
+    "$PY" -m pytest -q -p no:cacheprovider tests/test_distill_job.py -k "tp2_run or bf16_run or tensor_parallel_size or student_zero_stage"
+  fi
 }
 
-echo "== 2. the demo, bf16, 1 GPU and $GPUS GPU(s)"
-rm -rf runs/demo/teacher runs/demo/distill
-NUM_PROCS=1 bash launch/demo.sh --set train.dtype=bf16 --set parallel.tensor_parallel=1 | tee "$OUT/demo_1gpu.log"
-summarise "demo distill, 1 GPU" runs/demo/distill | tee -a "$OUT/summary.txt"
-rm -rf runs/demo/teacher runs/demo/distill
-TP=$([[ "$GPUS" -ge 2 ]] && echo 2 || echo 1)
-NUM_PROCS=$GPUS bash launch/demo.sh --set train.dtype=bf16 --set parallel.tensor_parallel="$TP" | tee "$OUT/demo_all.log"
-summarise "demo distill, $GPUS GPU(s), TP $TP" runs/demo/distill | tee -a "$OUT/summary.txt"
+DEMO=$OUT/demo
+# distill_demo NAME GPUS TP: the demo's distillation, bf16, counted by sync_count.py, into $OUT/NAME.
+distill_demo() {
+  rm -rf "${OUT:?}/$1"
+  deepspeed_launch --num_gpus "$2" benchmarks/sync_count.py --syncs-out "$OUT/$1" \
+    --config launch/configs/demo_distill.yaml --set output_dir="$OUT/$1" --set tokenizer="$DEMO/tokenizer" \
+    --set teacher.path="$DEMO/teacher/student" --set data.train="$DEMO/prepared/train" \
+    --set data.eval="$DEMO/prepared/eval" --set train.dtype=bf16 --set parallel.tensor_parallel="$3" \
+    --set train.max_steps="$DEMO_STEPS" --set train.warmup_steps=1 --set logging.every=1 \
+    --set eval.every=0 --set eval.max_batches=4 --set checkpoint.every=100000
+}
 
-echo "== 3. gemma2_9b_to_1b architectures, $TEACHER_LAYERS/$STUDENT_LAYERS layers, seq 2048, 1 GPU"
-python benchmarks/gpu_models.py --out "$OUT/models" --teacher-layers "$TEACHER_LAYERS" \
-  --student-layers "$STUDENT_LAYERS" --tokenizer runs/demo/tokenizer
-python -m data.prepare --tokenizer runs/demo/tokenizer --input runs/demo/data/pretrain/train.txt --format text \
-  --seq-len 2048 --out "$OUT/prepared" --num-proc 4
-rm -rf "$OUT/gemma2"
-deepspeed --num_gpus 1 --module launch.distill --config launch/configs/gemma2_9b_to_1b.yaml \
-  --set output_dir="$OUT/gemma2" --set tokenizer=runs/demo/tokenizer --set teacher.path="$OUT/models/teacher" \
-  --set student.config="$OUT/models/student.json" --set data.train="$OUT/prepared" --set data.eval=null \
-  --set parallel.tensor_parallel=1 --set train.max_steps="$STEPS" --set train.warmup_steps=1 \
-  --set train.micro_batch_size="$MICRO_BATCH" --set train.grad_accum=1 --set logging.every=1 \
-  --set checkpoint.every=100000 | tee "$OUT/gemma2.log"
-summarise "gemma2 9B/1B architectures ($TEACHER_LAYERS/$STUDENT_LAYERS layers), micro-batch $MICRO_BATCH x 2048, 1 GPU" \
-  "$OUT/gemma2" | tee -a "$OUT/summary.txt"
-echo
-cat "$OUT/summary.txt"
+demo() {
+  rm -rf "$DEMO"
+  "$PY" -m data.synthetic --out "$DEMO/data" --seed 0 --mb 1
+  "$PY" -m data.tokenizer --input "$DEMO/data/pretrain/train.txt" "$DEMO/data/sft/train.jsonl" --vocab-size 1024 \
+    --out "$DEMO/tokenizer"
+  for split in train eval; do
+    "$PY" -m data.prepare --tokenizer "$DEMO/tokenizer" --input "$DEMO/data/pretrain/$split.txt" --format text \
+      --seq-len 128 --out "$DEMO/prepared/$split" --num-proc 4
+  done
+  deepspeed_launch --num_gpus 1 --module launch.distill --config launch/configs/demo_teacher.yaml \
+    --set output_dir="$DEMO/teacher" --set tokenizer="$DEMO/tokenizer" --set data.train="$DEMO/prepared/train" \
+    --set data.eval="$DEMO/prepared/eval" --set train.dtype=bf16 --set parallel.tensor_parallel=1 \
+    --set train.max_steps="$DEMO_STEPS" --set train.warmup_steps=1 --set eval.max_batches=4 \
+    --set checkpoint.every=100000
+  distill_demo demo_distill_1gpu 1 1
+  if [[ "$GPUS" -ge 2 ]]; then
+    distill_demo demo_distill_all "$GPUS" 2
+  fi
+}
+
+gemma2() {
+  "$PY" benchmarks/gpu_models.py --out "$OUT/models" --teacher-layers "$TEACHER_LAYERS" \
+    --student-layers "$STUDENT_LAYERS" --tokenizer "$DEMO/tokenizer"
+  rm -rf "$OUT/prepared-2048" "$OUT/gemma2"
+  "$PY" -m data.prepare --tokenizer "$DEMO/tokenizer" --input "$DEMO/data/pretrain/train.txt" --format text \
+    --seq-len 2048 --out "$OUT/prepared-2048" --num-proc 4
+  deepspeed_launch --num_gpus 1 benchmarks/sync_count.py --syncs-out "$OUT/gemma2" \
+    --config launch/configs/gemma2_9b_to_1b.yaml --set output_dir="$OUT/gemma2" --set tokenizer="$DEMO/tokenizer" \
+    --set teacher.path="$OUT/models/teacher" --set student.config="$OUT/models/student.json" \
+    --set data.train="$OUT/prepared-2048" --set data.eval=null --set train.dtype=bf16 \
+    --set parallel.tensor_parallel=1 --set train.max_steps="$STEPS" --set train.warmup_steps=1 \
+    --set train.micro_batch_size="$MICRO_BATCH" --set train.grad_accum=1 --set logging.every=1 \
+    --set checkpoint.every=100000
+}
+
+failed=()
+# section NAME FUNCTION: runs FUNCTION under set -e in a subshell, with its output in $OUT/NAME.log;
+# a failure is recorded and the script goes on.
+section() {
+  local started=$SECONDS status=0
+  echo "== $1"
+  set +e
+  ( set -e; "$2" ) 2>&1 | tee "$OUT/$2.log"
+  status=${PIPESTATUS[0]}
+  set -e
+  if [[ "$status" -ne 0 ]]; then
+    failed+=("$1 (exit $status, see $OUT/$2.log)")
+  fi
+  echo "-- $1: $([[ "$status" -eq 0 ]] && echo ok || echo FAILED), $((SECONDS - started)) s"
+}
+section "1. tests on the accelerator ($GPUS GPU(s))" tests
+section "2. the demo pipeline, bf16, 1 GPU$([[ "$GPUS" -ge 2 ]] && echo ", then $GPUS GPUs at TP 2")" demo
+section "3. gemma2 9B/1B architectures, $TEACHER_LAYERS/$STUDENT_LAYERS layers, seq 2048, micro-batch $MICRO_BATCH, 1 GPU" gemma2
+
+echo "== 4. summary"
+runs=("demo distillation, 1 GPU, bf16=$OUT/demo_distill_1gpu")
+[[ "$GPUS" -lt 2 ]] || runs+=("demo distillation, $GPUS GPUs, TP 2, bf16=$OUT/demo_distill_all")
+runs+=("gemma2 9B/1B cut to $TEACHER_LAYERS/$STUDENT_LAYERS layers, 1 GPU, bf16=$OUT/gemma2")
+for item in "${failed[@]}"; do echo "FAILED: $item"; done
+"$PY" benchmarks/gpu_summary.py "${runs[@]}" | tee "$OUT/summary.md"
+[[ ${#failed[@]} -eq 0 ]]
