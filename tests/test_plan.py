@@ -69,6 +69,8 @@ def test_json_names_every_term_and_layout(tmp_path):
     assert out["peak_memory_bytes"] == pytest.approx(sum(out["memory"].values()))
     assert out["bottleneck"] in {"compute", *out["traffic"]} and out["step_time_s"] > 0
     assert out["estimate"] is True and out["assumptions"]
+    # CUDA context and NCCL buffers: outside the peak, inside the GPU (1 GB + 0.3 GB per communicator).
+    assert out["reserve_bytes"] >= 1.3e9
     fitting = [entry for entry in out["layouts"] if entry["fits"]]
     assert out["layout"] in [entry["layout"] for entry in fitting]
     # The fastest that fits is shown, and it is the fastest within the rounding of the tie rule.
@@ -100,13 +102,13 @@ def test_bad_input_is_one_line_naming_the_key(args, message):
 
 
 def test_a_job_that_fits_nowhere_names_the_smallest_cluster_that_would():
-    result = _plan_command("--config", PRODUCTION, "--nodes", "1", "--gpus-per-node", "8", "--gpu-memory-gb", "6")
+    result = _plan_command("--config", PRODUCTION, "--nodes", "1", "--gpus-per-node", "8", "--gpu-memory-gb", "8")
     assert result.returncode == 1 and "WARNING: this layout will not fit" in result.stdout
     line = next(line for line in result.stdout.splitlines() if "no layout fits on this cluster" in line)
     nodes = int(line.split("the smallest that would: ")[1].split(" node")[0])
     cfg = load_config(os.path.join(ROOT, PRODUCTION))
-    small = Cluster(nodes=nodes - 1, gpus_per_node=8, gpu_memory_gb=6)
-    assert plan(cfg, small).chosen is None and plan(cfg, Cluster(nodes=nodes, gpus_per_node=8, gpu_memory_gb=6)).chosen
+    small = Cluster(nodes=nodes - 1, gpus_per_node=8, gpu_memory_gb=8)
+    assert plan(cfg, small).chosen is None and plan(cfg, Cluster(nodes=nodes, gpus_per_node=8, gpu_memory_gb=8)).chosen
 
 
 def test_a_zero3_teacher_trades_memory_for_traffic():
@@ -150,8 +152,10 @@ def test_the_production_header_is_the_planners():
     assert regenerated.returncode == 0, regenerated.stderr
     assert shipped.startswith(regenerated.stdout)
     recommended = plan(load_config(os.path.join(ROOT, PRODUCTION)), Cluster()).chosen.layout
-    configured = json.loads(_plan_command("--config", PRODUCTION, "--json", "--as-configured").stdout)["layout"]
-    assert configured == recommended.as_config()
+    configured = json.loads(_plan_command("--config", PRODUCTION, "--json", "--as-configured").stdout)
+    assert configured["layout"] == recommended.as_config()
+    # At least 10% of the 80 GB left free by the planned peak, the CUDA context and NCCL's buffers.
+    assert configured["peak_memory_bytes"] + configured["reserve_bytes"] <= 0.9 * 80e9
 
 
 def test_the_production_deepspeed_json_has_the_plans_settings():

@@ -4,8 +4,8 @@ themselves, at the real widths of the architectures the job plans for (seq 2048,
 Saved for backward: ``torch.autograd.graph.saved_tensors_hooks`` sees every tensor autograd keeps;
 the unique storages that are not parameters are summed, for a 2-layer and a 1-layer copy of the
 model, and the difference is one decoder layer (embedding, final norm and head cancel). The
-teacher's no-grad forward: a ``TorchDispatchMode`` tracks every storage an op makes until it is
-freed, and reports the most alive at once. At real width both run under ``FakeTensorMode`` (shapes,
+teacher's no-grad forward and the logits path: a ``TorchDispatchMode`` tracks every storage an op
+makes until it is freed, and reports the most alive at once. At real width both run under ``FakeTensorMode`` (shapes,
 dtypes and CPU kernel choice without data); ``test_fake_tensors_count_what_real_tensors_do`` shows
 on small layers that it counts exactly what real tensors do.
 """
@@ -20,7 +20,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from training.plan import _activation_bytes, model_shape, teacher_forward_bytes
+from loss.objective import distillation_objective
+from training.plan import _activation_bytes, logits_bytes, model_shape, teacher_forward_bytes
 
 SEQ = 2048
 VOCAB = 256  # the head and embedding cancel in the difference; small keeps them cheap
@@ -35,12 +36,12 @@ def _config(name, layers, **widths):
     from transformers import AutoConfig, LlamaConfig
 
     if name in LLAMA:
-        return LlamaConfig(**{**LLAMA[name], **widths}, num_hidden_layers=layers, vocab_size=VOCAB,
-                           max_position_embeddings=SEQ, tie_word_embeddings=False)
+        return LlamaConfig(**{**LLAMA[name], "vocab_size": VOCAB, "max_position_embeddings": SEQ,
+                              "tie_word_embeddings": False, **widths}, num_hidden_layers=layers)
     values = AutoConfig.from_pretrained(GEMMA[name]).to_dict()
     values.pop("layer_types", None)  # rebuilt for the new layer count
-    return type(AutoConfig.from_pretrained(GEMMA[name]))(**{**values, **widths, "num_hidden_layers": layers,
-                                                            "vocab_size": VOCAB})
+    return type(AutoConfig.from_pretrained(GEMMA[name]))(**{**values, "vocab_size": VOCAB, **widths,
+                                                            "num_hidden_layers": layers})
 
 
 def _mode(fake):
@@ -119,9 +120,9 @@ def _no_grad_peak(config, attention, seq, fake):
 
 def _shape(config, attention, tmp_path):
     # A path per width: model_shape is cached by path.
-    path = tmp_path / f"{config.model_type}-{config.hidden_size}-{config.num_hidden_layers}-{attention}.json"
+    path = tmp_path / f"{config.model_type}-{config.hidden_size}-{config.num_hidden_layers}-{attention}-{config.vocab_size}.json"
     config.to_json_file(str(path))
-    return model_shape(str(path), vocab=VOCAB, tp=1, attn_implementation=attention)
+    return model_shape(str(path), vocab=config.vocab_size, tp=1, attn_implementation=attention)
 
 
 @pytest.mark.parametrize("name, attention", [("llama_3.2_1b", "eager"), ("llama_3.2_1b", "sdpa"),
@@ -162,3 +163,35 @@ def test_planned_teacher_forward_peak_matches_the_counted(name, attention, tmp_p
     counted = _no_grad_peak(config, attention, SEQ, fake=True)
     planned = teacher_forward_bytes(_shape(config, attention, tmp_path), SEQ, SEQ, 1, 2)
     assert planned == pytest.approx(counted, rel=0.10), (name, attention, planned, counted)
+
+
+@pytest.mark.parametrize("name", ["llama_3.2_1b", "gemma2_1b"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_planned_logits_path_matches_the_counted(name, dtype, tmp_path):
+    """The logits path as training.step runs it, on real CPU tensors (256 positions x 32768
+    vocabulary; 0-layer models, so only the heads count): the teacher's logits under no_grad, the
+    student's, the tail loss with the teacher's logits donated, backward to the student's
+    embeddings (parameters frozen: their gradients are the plan's gradient term). The most bytes
+    alive at once against training.plan.logits_bytes (CPU loss chunks), within 10%; Gemma-2's final
+    soft-capping keeps and back-propagates through [tokens, vocab] tanh tensors."""
+    tokens, vocab = 256, 32768
+    narrow = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
+                  vocab_size=vocab, **({"head_dim": 16} if name in GEMMA else {}))
+    teacher, student = (_model(_config(name, 0, **narrow), "eager").to(dtype) for _ in range(2))
+    for parameter in [*teacher.parameters(), *student.parameters()]:
+        parameter.requires_grad_(False)
+    ids = torch.randint(4, vocab, (1, tokens + 1))  # (1, tokens + 1)
+    keep = torch.arange(tokens)  # (tokens,)
+    with _PeakLive([*teacher.parameters(), *student.parameters(), ids, keep]) as counted:
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=ids, logits_to_keep=keep, use_cache=False).logits.view(tokens, vocab)
+        embeddings = student.get_input_embeddings()(ids).requires_grad_()  # (1, tokens + 1, H)
+        student_logits = student(inputs_embeds=embeddings, logits_to_keep=keep,
+                                 use_cache=False).logits.view(tokens, vocab)
+        out = distillation_objective(student_logits, teacher_logits, ids[0, 1:], kind="tail", top_k=10, beta=2.0,
+                                     donate_teacher=True)
+        out["loss"].sum().backward()
+        del out, student_logits, teacher_logits
+    shape = _shape(_config(name, 1, **narrow), "eager", tmp_path)
+    planned = logits_bytes(shape, tokens, vocab, 2 if dtype == torch.bfloat16 else 4, device_type="cpu")
+    assert planned == pytest.approx(counted.peak, rel=0.10), (name, dtype, planned, counted.peak)

@@ -33,6 +33,9 @@ TRAFFIC_KINDS = ("teacher_gather", "student_gather", "student_reduce_scatter", "
 # each communicator, per channel and ring peer, a 4 MiB NCCL_BUFFSIZE buffer for the Simple protocol
 # plus about 4.6 MiB for LL128 and 0.25 MiB for LL, over up to 16 channels on an NVLink node.
 CUDA_CONTEXT_GB = 1.0
+# A layout fits when its planned peak and that reserve leave this share of the GPU free: room for
+# the caching allocator's fragmentation and for what the plan does not count.
+HEADROOM = 0.10
 NCCL_CHANNELS = 16
 NCCL_GB_PER_COMMUNICATOR = round(NCCL_CHANNELS * 2 * (4 + 4.6 + 0.25) * 2 ** 20 / GB, 2)
 MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch", "configs", "models")
@@ -45,6 +48,8 @@ ASSUMPTIONS = (
     "ring collectives: an all-reduce puts 2(n-1)/n of its input on the wire, a reduce-scatter (n-1)/n, "
     "an all-gather (n-1) times its input",
     "no overlap of communication with compute (an upper bound on the step time)",
+    f"a layout fits when its peak (and on CUDA the context and NCCL buffers) leaves {HEADROOM:.0%} of the "
+    f"GPU free, for allocator fragmentation and what the plan does not count",
     "compute at the given achieved dense throughput for every matmul, attention included",
     "AutoTP shards the decoder layers' linear layers and the LM head; embeddings and norms are replicated; "
     "a tied head with a scaled embedding (Gemma-2) is untied at tensor_parallel > 1",
@@ -57,7 +62,7 @@ ASSUMPTIONS = (
     f"on CUDA, outside the planned peak (max_memory_allocated) but inside the GPU's memory: the CUDA "
     f"context, {CUDA_CONTEXT_GB:g} GB, and NCCL's buffers, {NCCL_GB_PER_COMMUNICATOR:g} GB per "
     f"communicator (NCCL_BUFFSIZE 4 MiB x 2 peers x {NCCL_CHANNELS} channels, with the LL and LL128 "
-    f"buffers); estimates, not measured here; allocator fragmentation is not counted",
+    f"buffers); estimates, not measured here (allocator fragmentation goes in the headroom)",
 )
 
 
@@ -204,6 +209,8 @@ class Estimate:
     seconds: Dict[str, float]
     """Time per step of compute and of each traffic kind."""
     rejected: Optional[str] = None
+    reserve: float = 0.0
+    """Bytes per GPU outside the planned peak: the CUDA context and NCCL's buffers (0 on CPU)."""
 
     @property
     def peak_memory_bytes(self) -> float:
@@ -436,6 +443,29 @@ def teacher_forward_bytes(model: ModelShape, tokens: int, seq: int, tp: int, w: 
     return tokens * (max(attention, mlp) + kept + 2 * w * head_dim)
 
 
+def runtime_reserve(tp: int, dp: int) -> float:
+    """Bytes per GPU that CUDA and NCCL hold outside the caching allocator (estimates, see
+    :data:`ASSUMPTIONS`): the context, and NCCL's buffers for each communicator a rank is in (the
+    world; the tensor-parallel group and its data-parallel group where both have peers)."""
+    communicators = 1 + (tp > 1) + (tp > 1 and dp > 1)
+    return (CUDA_CONTEXT_GB + communicators * NCCL_GB_PER_COMMUNICATOR) * GB
+
+
+def logits_bytes(model: ModelShape, tokens: int, vocab_local: int, w: int, *, device_type: str = "cuda") -> float:
+    """The peak of the logits path (heads, loss, backward to the student's last hidden state) in
+    units of L, one ``[tokens, V_local]`` tensor of ``w`` bytes: the student's logits and the
+    teacher's (donated to the student's gradient) 2 L, with the loss's fp32 row-chunk buffers
+    (4 of them, 2 more for the fp32 copies of bf16 chunks); with a final soft-capping (Gemma-2)
+    the student's saved ``tanh`` output (1 L) and, in its backward, the gradient through the
+    scaling and through ``tanh`` (2 L), which outgrow the loss's buffers."""
+    logits = tokens * vocab_local * w
+    chunk = min(CPU_CHUNK_NUMEL if device_type == "cpu" else CHUNK_NUMEL, tokens * vocab_local)
+    buffers = (4 + (2 if w == 2 else 0)) * 4 * chunk
+    if model.final_softcap:
+        return 3 * logits + max(buffers, 2 * logits)
+    return 2 * logits + buffers
+
+
 def estimate(job: Job, layout: Layout, cluster: Cluster, *, device_type: str = "cuda") -> Estimate:
     """Memory, traffic and time of ``layout`` for ``job`` on ``cluster`` (see :data:`ASSUMPTIONS`)."""
     tp, stage, micro, accum = (layout.tensor_parallel, layout.student_zero_stage, layout.micro_batch_size,
@@ -473,10 +503,7 @@ def estimate(job: Job, layout: Layout, cluster: Cluster, *, device_type: str = "
     memory["activations"] = _activation_bytes(job.student, tokens, job.seq_len, tp, w, layout.activation_checkpointing)
     if teacher:
         memory["activations"] += teacher_forward_bytes(job.teacher, tokens, job.seq_len, tp, w)
-    logits = tokens * vocab_local * w  # L: one [tokens, V_local] tensor
-    chunk = min(CPU_CHUNK_NUMEL if device_type == "cpu" else CHUNK_NUMEL, tokens * vocab_local)
-    # The student's logits, the teacher's (donated to the gradient), the loss's fp32 chunk buffers.
-    memory["logits"] = 2 * logits + 4 * 4 * chunk
+    memory["logits"] = logits_bytes(job.student, tokens, vocab_local, w, device_type=device_type)
     # The gradient bucket (its touched part), and under ZeRO-3 the gathered parameters, which stay
     # live up to stage3_max_live_parameters (the whole model, for models below 1e9 parameters).
     live = _bucket(ds, "stage3_max_live_parameters", 1e9)
@@ -543,9 +570,12 @@ def estimate(job: Job, layout: Layout, cluster: Cluster, *, device_type: str = "
     for kind in TRAFFIC_KINDS:
         bandwidth = cluster.nvlink_gbps * GB if kind in ("tp_allreduce", "loss_exchange") else dp_bandwidth
         seconds[kind] = traffic[kind] * wire[kind] / bandwidth
-    estimate_ = Estimate(layout=layout, memory=memory, traffic=traffic, seconds=seconds)
-    if estimate_.peak_memory_bytes > cluster.gpu_memory_gb * GB:
-        estimate_.rejected = (f"needs {estimate_.peak_memory_bytes / GB:.1f} GB per GPU, more than the "
+    estimate_ = Estimate(layout=layout, memory=memory, traffic=traffic, seconds=seconds,
+                         reserve=runtime_reserve(tp, dp) if device_type == "cuda" else 0.0)
+    needed = estimate_.peak_memory_bytes + estimate_.reserve
+    if needed > (1 - HEADROOM) * cluster.gpu_memory_gb * GB:
+        with_reserve = f" with {estimate_.reserve / GB:.1f} GB of CUDA context and NCCL buffers" if estimate_.reserve else ""
+        estimate_.rejected = (f"needs {needed / GB:.1f} GB per GPU{with_reserve}, more than {1 - HEADROOM:.0%} of the "
                               f"{cluster.gpu_memory_gb:g} GB usable")
     return estimate_
 
@@ -613,7 +643,8 @@ class Plan:
         shown = self.shown
         return {"estimate": True, "assumptions": list(ASSUMPTIONS), "cluster": asdict(self.cluster),
                 "memory": shown.memory, "traffic": shown.traffic,
-                "peak_memory_bytes": shown.peak_memory_bytes, "step_time_s": shown.step_time_s,
+                "peak_memory_bytes": shown.peak_memory_bytes, "reserve_bytes": shown.reserve,
+                "step_time_s": shown.step_time_s,
                 "seconds": shown.seconds, "bottleneck": shown.bottleneck, "fits": shown.fits,
                 "layout": shown.layout.as_config(), "set_arguments": shown.layout.set_arguments(),
                 "deepspeed": self.deepspeed,
@@ -686,7 +717,7 @@ def _smallest_cluster(cfg, cluster: Cluster, **options) -> Optional[Cluster]:
 
 
 def _gb(value: float) -> str:
-    return f"{value / GB:.2f} GB" if value >= 0.01 * GB or value == 0 else f"{value / 1e6:.2f} MB"
+    return f"{value / GB:.2f} GB" if abs(value) >= 0.01 * GB or value == 0 else f"{value / 1e6:.2f} MB"
 
 
 def describe(result: Plan, *, world_note: str = "") -> List[str]:
@@ -712,6 +743,10 @@ def describe(result: Plan, *, world_note: str = "") -> List[str]:
     lines.append(f"  memory per GPU: {_gb(shown.peak_memory_bytes)} of {cluster.gpu_memory_gb:g} GB")
     for term, value in shown.memory.items():
         lines.append(f"    {term:<24} {_gb(value)}")
+    if shown.reserve:
+        free = cluster.gpu_memory_gb * GB - shown.peak_memory_bytes - shown.reserve
+        lines.append(f"    and outside it: CUDA context and NCCL buffers {_gb(shown.reserve)}; "
+                     f"free {_gb(free)} ({free / (cluster.gpu_memory_gb * GB):.0%})")
     lines.append("  bytes per step per GPU handed to collectives:")
     for kind, value in shown.traffic.items():
         lines.append(f"    {kind:<24} {_gb(value)}  ({shown.seconds[kind]:.3f} s)")
