@@ -5,15 +5,17 @@
 #   GPU_CHECK_PYTHON=/opt/conda/bin/python bash benchmarks/gpu_check.sh   # that python, likewise
 # For a machine with no network and its own CUDA torch: that python needs torch (a CUDA build) and the
 # rest of requirements.txt; section 0 says what is missing. Sections, each with its time budget on one
-# H100/H200 after install (estimates from the CPU timings; 6 min 30 s in all, under the 8 minutes a
-# first 15-minute window leaves after start-up):
+# H100/H200 after install (estimated, not measured: no GPU has run it yet; 6 min 30 s in all, under
+# the 8 minutes a first 15-minute window leaves after start-up; on CPU here section 2 took 68 s at
+# DEMO_STEPS=3, most of it data, tokenizer and start-up):
 #   0. versions (python, torch + its CUDA, deepspeed, transformers, nvcc, GPUs and driver); stops with
 #      exit 2 and what to install if torch is a CPU build or sees no GPU                          ~15 s
 #   1. tests on the accelerator, each with its dtype named in its config: the one-device discipline
 #      (bf16, 2 ranks, and one CUDA rank); with 2+ GPUs also launcher runs (fp32 TP 2, bf16 against
 #      fp32, ZeRO-0 at fp32, ZeRO-1/2 stop and resume) on NCCL                                  ~90 s
 #   2. the demo pipeline once, cut short: data, tokenizer, teacher (40 steps), distillation (40
-#      steps), bf16, 1 GPU, TP 1; with 2+ GPUs the distillation again on all GPUs (TP 2)        ~2 min
+#      steps), bf16, 1 GPU, TP 1; with 2+ GPUs the distillation again on an even number of GPUs,
+#      all or all but one (TP 2)                                                                ~2 min
 #   3. the paper's pair (launch/configs/gemma2_9b_to_1b.yaml, its DeepSpeed JSON unchanged) with the
 #      9B / 1B architectures cut to TEACHER_LAYERS / STUDENT_LAYERS layers, sequence length 2048,
 #      bf16, 1 GPU, TP 1, STEPS steps                                                           ~2.5 min
@@ -49,6 +51,7 @@ DEMO_STEPS=${DEMO_STEPS:-40}
 echo "== 0. versions"
 "$PY" benchmarks/gpu_env.py  # exit 2, with what to install, before anything is written
 GPUS=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
+EVEN_GPUS=$((GPUS - GPUS % 2))  # TP 2 needs an even world size
 mkdir -p "$OUT"
 deepspeed_launch() { "$PY" -m deepspeed.launcher.runner --master_port "$("$PY" -c 'from model_parallel.spawn import free_port; print(free_port())')" "$@"; }
 
@@ -87,7 +90,7 @@ demo() {
     --set checkpoint.every=100000
   distill_demo demo_distill_1gpu 1 1
   if [[ "$GPUS" -ge 2 ]]; then
-    distill_demo demo_distill_all "$GPUS" 2
+    distill_demo demo_distill_all "$EVEN_GPUS" 2
   fi
 }
 
@@ -122,12 +125,12 @@ section() {
   echo "-- $1: $([[ "$status" -eq 0 ]] && echo ok || echo FAILED), $((SECONDS - started)) s"
 }
 section "1. tests on the accelerator ($GPUS GPU(s))" tests
-section "2. the demo pipeline, bf16, 1 GPU$([[ "$GPUS" -ge 2 ]] && echo ", then $GPUS GPUs at TP 2")" demo
+section "2. the demo pipeline, bf16, 1 GPU$([[ "$GPUS" -ge 2 ]] && echo ", then $EVEN_GPUS GPUs at TP 2")" demo
 section "3. gemma2 9B/1B architectures, $TEACHER_LAYERS/$STUDENT_LAYERS layers, seq 2048, micro-batch $MICRO_BATCH, 1 GPU" gemma2
 
 echo "== 4. summary"
 runs=("demo distillation, 1 GPU, bf16=$OUT/demo_distill_1gpu")
-[[ "$GPUS" -lt 2 ]] || runs+=("demo distillation, $GPUS GPUs, TP 2, bf16=$OUT/demo_distill_all")
+[[ "$GPUS" -lt 2 ]] || runs+=("demo distillation, $EVEN_GPUS GPUs, TP 2, bf16=$OUT/demo_distill_all")
 runs+=("gemma2 9B/1B cut to $TEACHER_LAYERS/$STUDENT_LAYERS layers, 1 GPU, bf16=$OUT/gemma2")
 for item in "${failed[@]}"; do echo "FAILED: $item"; done
 "$PY" benchmarks/gpu_summary.py "${runs[@]}" | tee "$OUT/summary.md"
