@@ -83,9 +83,12 @@ def _rank(rank, world_size, config_path, root):
         for name, original in originals.items():
             setattr(dist, name, original)
     saved = _state(engine)
+    from model_parallel.byte_gather import all_gather_bytes
+
+    uneven = all_gather_bytes(bytes(range(250, 250 - 5 * rank, -1)), device=engine.device)  # 0 and 5 bytes
     fresh = _engine(config_path, seed=6)  # other weights until the load
     checkpoint.ResumePlan(root=root, tag=tag, load_tag=tag).restore(fresh)
-    return {"tag": tag, "own": own, "saved": saved, "loaded": _state(fresh)}
+    return {"tag": tag, "own": own, "saved": saved, "loaded": _state(fresh), "uneven": uneven}
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +116,11 @@ def test_a_save_runs_no_object_collective_and_resumes(saved):
         for moment, loaded in zip(moments, loaded_moments):
             assert all(torch.equal(moment[key], loaded[key]) for key in moment)
             assert moment["exp_avg"].abs().sum() > 0  # the step left real optimizer state to compare
+
+
+def test_bytes_of_uneven_lengths_come_back_whole_on_every_rank(saved):
+    _, results = saved
+    assert [r["uneven"] for r in results] == [[b"", bytes([250, 249, 248, 247, 246])]] * 2
 
 
 def test_the_layout_records_each_ranks_partitions_and_the_tied_head(saved):

@@ -88,10 +88,27 @@ def test_a_slow_preparation_on_rank_0_does_not_time_out_the_others(ranks, tokeni
     reference, _ = load_prepared(str(tmp_path / "ref"), tokenizer)
     assert manifest["counts"] == counts
     assert blocks["input_ids"] == reference["input_ids"]
-    assert sorted(os.listdir(root / "run" / "data")) == ["eval.failed", "train"]  # no heartbeat left behind
+    assert sorted(os.listdir(root / "run" / "data")) == ["eval.failed", "train"]  # no heartbeat (.working) left
 
 
 def test_rank_0s_failure_reaches_every_rank_as_the_same_error(ranks):
     root, results = ranks
     expected = ("DataError", f"data.eval: input file is empty: {root / 'bad.txt'}")
     assert [r["error"] for r in results] == [expected, expected]
+
+
+def test_a_silent_rank_0_ends_the_wait_naming_the_timeout(tmp_path, monkeypatch):
+    """Rank 0 killed mid-work: its heartbeat file stays, unchanged; the waiting rank gives up after
+    ``limit_s`` (parallel.timeout_s) with one line instead of waiting forever."""
+    from core.errors import DataError
+    from model_parallel.file_wait import WORKING_SUFFIX, _wait
+
+    monkeypatch.setenv("LOCAL_RANK", "1")  # not the node's first rank: no progress lines (no group here)
+    marker = str(tmp_path / "train")
+    (tmp_path / f"train{WORKING_SUFFIX}").write_text("7\n")  # what a killed rank 0 left
+    started = time.monotonic()
+    with pytest.raises(DataError) as error:
+        _wait("data.train: preparing x into y", lambda: False, marker, 1.0, DataError)
+    assert 1.0 <= time.monotonic() - started < 10
+    assert str(error.value) == (f"data.train: preparing x into y: rank 0's heartbeat {marker}{WORKING_SUFFIX} has not "
+                                f"moved for 1 s (rank 0 gone?); parallel.timeout_s=1 bounds this wait")

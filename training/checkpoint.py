@@ -28,6 +28,7 @@ from core.errors import CheckpointError
 from core.files import write_atomically
 from model_parallel.byte_gather import all_gather_bytes
 from model_parallel.distributed import decided_on_rank_0
+from model_parallel.file_wait import produced_on_rank_0
 from training import faults
 from training.config import RunConfig, identity
 
@@ -455,7 +456,7 @@ def _decide(cfg: RunConfig, world_size: int, student_stage: int) -> ResumePlan:
                                   f"not supported yet (the universal conversion handles ZeRO-3 students); resume at "
                                   f"TP {layout['tensor_parallel']} x DP {layout['data_parallel']}")
         _check_head(cfg, tag, layout)
-        load_tag = _converted(root, tag)
+        load_tag = universal_tag(tag)  # converted by plan_resume, outside any collective
     else:
         load_tag = tag
     return ResumePlan(root=root, tag=tag, load_tag=load_tag, step=state["step"],
@@ -463,8 +464,17 @@ def _decide(cfg: RunConfig, world_size: int, student_stage: int) -> ResumePlan:
 
 
 def plan_resume(cfg: RunConfig, world_size: int, student_stage: int) -> ResumePlan:
-    """Collective: rank 0 finds, verifies and (for another layout) converts the checkpoint to resume,
-    once, and checks it belongs to this run (and its ZeRO stage); every rank gets the plan or the
-    same error."""
-    return decided_on_rank_0("finding the checkpoint to resume", lambda: _decide(cfg, world_size, student_stage),
+    """Collective: rank 0 finds and verifies the checkpoint to resume, once, and checks it belongs to
+    this run (and its ZeRO stage); every rank gets the plan or the same error. For another layout,
+    rank 0 then converts it (minutes to hours, by the student's size) while the other ranks wait on
+    the file system for the conversion's completion marker, not inside a collective, whose timeout
+    (``parallel.timeout_s``) would otherwise bound the conversion."""
+    plan = decided_on_rank_0("finding the checkpoint to resume", lambda: _decide(cfg, world_size, student_stage),
                              unexpected=CheckpointError)
+    if plan.universal:
+        target = os.path.join(plan.root, plan.load_tag)
+        produced_on_rank_0(f"the universal conversion of checkpoint {plan.tag} ({target})",
+                           lambda: _converted(plan.root, plan.tag),
+                           done=lambda: os.path.isfile(os.path.join(target, COMPLETE)), marker=target,
+                           limit_s=float(cfg.parallel.timeout_s), error=CheckpointError)
+    return plan
