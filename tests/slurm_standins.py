@@ -3,7 +3,8 @@
 ``install(dir)`` writes both into ``dir`` (put it first on PATH) and returns it. They read:
 
 - ``STANDIN_HOSTS``: the job's host names, space-separated (``scontrol show hostnames`` prints them);
-- ``STANDIN_NODE_LOGS``: a directory for ``node<i>.log``, each node's stdout and stderr.
+- ``STANDIN_NODE_LOGS``: a directory for ``node<i>.log``, each node's stdout and stderr, and
+  ``node<i>.pgid``, the process group of the node's launcher and ranks.
 
 ``srun [options] command...`` starts ``command`` once per host, at the same time, as srun starts one
 task per node: ``SLURM_NODEID``/``SLURM_PROCID`` = i, ``SLURM_LOCALID`` = 0, and a TMPDIR of the
@@ -48,6 +49,8 @@ for rank in range(len(hosts)):
            "SLURMD_NODENAME": hosts[rank], "TMPDIR": node_tmp}}
     log = open(os.path.join(logs, f"node{{rank}}.log"), "w")
     nodes.append(subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    with open(os.path.join(logs, f"node{{rank}}.pgid"), "w") as out:  # for a caller that must stop the node
+        out.write(str(nodes[-1].pid))
 # --kill-on-bad-exit: the first node that fails stops the others (they would wait in the rendezvous).
 while any(node.poll() is None for node in nodes):
     if any(node.returncode for node in nodes):

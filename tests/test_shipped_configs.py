@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -158,6 +159,13 @@ def test_slurm_batch_script_starts_both_nodes(assets, tokenizer_dir, tmp_path):
     on this machine, one launcher and one rank each, each node with its own TMPDIR; the stand-in srun
     fails if anything it hands a node names a path under the batch step's TMPDIR (a file there
     exists on the first node only)."""
+    import hashlib
+
+    # launch/env.sh (which the batch script sources) must find this venv current, or it would install.
+    wanted = hashlib.sha256(open(os.path.join(ROOT, "requirements.txt"), "rb").read()).hexdigest()
+    marker = os.path.join(sys.prefix, ".requirements.sha256")
+    if not os.path.exists(marker) or open(marker).read().strip() != wanted:
+        pytest.skip(f"{sys.prefix} is not a venv launch/env.sh made from this requirements.txt (run tests/run.sh)")
     config = "launch/configs/demo_distill.yaml"
     overrides, out = _overrides("slurm_demo_distill", yaml.safe_load(open(os.path.join(ROOT, config))), assets,
                                 tokenizer_dir)
@@ -171,14 +179,26 @@ def test_slurm_batch_script_starts_both_nodes(assets, tokenizer_dir, tmp_path):
                      # launch/env.sh checks the venv this test runs in and installs nothing.
                      VENV=sys.prefix)
     args = ["--config", config] + [item for key, value in overrides.items() for item in ("--set", f"{key}={value}")]
+    def node_logs_text():
+        return {rank: (node_logs / f"node{rank}.log").read_text() for rank in (0, 1)
+                if (node_logs / f"node{rank}.log").exists()}
+
     try:
         # SLURM runs a spooled copy of the script: only SLURM_SUBMIT_DIR says where the repository is.
-        result = subprocess.run(["bash", os.path.join(ROOT, "launch/slurm.sbatch"), *args], cwd=tmp_path, env=env,
-                                capture_output=True, text=True, timeout=300)
-        logs = {rank: (node_logs / f"node{rank}.log").read_text() for rank in (0, 1)
-                if (node_logs / f"node{rank}.log").exists()}
+        try:
+            result = subprocess.run(["bash", os.path.join(ROOT, "launch/slurm.sbatch"), *args], cwd=tmp_path,
+                                    env=env, capture_output=True, text=True, timeout=600)
+        except subprocess.TimeoutExpired:
+            for pgid in node_logs.glob("node*.pgid"):
+                try:
+                    os.killpg(int(pgid.read_text()), signal.SIGKILL)  # the nodes' launchers and ranks
+                except ProcessLookupError:
+                    pass
+            pytest.fail("the batch script did not finish in 600 s; node logs:\n" + "\n".join(
+                f"node {rank}: {text[-3000:]}" for rank, text in node_logs_text().items()))
+        logs = node_logs_text()
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + "".join(
-            text[-3000:] for text in logs.values())
+            f"\nnode {rank}: {text[-3000:]}" for rank, text in logs.items())
         assert open(hostfile).read() == "127.0.0.1 slots=1\nlocalhost slots=1\n"
     finally:
         if os.path.exists(hostfile):
