@@ -44,6 +44,18 @@ def cuda_build_problem(torch_version: str, cuda_version, pinned_torch: str):
             f"than the driver's, which nvidia-smi's header shows), then run this check again")
 
 
+def nvcc_note(release: str, torch_cuda) -> str:
+    """What nvcc's release means here: nothing is built at start-up, but a config that asks for a
+    JIT-built op needs nvcc of torch's CUDA major version."""
+    match = re.search(r"release (\d+)\.(\d+)", release)
+    if not match:
+        return "none: not needed unless a config asks for a JIT-built DeepSpeed op"
+    if torch_cuda and match.group(1) != torch_cuda.split(".")[0]:
+        return (f"CUDA {match.group(1)}.{match.group(2)}, torch's is {torch_cuda}: not needed, but a config that asks "
+                f"for a JIT-built DeepSpeed op would be refused")
+    return "not needed: no op is built at start-up"
+
+
 def _command_line(argv) -> str:
     """The first line of ``argv``'s output, or why there is none."""
     if shutil.which(argv[0]) is None:
@@ -88,8 +100,12 @@ def main() -> int:
     nvcc = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
                                     if os.environ.get("CUDA_HOME") else "nvcc")
     release = _command_line([nvcc, "--version"])
-    print(f"nvcc:         {release.split('; ')[-2] if release.count('; ') >= 2 else release} (not needed)")
-    print(f"gpus/driver:  {_command_line(['nvidia-smi', '--query-gpu=name,memory.total,driver_version', '--format=csv,noheader'])}")
+    print(f"nvcc:         {release.split('; ')[-2] if release.count('; ') >= 2 else release} "
+          f"({nvcc_note(release, torch.version.cuda)})")
+    gpus = _command_line(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"])
+    if gpus == "not found on PATH" and os.path.exists("/proc/driver/nvidia/version"):
+        gpus = f"nvidia-smi not on PATH; {open('/proc/driver/nvidia/version').readline().strip()}"
+    print(f"gpus/driver:  {gpus}")
     if not problem:
         count = torch.cuda.device_count()
         print(f"cuda devices: {count}" + (f" ({torch.cuda.get_device_name(0)}, compute capability "

@@ -112,6 +112,16 @@ def test_a_cpu_build_of_torch_stops_the_check_with_what_to_install(tmp_path):
     assert "== 1." not in result.stdout and "Installing" not in result.stdout
 
 
+def test_nvcc_is_reported_against_torchs_cuda():
+    from benchmarks.gpu_env import nvcc_note
+
+    release = "nvcc: NVIDIA (R) Cuda compiler driver; Cuda compilation tools, release {}, V{}"
+    assert nvcc_note(release.format("12.4", "12.4.131"), "12.8") == "not needed: no op is built at start-up"
+    assert nvcc_note(release.format("13.0", "13.0.88"), "12.8") == (
+        "CUDA 13.0, torch's is 12.8: not needed, but a config that asks for a JIT-built DeepSpeed op would be refused")
+    assert nvcc_note("not found on PATH", "12.8").startswith("none: not needed")
+
+
 def test_an_unknown_argument_is_refused(tmp_path):
     # Were it ignored, the venv step would fail at once (PYTHON=false) rather than install anything.
     env = {**os.environ, "VENV": str(tmp_path / "no-venv"), "PYTHON": "false"}
