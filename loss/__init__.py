@@ -41,7 +41,7 @@ def per_token_loss(kind: str,
         return tail_divergence(student_logits, teacher_logits, top_k=top_k, beta=beta, temperature=temperature,
                                tp_group=tp_group)
     return entry.compute(student_logits, teacher_logits, top_k=top_k, beta_for=lambda mass: beta,
-                         temperature=temperature, tp_group=tp_group, donate_teacher=False)["kd"]
+                         temperature=temperature, tp_group=tp_group, shard=None, donate_teacher=False)["kd"]
 
 
 __all__ = [

@@ -7,10 +7,12 @@ temperature, a detached teacher and the uneven-slice layout. DeepSpeed's collect
 ``deepspeed.init_distributed``. DeepSpeed is imported on first use: ``import loss`` stays light.
 """
 
+from typing import Optional
+
 import torch
 
 from core.tokens import IGNORE_INDEX
-from model_parallel import resolve_vocab_shard
+from model_parallel import VocabShard, resolve_vocab_shard
 
 
 def _kl(student_logits, teacher_logits, temperature, tp_group, reverse):
@@ -48,15 +50,20 @@ def cross_entropy(student_logits: torch.Tensor,
                   labels: torch.Tensor,
                   *,
                   ignore_index: int = IGNORE_INDEX,
-                  tp_group=None) -> torch.Tensor:
+                  tp_group=None,
+                  shard: Optional[VocabShard] = None) -> torch.Tensor:
     """Per-token cross-entropy against ``labels`` (``logits.shape[:-1]``, global token ids).
 
     fp32, replicated over the group, 0 where ``labels == ignore_index``, no reduction. Uneven
-    vocabulary slices are supported: the layout is resolved collectively and passed explicitly.
+    vocabulary slices are supported: the layout is resolved collectively (or taken from ``shard``,
+    resolved once by the caller) and passed explicitly. DeepSpeed's op still validates the bounds
+    it is given with a collective and a host read of its own on every call.
     """
     from deepspeed.sequence.cross_entropy import vocab_parallel_cross_entropy
 
-    shard = resolve_vocab_shard(student_logits.shape[-1], tp_group, caller="cross_entropy", device=student_logits.device)
+    if shard is None:
+        shard = resolve_vocab_shard(student_logits.shape[-1], tp_group, caller="cross_entropy",
+                                    device=student_logits.device)
     return vocab_parallel_cross_entropy(student_logits,
                                         labels,
                                         tp_group=tp_group,

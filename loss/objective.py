@@ -6,6 +6,7 @@ import torch
 
 from loss.baselines import cross_entropy
 from loss.registry import divergence
+from model_parallel import VocabShard
 
 
 def sequence_beta(beta: float, teacher_tail_mass: torch.Tensor, sequence_ids: torch.Tensor,
@@ -39,6 +40,7 @@ def distillation_objective(student_logits: torch.Tensor,
                            sequence_ids: Optional[torch.Tensor] = None,
                            num_sequences: Optional[int] = None,
                            tp_group=None,
+                           shard: Optional[VocabShard] = None,
                            donate_teacher: bool = False) -> Dict[str, torch.Tensor]:
     """Per-token loss over ``n`` valid tokens (logits ``[n, V_local]``, ``labels`` ``[n]`` ids).
 
@@ -49,12 +51,14 @@ def distillation_objective(student_logits: torch.Tensor,
     ``sequence_ids`` (``[n]``, the row of each token) and takes ``num_sequences`` (the batch's row
     count) where the caller knows it. ``donate_teacher``: the caller will not read
     ``teacher_logits`` after backward, so the divergence may reuse its storage for the student's
-    gradient (:func:`loss.tail_divergence`).
+    gradient (:func:`loss.tail_divergence`). ``shard``: this rank's vocabulary slice, resolved once
+    by the caller (the job: when its engines are built); the losses then skip their per-call
+    collective layout check and its host sync. None: each loss checks the layout itself.
     """
     entry = divergence(kind)
     out = {}
     if entry.compute is None or ce_weight > 0:
-        out["ce"] = cross_entropy(student_logits, labels, tp_group=tp_group)
+        out["ce"] = cross_entropy(student_logits, labels, tp_group=tp_group, shard=shard)
     if entry.compute is None:
         out["loss"] = out["ce"]
         return out
@@ -63,7 +67,8 @@ def distillation_objective(student_logits: torch.Tensor,
     else:
         beta_for = lambda mass: beta  # noqa: E731
     out.update(entry.compute(student_logits, teacher_logits, top_k=top_k, beta_for=beta_for,
-                             temperature=temperature, tp_group=tp_group, donate_teacher=donate_teacher))
+                             temperature=temperature, tp_group=tp_group, shard=shard,
+                             donate_teacher=donate_teacher))
     scaled = temperature**2 * out["kd"]
     out["loss"] = scaled if ce_weight == 0 else (1 - ce_weight) * scaled + ce_weight * out["ce"]
     return out

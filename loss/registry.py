@@ -21,8 +21,9 @@ class Divergence:
     summary: str
     """One line for ``--help`` texts and the README."""
     compute: Optional[Callable]
-    """``compute(student, teacher, *, top_k, beta_for, temperature, tp_group, donate_teacher) -> {"kd": [n], ...}``;
-    ``beta_for(teacher_tail_mass)`` gives the tail weight (a number, or per token);
+    """``compute(student, teacher, *, top_k, beta_for, temperature, tp_group, shard, donate_teacher) -> {"kd": [n], ...}``;
+    ``beta_for(teacher_tail_mass)`` gives the tail weight (a number, or per token); ``shard`` is this
+    rank's :class:`model_parallel.VocabShard` where the caller resolved it once (else None);
     ``donate_teacher`` lets backward reuse the teacher's storage for the student's gradient (the
     caller does not read the teacher's logits after backward); a divergence may ignore it. It may
     add ``student_top1`` / ``teacher_top1`` (global argmax ids) where its own pass gives them for
@@ -35,9 +36,9 @@ class Divergence:
         return self.compute is not None
 
 
-def _tail(student, teacher, *, top_k, beta_for, temperature, tp_group, donate_teacher) -> Dict:
+def _tail(student, teacher, *, top_k, beta_for, temperature, tp_group, shard, donate_teacher) -> Dict:
     parts, top1 = tail_divergence_parts(student, teacher, top_k=top_k, temperature=temperature, tp_group=tp_group,
-                                        donate_teacher=donate_teacher, return_top1=True)
+                                        shard=shard, donate_teacher=donate_teacher, return_top1=True)
     out = parts._asdict()
     # By-products of the same pass: the agreement metric needs no second read of the logits.
     out["student_top1"] = top1.student
@@ -49,7 +50,8 @@ def _tail(student, teacher, *, top_k, beta_for, temperature, tp_group, donate_te
 
 def _kl(divergence):
 
-    def compute(student, teacher, *, top_k, beta_for, temperature, tp_group, donate_teacher) -> Dict:
+    def compute(student, teacher, *, top_k, beta_for, temperature, tp_group, shard, donate_teacher) -> Dict:
+        # DeepSpeed's op resolves (and checks) the layout itself on every call.
         return {"kd": divergence(student, teacher, temperature=temperature, tp_group=tp_group)}
 
     return compute

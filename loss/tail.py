@@ -18,8 +18,9 @@ student logit and id), plus the student's local maximum and its id, ``5 + 3K`` i
 rank pick the same global top-K and fold the candidates left out back into the tail, exactly and
 without cancellation. The same pass gives both models' global argmax (the teacher's is the first
 of its top-K) for the top-1 agreement metric, so no caller re-reads the logits for it. Forward runs two
-all-gathers per call: the argument/layout check (a few numbers per rank) and that one per-token
-exchange, O(K·TP) bytes per token whatever the vocabulary size. Every rank returns the same
+all-gathers per call: the argument/layout check (a few numbers per rank, read on the host; skipped
+where the caller passes the layout it resolved once) and that one per-token exchange, O(K·TP) bytes
+per token whatever the vocabulary size; no other host sync, forward or backward. Every rank returns the same
 per-token values and back-propagates the same loss, so backward runs **zero** collectives: each
 rank computes its own slice's gradient from its logits and saved per-token statistics.
 
@@ -96,13 +97,23 @@ def _scaled_exp(x: torch.Tensor, shift: torch.Tensor, inv_t: float, out=None) ->
     return torch.add(-shift, x, alpha=inv_t, out=out).exp_()
 
 
-def _owned_flat_index(top_ids: torch.Tensor, shard: VocabShard) -> tuple:
-    """Flat positions in a ``[R, shard.size]`` chunk of the chosen ids this rank holds, and the
-    ``[R, K]`` mask of which chosen ids those are."""
-    local = top_ids - shard.start
+def _write_owned(grad: torch.Tensor, top_ids: torch.Tensor, values: torch.Tensor, shard: VocabShard) -> None:
+    """``grad[r, id − shard.start] = values[r, j]`` for each chosen id ``top_ids[r, j]`` this rank
+    holds (``grad`` ``[R, shard.size]``, ``top_ids``/``values`` ``[R, K]``), in place.
+
+    One ``scatter_`` with a column for every chosen id, so the shapes never depend on the data (no
+    boolean-mask indexing, no host sync): an id held elsewhere is redirected to a stand-in write
+    that changes nothing, the row's first held id with its own value again, or, in a row holding
+    none, column 0 with the value it already has. Duplicate writes of one value are well defined.
+    """
+    local = top_ids - shard.start  # (R, K)
     owned = (local >= 0) & (local < shard.size)
-    rows = torch.arange(top_ids.shape[0], device=top_ids.device).unsqueeze(1).expand_as(local)
-    return rows[owned] * shard.size + local[owned], owned
+    first = owned.to(torch.uint8).argmax(dim=1, keepdim=True)  # (R, 1) the first held id's place, 0 if none
+    holds = owned.gather(1, first)  # (R, 1) whether the row holds any
+    stand_in = torch.where(holds, local.gather(1, first), 0)  # (R, 1) a column to rewrite
+    columns = torch.where(owned, local, stand_in)  # (R, K), all in range
+    stand_in_value = torch.where(holds, values.gather(1, first), grad.gather(1, stand_in))
+    grad.scatter_(1, columns, torch.where(owned, values, stand_in_value))
 
 
 # Per-token statistics columns of the exchanged payload, before the 3K candidate columns.
@@ -262,8 +273,7 @@ class _TailDivergenceParts(torch.autograd.Function):
             grad.addcmul_(teacher_tail, minus_coef_p[rows])
             del teacher_tail
             if has_top:
-                flat, owned = _owned_flat_index(top_ids[rows], shard)
-                grad.view(-1)[flat] = top_grad[rows][owned]
+                _write_owned(grad, top_ids[rows], top_grad[rows], shard)
             if not fp32_out:
                 grad_student[rows] = grad
         return grad_student.view_as(student_logits), None, None, None, None, None, None
@@ -310,21 +320,30 @@ def _check_beta(beta, token_shape):
 
 
 def _tail_parts(student_logits, teacher_logits, top_k, temperature, tp_group, beta_error=None,
-                donate_teacher=False) -> Tuple[TailParts, TopOne]:
+                donate_teacher=False, shard: Optional[VocabShard] = None) -> Tuple[TailParts, TopOne]:
     error = _check_logits(student_logits, teacher_logits, top_k, temperature) or beta_error
-    device = next((x.device for x in (student_logits, teacher_logits) if isinstance(x, torch.Tensor)), None)
-    # A rank with bad input still joins the check, with placeholder values, so that every rank raises.
-    valid = error is None
-    shard = resolve_vocab_shard(student_logits.shape[-1] if valid else 0,
-                                tp_group,
-                                caller="tail_divergence",
-                                device=device,
-                                local_error=error,
-                                must_agree={
-                                    "top_k": top_k if valid else 0,
-                                    "temperature": temperature if valid else 0,
-                                    "the number of tokens": student_logits.shape[:-1].numel() if valid else 0,
-                                })
+    if shard is not None:  # resolved once by the caller: local checks only, no collective, no host sync
+        if error is None and student_logits.shape[-1] != shard.size:
+            error = f"the logits' last dim {student_logits.shape[-1]} is not this rank's vocabulary slice {shard}"
+        if error is not None:
+            raise ValueError(f"tail_divergence: {error}")
+    else:
+        # The exchange runs on the logits' device even where one argument is bad (a CPU tensor
+        # would fail in NCCL on this rank while the others wait in the collective).
+        devices = [x.device for x in (student_logits, teacher_logits) if isinstance(x, torch.Tensor)]
+        device = next((d for d in devices if d.type != "cpu"), devices[0] if devices else None)
+        # A rank with bad input still joins the check, with placeholder values, so that every rank raises.
+        valid = error is None
+        shard = resolve_vocab_shard(student_logits.shape[-1] if valid else 0,
+                                    tp_group,
+                                    caller="tail_divergence",
+                                    device=device,
+                                    local_error=error,
+                                    must_agree={
+                                        "top_k": top_k if valid else 0,
+                                        "temperature": temperature if valid else 0,
+                                        "the number of tokens": student_logits.shape[:-1].numel() if valid else 0,
+                                    })
     *parts, student_top1, teacher_top1 = _TailDivergenceParts.apply(student_logits, teacher_logits.detach(), top_k,
                                                                     float(temperature), tp_group, shard,
                                                                     donate_teacher)
@@ -340,16 +359,22 @@ def tail_divergence_parts(student_logits: torch.Tensor,
                           temperature: float = 1.0,
                           tp_group=None,
                           donate_teacher: bool = False,
-                          return_top1: bool = False) -> Union[TailParts, Tuple[TailParts, TopOne]]:
+                          return_top1: bool = False,
+                          shard: Optional[VocabShard] = None) -> Union[TailParts, Tuple[TailParts, TopOne]]:
     """The per-token parts of the tail-aware divergence from one pass (see :class:`TailParts`).
 
     Same arguments and contract as :func:`tail_divergence`, without β:
     ``D = head_kl + β · tail_kl``. ``return_top1``: also each model's global argmax
     (:class:`TopOne`), taken in the same pass and exchanged in the same all-gather, so that a
     caller reporting top-1 agreement reads neither model's logits again.
+
+    ``shard``: this rank's vocabulary slice, resolved once by a caller whose inputs agree across
+    ranks by construction (the training job, from its engines). The call then skips the
+    collective argument/layout check and its host sync (one all-gather instead of two) and checks
+    its own arguments only: a bad one raises on this rank alone. None (the default): the check runs.
     """
     parts, top1 = _tail_parts(student_logits, teacher_logits, top_k, temperature, tp_group,
-                              donate_teacher=donate_teacher)
+                              donate_teacher=donate_teacher, shard=shard)
     return (parts, top1) if return_top1 else parts
 
 

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from typing import Mapping, Optional
 
 import torch
+import torch.distributed as dist
 
 from model_parallel.collectives import gather_rows, group_rank, is_parallel
 
@@ -18,6 +19,14 @@ class VocabShard:
     """Entries held here (slices may be uneven across ranks)."""
     global_size: int
     """Vocabulary size summed over the tensor-parallel group."""
+
+
+def _exchange_device(group, device) -> torch.device:
+    """Where the layout check's numbers travel: the current CUDA device on an NCCL group (its only
+    kind of tensor), else ``device`` (the logits'; the host when there are none)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device) if device is not None else torch.device("cpu")
 
 
 def resolve_vocab_shard(local_vocab_size: int,
@@ -39,7 +48,7 @@ def resolve_vocab_shard(local_vocab_size: int,
     names = list(must_agree)
     row = [[float(local_error is not None), float(local_vocab_size)] + [float(must_agree[n]) for n in names]]
     if is_parallel(group):
-        local = torch.tensor(row, dtype=torch.float64, device=device)
+        local = torch.tensor(row, dtype=torch.float64, device=_exchange_device(group, device))
         # host sync: every rank must know the layout (and any rank's error) before the data collectives.
         table = gather_rows(local, group)[0].cpu()  # (ranks, 2 + len(names))
     else:  # one rank: its own row is the table, built on the host (no collective, no host sync)

@@ -41,7 +41,7 @@ def test_lean_path_equals_the_full_logits_path(architecture, masked):
     engines = SimpleNamespace(student=student, teacher=teacher, vocab_start=0, real_vocab_size=REAL,
                               device=torch.device("cpu"))
     where = _positions(batch)
-    assert (where.valid is None) == (not masked)
+    assert (where.select is None) == (not masked)
     results = []
     for slices in (_slices(engines, batch, where), None):
         student.zero_grad()
@@ -82,3 +82,45 @@ def test_a_model_without_logits_to_keep_gets_the_same_slices():
     lean = _slices(engines, batch, _positions(batch))
     for got, expected in zip(lean, _reference_slices(student, teacher, batch)):
         torch.testing.assert_close(got.detach(), expected.detach(), rtol=0, atol=0)  # the same logits, copied out
+
+
+# Gemma-2 (eager only in transformers): sliding-window layers shorter than the rows.
+@pytest.mark.parametrize("architecture, attention", [(llama, "sdpa"), (llama, "eager"), (gemma2, "eager")])
+def test_padded_rows_get_the_logits_of_each_row_alone(architecture, attention):
+    """Right-padded SFT rows: the step's models see no padding mask (causal attention keeps real
+    positions from the pads), and each valid position's logits equal those of its row run alone,
+    unpadded; targets and rows come from the host batch."""
+    from transformers import AutoModelForCausalLM
+
+    from data.loader import Collator
+
+    torch.manual_seed(0)
+    student = AutoModelForCausalLM.from_config(architecture(VOCAB), attn_implementation=attention)
+    teacher = AutoModelForCausalLM.from_config(architecture(VOCAB, hidden=48), attn_implementation=attention).eval()
+    generator = torch.Generator().manual_seed(2)
+    lengths, prompts = (24, 9, 17), (10, 3, 0)
+    rows = []
+    for length, prompt in zip(lengths, prompts):
+        ids = torch.randint(4, REAL, (length,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    batch = Collator(pad_token_id=0)(rows)
+    assert "attention_mask" in batch  # padded: the collator marks it, the step does not need it
+    engines = SimpleNamespace(student=student, teacher=teacher, vocab_start=0, real_vocab_size=REAL,
+                              device=torch.device("cpu"))
+    with torch.no_grad():
+        s, t, targets, row_ids = _slices(engines, batch, _positions(batch))
+        expected = {name: [] for name in ("s", "t", "targets", "rows")}
+        for r, (row, length) in enumerate(zip(rows, lengths)):
+            ids = torch.tensor([row["input_ids"]])
+            has_target = torch.tensor(row["labels"][1:]) != -100  # (length - 1,)
+            for name, model in (("s", student), ("t", teacher)):
+                logits = model(input_ids=ids).logits[0, :-1][has_target].clone()
+                logits[:, REAL:] = float("-inf")
+                expected[name].append(logits)
+            expected["targets"].append(torch.tensor(row["labels"][1:])[has_target])
+            expected["rows"].append(torch.full((int(has_target.sum()),), r))
+    expected = {name: torch.cat(values) for name, values in expected.items()}
+    assert torch.equal(targets, expected["targets"]) and torch.equal(row_ids, expected["rows"])
+    # Shorter sequences take other kernel shapes: equal up to fp32 reassociation.
+    torch.testing.assert_close(s, expected["s"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(t, expected["t"], rtol=1e-5, atol=1e-5)

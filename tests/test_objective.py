@@ -68,7 +68,7 @@ def test_a_divergence_is_one_registry_entry(monkeypatch, tmp_path):
     from loss.registry import LOSSES, Divergence
     from training.config import load_config
 
-    def half_kl(student, teacher, *, top_k, beta_for, temperature, tp_group, donate_teacher):
+    def half_kl(student, teacher, *, top_k, beta_for, temperature, tp_group, shard, donate_teacher):
         return {"kd": 0.5 * forward_kl(student, teacher, temperature=temperature, tp_group=tp_group)}
 
     monkeypatch.setitem(LOSSES, "half_kl", Divergence("half_kl", "half the forward KL", half_kl))

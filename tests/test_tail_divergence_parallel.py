@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 
 from loss import tail_divergence, tail_divergence_parts
+from model_parallel import resolve_vocab_shard
 from model_parallel.comm_counter import count_collective_bytes
 from model_parallel.spawn import run_on_ranks
 
@@ -92,12 +93,19 @@ def _bytes_worker(rank, world_size, vocab_sizes):
         with count_collective_bytes() as backward:
             value.sum().backward()
         counted[vocab] = (forward.total_bytes, forward.total_calls, backward.total_calls)
+        # The layout resolved once and passed in (the job's path): the per-token exchange only.
+        shard = resolve_vocab_shard(local, dist.group.WORLD, caller="test")
+        with count_collective_bytes() as resolved:
+            parts = tail_divergence_parts(student.detach(), teacher, top_k=TOP_K, tp_group=dist.group.WORLD,
+                                          shard=shard)
+        counted[f"shard {vocab}"] = (resolved.total_calls, torch.equal(parts.head_kl + 2.0 * parts.tail_kl, value))
     return counted
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_communication_does_not_grow_with_the_vocabulary(world_size):
     counted = run_on_ranks(world_size, _bytes_worker, [256, 32768])[0]
+    assert counted["shard 256"] == counted["shard 32768"] == (1, True)
     small, large = counted[256], counted[32768]
     assert small == large
     total_bytes, forward_calls, backward_calls = large
@@ -140,3 +148,31 @@ def test_bad_input_on_one_rank_raises_on_every_rank(case, named):
     messages = run_on_ranks(3, _bad_input_worker, case, timeout=60)
     assert all(message is not None for message in messages), messages
     assert any(named in message for message in messages), messages
+
+
+def test_a_rank_with_bad_input_joins_the_layout_check_on_the_logits_device(monkeypatch):
+    """The rank whose argument is bad still sends its row on the logits' device: NCCL would refuse a
+    host tensor there, failing that rank alone while the others wait in the check's all-gather.
+    The device stands in as ``meta``; the gather is patched to record what it is given."""
+    import model_parallel.layout as layout
+
+    sent = []
+
+    def gather(local, group):
+        sent.append(local.device)
+        return torch.zeros(1, 2, local.shape[1], dtype=local.dtype, device="cpu")  # the other rank: no error
+
+    monkeypatch.setattr(layout, "is_parallel", lambda group: True)
+    monkeypatch.setattr(layout, "gather_rows", gather)
+    monkeypatch.setattr(layout.dist, "get_backend", lambda group: "gloo")
+    teacher = torch.randn(4, 8, device="meta")
+    for student, named in ((torch.randn(4, 8, device="cpu"), "different devices"),
+                           (torch.zeros(4, 8, dtype=torch.long, device="cpu"), "floating point"),
+                           ([[0.0] * 8] * 4, "torch.Tensor")):
+        with pytest.raises(ValueError, match=named):
+            tail_divergence(student, teacher, top_k=2, beta=1.0, tp_group=object())
+    assert sent == [torch.device("meta")] * 3
+    # On an NCCL group the check runs on the current CUDA device whatever a caller passed.
+    monkeypatch.setattr(layout.dist, "get_backend", lambda group: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert layout._exchange_device(object(), torch.device("cpu")) == torch.device("cuda", 3)

@@ -17,6 +17,7 @@ import torch
 
 from data.manifest import tokenizer_fingerprint
 from loss.registry import LOSSES
+from model_parallel import VocabShard, resolve_vocab_shard
 from model_parallel.distributed import accelerator_device
 from training.config import ConfigError, RunConfig, StudentConfig, TeacherConfig
 from training.deepspeed_config import DeepSpeedConfigs
@@ -36,6 +37,9 @@ class Engines:
     """len(tokenizer): logit columns at or past it are padding, masked to -inf."""
     vocab_start: int
     """Global id of this rank's first logit column."""
+    vocab_shard: VocabShard
+    """This rank's slice of both heads (``vocab_start`` onwards), resolved collectively once here:
+    the step's loss takes it instead of checking the layout (a collective and a host sync) per call."""
     tp_group: object
     dp_group: object
     dp_rank: int
@@ -338,7 +342,12 @@ def build_engines(*, student: StudentConfig, teacher: Optional[TeacherConfig], t
     else:
         tp_group, dp_group = None, torch.distributed.group.WORLD
     dp_size = torch.distributed.get_world_size(dp_group)
+    device = accelerator_device()
+    # AutoTP splits the aligned vocabulary evenly; one collective here checks that against the heads.
+    shard = resolve_vocab_shard(vocab_size // tp, tp_group, caller="build_engines", device=device)
+    if shard.start != vocab_start:
+        raise RuntimeError(f"the heads hold vocabulary ids from {vocab_start}, not {shard.start} as an even split "
+                           f"of {vocab_size} over {tp} tensor-parallel ranks would")
     return Engines(student=student, teacher=teacher, tokenizer=tokenizer, vocab_size=vocab_size,
-                   real_vocab_size=len(tokenizer), vocab_start=vocab_start, tp_group=tp_group, dp_group=dp_group,
-                   dp_rank=torch.distributed.get_rank(dp_group), dp_size=dp_size,
-                   device=accelerator_device())
+                   real_vocab_size=len(tokenizer), vocab_start=vocab_start, vocab_shard=shard, tp_group=tp_group,
+                   dp_group=dp_group, dp_rank=torch.distributed.get_rank(dp_group), dp_size=dp_size, device=device)

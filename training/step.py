@@ -36,22 +36,36 @@ class _Positions:
     """Which positions of a micro-batch get logits, decided on the host from its labels (no sync).
 
     ``keep`` ``[k]``: the positions with a next-token target in some row (the last position never
-    has one); the heads run on these only (``logits_to_keep``). ``valid`` ``[B, k]``: which of them
-    have a target in each row, or None when all do (pre-training blocks): the ``[B, k, V_local]``
-    logits are then used as a ``[B·k, V_local]`` view, with no copy and no scatter in backward.
+    has one); the heads run on these only (``logits_to_keep``). ``select`` ``[n]``: which rows of
+    the ``[B·k, V_local]`` logits have a target (row-major over ``[B, k]``), or None when all do
+    (pre-training blocks): the logits are then used as a ``[B·k, V_local]`` view, with no copy and no
+    scatter in backward. ``targets`` and ``rows`` ``[n]``: each selected position's target id and
+    batch row. Computed from the host batch's labels before it moves, then moved with it
+    (:meth:`to`), so that selecting on the device needs no data-dependent shape (no host sync).
     """
 
     keep: torch.Tensor
-    valid: Optional[torch.Tensor]
+    select: Optional[torch.Tensor]
+    targets: torch.Tensor
+    rows: torch.Tensor
     tokens: int
     """Valid next-token positions of the micro-batch."""
 
+    def to(self, device) -> "_Positions":
+        moved = to_device({name: getattr(self, name) for name in ("keep", "select", "targets", "rows")
+                           if getattr(self, name) is not None}, device)
+        return _Positions(keep=moved["keep"], select=moved.get("select"), targets=moved["targets"],
+                          rows=moved["rows"], tokens=self.tokens)
+
 
 def _positions(host_batch) -> _Positions:
-    has_target = host_batch["labels"][:, 1:] != IGNORE_INDEX  # (B, S-1), host
+    labels = host_batch["labels"][:, 1:]  # (B, S-1), host: nothing here waits for a device
+    has_target = labels != IGNORE_INDEX
     keep = has_target.any(dim=0).nonzero()[:, 0]  # (k,)
-    valid = has_target[:, keep]
-    return _Positions(keep=keep, valid=None if bool(valid.all()) else valid, tokens=int(has_target.sum()))
+    valid = has_target[:, keep]  # (B, k)
+    select = None if bool(valid.all()) else valid.reshape(-1).nonzero()[:, 0]
+    return _Positions(keep=keep, select=select, targets=labels[:, keep][valid], rows=valid.nonzero()[:, 0],
+                      tokens=int(has_target.sum()))
 
 
 def _mask_padding(logits: torch.Tensor, vocab_start: int, real_vocab_size: int) -> torch.Tensor:
@@ -72,43 +86,52 @@ def _takes_logits_to_keep(model_class) -> bool:
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
-def _logits(model, batch, keep: torch.Tensor) -> torch.Tensor:
+def _causal_mask(batch) -> torch.Tensor:
+    """The 2D attention mask the models get: all ones, ``[B, S]`` bool on the batch's device.
+
+    Rows are right-padded (:class:`data.loader.Collator`), so under causal attention no real
+    position ever attends to a pad: every real position's logits are exact without the padding
+    mask (pads' own logits are never used). Given any explicit mask, transformers does not inspect
+    the position ids for packed sequences (one host sync per forward); given the padding, sdpa would
+    materialise a ``[B, 1, S, S]`` mask (two host syncs to decide so) instead of its causal kernel,
+    which an all-ones mask keeps (one host sync, transformers' own; eager: none). Packed SFT rows are
+    one sequence to the models, as they always were (no position ids are passed)."""
+    return torch.ones_like(batch["input_ids"], dtype=torch.bool)
+
+
+def _logits(model, batch, keep: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``[B, k, V_local]`` logits at positions ``keep`` (``[k]``, on the device): the model applies its
     head (and Gemma-2's final soft-capping) to those hidden states only. A model whose forward has
-    no ``logits_to_keep`` (older or remote code) computes every position, then ``keep`` is copied out."""
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
+    no ``logits_to_keep`` (older or remote code) computes every position, then ``keep`` is copied out.
+    ``mask``: :func:`_causal_mask`."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "use_cache": False}
     if _takes_logits_to_keep(type(getattr(model, "module", model))):  # a DeepSpeed engine wraps the model
         return model(**inputs, logits_to_keep=keep).logits
     return model(**inputs).logits[:, keep]
 
 
-def _select(logits: torch.Tensor, valid) -> torch.Tensor:
-    """``[n, V_local]``: a free view when every kept position is valid, else the valid rows (a copy)."""
-    if valid is None:
-        return logits.view(-1, logits.shape[-1])
-    return logits[valid]  # host sync: the number of valid tokens sizes the slice (SFT rows only)
+def _select(logits: torch.Tensor, select) -> torch.Tensor:
+    """``[n, V_local]`` from ``[B, k, V_local]``: a free view when every kept position is valid, else
+    the rows ``select`` names (a copy; indices from the host, so the size is known without a sync)."""
+    flat = logits.view(-1, logits.shape[-1])
+    return flat if select is None else flat.index_select(0, select)
 
 
 def _slices(engines, batch, positions: _Positions):
     """(student, teacher, targets, rows) on the valid next-token positions: logit slices ``[n, V_local]``
     with padded vocabulary columns at -inf, the target ids ``[n]`` and each position's row ``[n]``.
+    ``positions`` is on the device already (moved with the batch).
 
     Memory: each model's logits exist once, ``[B, k, V_local]``; the teacher's are dropped by the
     caller as soon as the loss has them."""
-    keep = positions.keep.to(engines.device)
-    valid = positions.valid.to(engines.device) if positions.valid is not None else None
-    teacher = None
+    teacher, mask = None, _causal_mask(batch)
     if engines.teacher is not None:
         with torch.no_grad():
-            teacher = _mask_padding(_select(_logits(engines.teacher, batch, keep), valid), engines.vocab_start,
-                                    engines.real_vocab_size)
-    student = _mask_padding(_select(_logits(engines.student, batch, keep), valid), engines.vocab_start,
-                            engines.real_vocab_size)
-    targets = batch["labels"][:, 1:][:, keep]  # (B, k)
-    rows = torch.arange(targets.shape[0], device=targets.device).unsqueeze(1).expand_as(targets)  # (B, k)
-    if valid is None:
-        return student, teacher, targets.reshape(-1), rows.reshape(-1)
-    return student, teacher, targets[valid], rows[valid]
+            teacher = _mask_padding(_select(_logits(engines.teacher, batch, positions.keep, mask), positions.select),
+                                    engines.vocab_start, engines.real_vocab_size)
+    student = _mask_padding(_select(_logits(engines.student, batch, positions.keep, mask), positions.select),
+                            engines.vocab_start, engines.real_vocab_size)
+    return student, teacher, positions.targets, positions.rows
 
 
 def _objective(engines, loss_cfg, student, teacher, targets, rows, num_rows, donate_teacher=False):
@@ -116,7 +139,7 @@ def _objective(engines, loss_cfg, student, teacher, targets, rows, num_rows, don
                                  beta=loss_cfg.beta, beta_mode=loss_cfg.beta_mode,
                                  temperature=loss_cfg.temperature, ce_weight=loss_cfg.ce_weight,
                                  sequence_ids=rows, num_sequences=num_rows, tp_group=engines.tp_group,
-                                 donate_teacher=donate_teacher)
+                                 shard=engines.vocab_shard, donate_teacher=donate_teacher)
     if teacher is not None:
         # The tail divergence hands back both argmaxes from its own pass; other kinds need one more.
         with torch.no_grad():
@@ -171,6 +194,7 @@ def train_step(engines, loss_cfg, micro_batches) -> StepResult:
     student, device = engines.student, engines.device
     positions = [_positions(batch) for batch in micro_batches]  # on the host, before the batches move
     micro_batches = [to_device(batch, device) for batch in micro_batches]
+    positions = [where.to(device) for where in positions]
     tokens = torch.tensor(float(sum(p.tokens for p in positions)), dtype=torch.float64, device=device)
     counted = start_all_reduce_sum(tokens, engines.dp_group)  # overlaps with the first forwards
     scale = None
@@ -230,7 +254,7 @@ def evaluate(engines, loss_cfg, batches, n_bins: int = 10):
                     device=engines.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=engines.device)
     for batch in batches:
-        where = _positions(batch)
+        where = _positions(batch).to(engines.device)
         batch = to_device(batch, engines.device)
         student, teacher, targets, rows = _slices(engines, batch, where)
         out = _objective(engines, loss_cfg, student, teacher, targets, rows, num_rows=batch["input_ids"].shape[0])
