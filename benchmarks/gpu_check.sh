@@ -21,7 +21,7 @@
 #      bf16, 1 GPU, TP 1, STEPS steps                                                           ~2.5 min
 #   4. one table: planned against measured peak memory, tokens/s, host syncs per step (counted by
 #      torch.cuda.set_sync_debug_mode in benchmarks/sync_count.py) and an MFU estimate          ~15 s
-# The distillation runs of 2 and 3 go through benchmarks/sync_count.py and log every step. A failed
+# The jobs of 2 and 3 go through benchmarks/sync_count.py; the distillations log every step. A failed
 # section is reported and the next one still runs; the exit code is 1 if any failed.
 # Everything lands in runs/gpu_check/ (one log per section).
 set -euo pipefail
@@ -53,7 +53,21 @@ echo "== 0. versions"
 GPUS=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
 EVEN_GPUS=$((GPUS - GPUS % 2))  # TP 2 needs an even world size
 mkdir -p "$OUT"
-deepspeed_launch() { "$PY" -m deepspeed.launcher.runner --master_port "$("$PY" -c 'from model_parallel.spawn import free_port; print(free_port())')" "$@"; }
+# job SYNCS_DIR GPUS ARGS...: launch.distill ARGS through sync_count.py (host syncs into SYNCS_DIR).
+# One GPU: no launcher, the one rank it would start, on the first GPU CUDA_VISIBLE_DEVICES leaves
+# (the deepspeed launcher given --num_gpus drops CUDA_VISIBLE_DEVICES and counts GPUs from 0, which
+# on a shared machine may be another user's); more: the deepspeed launcher.
+job() {
+  local syncs=$1 gpus=$2
+  shift 2
+  if [[ "$gpus" -eq 1 ]]; then
+    "$PY" benchmarks/sync_count.py --syncs-out "$syncs" "$@"
+  else
+    "$PY" -m deepspeed.launcher.runner --num_gpus "$gpus" \
+      --master_port "$("$PY" -c 'from model_parallel.spawn import free_port; print(free_port())')" \
+      benchmarks/sync_count.py --syncs-out "$syncs" "$@"
+  fi
+}
 
 tests() {
   "$PY" -m pytest -q -p no:cacheprovider tests/test_device_discipline.py
@@ -66,9 +80,8 @@ DEMO=$OUT/demo
 # distill_demo NAME GPUS TP: the demo's distillation, bf16, counted by sync_count.py, into $OUT/NAME.
 distill_demo() {
   rm -rf "${OUT:?}/$1"
-  deepspeed_launch --num_gpus "$2" benchmarks/sync_count.py --syncs-out "$OUT/$1" \
-    --config launch/configs/demo_distill.yaml --set output_dir="$OUT/$1" --set tokenizer="$DEMO/tokenizer" \
-    --set teacher.path="$DEMO/teacher/student" --set data.train="$DEMO/prepared/train" \
+  job "$OUT/$1" "$2" --config launch/configs/demo_distill.yaml --set output_dir="$OUT/$1" \
+    --set tokenizer="$DEMO/tokenizer" --set teacher.path="$DEMO/teacher/student" --set data.train="$DEMO/prepared/train" \
     --set data.eval="$DEMO/prepared/eval" --set train.dtype=bf16 --set parallel.tensor_parallel="$3" \
     --set train.max_steps="$DEMO_STEPS" --set train.warmup_steps=1 --set logging.every=1 \
     --set eval.every=0 --set eval.max_batches=4 --set checkpoint.every=100000
@@ -83,7 +96,7 @@ demo() {
     "$PY" -m data.prepare --tokenizer "$DEMO/tokenizer" --input "$DEMO/data/pretrain/$split.txt" --format text \
       --seq-len 128 --out "$DEMO/prepared/$split" --num-proc 4
   done
-  deepspeed_launch --num_gpus 1 --module launch.distill --config launch/configs/demo_teacher.yaml \
+  job "$DEMO/teacher" 1 --config launch/configs/demo_teacher.yaml \
     --set output_dir="$DEMO/teacher" --set tokenizer="$DEMO/tokenizer" --set data.train="$DEMO/prepared/train" \
     --set data.eval="$DEMO/prepared/eval" --set train.dtype=bf16 --set parallel.tensor_parallel=1 \
     --set train.max_steps="$DEMO_STEPS" --set train.warmup_steps=1 --set eval.max_batches=4 \
@@ -100,9 +113,8 @@ gemma2() {
   rm -rf "$OUT/prepared-2048" "$OUT/gemma2"
   "$PY" -m data.prepare --tokenizer "$DEMO/tokenizer" --input "$DEMO/data/pretrain/train.txt" --format text \
     --seq-len 2048 --out "$OUT/prepared-2048" --num-proc 4
-  deepspeed_launch --num_gpus 1 benchmarks/sync_count.py --syncs-out "$OUT/gemma2" \
-    --config launch/configs/gemma2_9b_to_1b.yaml --set output_dir="$OUT/gemma2" --set tokenizer="$DEMO/tokenizer" \
-    --set teacher.path="$OUT/models/teacher" --set student.config="$OUT/models/student.json" \
+  job "$OUT/gemma2" 1 --config launch/configs/gemma2_9b_to_1b.yaml --set output_dir="$OUT/gemma2" \
+    --set tokenizer="$DEMO/tokenizer" --set teacher.path="$OUT/models/teacher" --set student.config="$OUT/models/student.json" \
     --set data.train="$OUT/prepared-2048" --set data.eval=null --set train.dtype=bf16 \
     --set parallel.tensor_parallel=1 --set train.max_steps="$STEPS" --set train.warmup_steps=1 \
     --set train.micro_batch_size="$MICRO_BATCH" --set train.grad_accum=1 --set logging.every=1 \
