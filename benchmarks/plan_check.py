@@ -2,11 +2,11 @@
 
     python benchmarks/plan_check.py [--rows 0 1 2 ...]
 
-Two random pairs, fp32, vocabulary 8192, micro-batch 2 x 128, grad_accum 2: a Llama teacher
-(146 M parameters) and student (65 M), and a Gemma-2 teacher (134 M; 143 M untied at TP > 1) and
-student (59 M; soft-capped eager attention, fp32-saving norms, tied). Each row runs the job itself
-(``training.job.run``, as ``launch/distill.py`` does) on gloo ranks for 2 steps and reads what it
-logs at step 2: ``peak_memory_gb`` (``training.memory.PeakMemory``: peak RSS above the RSS just
+Random pairs, fp32, vocabulary 8192, micro-batch 2 x 128, grad_accum 2: a Llama teacher (146 M
+parameters) and student (65 M), a Gemma-2 teacher (134 M; 143 M untied at TP > 1) and student (59 M;
+soft-capped eager attention, fp32-saving norms, tied), and a smaller Llama pair (53 M / 19 M). Each
+row runs the job itself (``training.job.run``, as ``launch/distill.py`` does) on gloo ranks for 2
+steps and reads what it logs at step 2: ``peak_memory_gb`` (``training.memory.PeakMemory``: peak RSS above the RSS just
 before the models are built, the maximum over ranks; the job fixes glibc's mmap threshold itself)
 beside its own ``planned_peak_memory_gb`` (``training.plan``), and the bytes every rank hands to
 collectives in step 2 (``model_parallel.comm_counter``, which sees DeepSpeed's own gathers and
@@ -38,9 +38,15 @@ PAIRS = {
                                     query_pre_attn_scalar=128, sliding_window=64, **_COMMON),
                dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=6, head_dim=96,
                     query_pre_attn_scalar=96, sliding_window=64, **_COMMON)),
+    # Smaller, where the libraries the build loads weigh more: a 53 M / 19 M Llama pair.
+    "llama_small": ("LlamaConfig", dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=14,
+                                        tie_word_embeddings=False, **_COMMON),
+                    dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, tie_word_embeddings=False,
+                         **_COMMON)),
 }
-# (pair, *layout): every layout with the Llama pair, and the Gemma-2 pair at TP 1 and 2.
-ROWS = [("llama", *layout) for layout in LAYOUTS] + [("gemma2", *LAYOUTS[2]), ("gemma2", *LAYOUTS[4])]
+# (pair, *layout): every layout with the Llama pair, the Gemma-2 pair at TP 1 and 2, the small pair at TP 2.
+ROWS = [("llama", *layout) for layout in LAYOUTS] + [("gemma2", *LAYOUTS[2]), ("gemma2", *LAYOUTS[4]),
+                                                     ("llama_small", *LAYOUTS[4])]
 
 
 def _overrides(work, pair, tp, placement, stage, checkpointing):
@@ -135,12 +141,12 @@ def main():
     with tempfile.TemporaryDirectory() as work:
         rows = compare(work, [ROWS[i] for i in args.rows])
     print(f"fp32, micro-batch {MICRO} x {SEQ}, grad_accum {ACCUM}, gloo on CPU; the job's own logged figures at step 2")
-    print(f"  {'pair':>6} {'ranks':>5} {'TP':>3} {'teacher':>8} {'ZeRO':>4} {'ckpt':>5}  {'planned GB':>10} "
+    print(f"  {'pair':>11} {'ranks':>5} {'TP':>3} {'teacher':>8} {'ZeRO':>4} {'ckpt':>5}  {'planned GB':>10} "
           f"{'measured GB':>11} {'ratio':>6}  {'planned MB':>10} {'counted MB':>10} {'ratio':>6}")
     for (pair, world, tp, placement, stage, checkpointing), plan, measured in rows:
         planned_gb, planned_mb = measured["planned_peak_memory_gb"], sum(plan.traffic.values()) / 1e6
         counted_mb = measured["collective_bytes"] / 1e6
-        print(f"  {pair:>6} {world:>5} {tp:>3} {placement:>8} {stage:>4} {str(checkpointing).lower():>5}  "
+        print(f"  {pair:>11} {world:>5} {tp:>3} {placement:>8} {stage:>4} {str(checkpointing).lower():>5}  "
               f"{planned_gb:>10.3f} {measured['peak_memory_gb']:>11.3f} {planned_gb / measured['peak_memory_gb']:>6.2f}  "
               f"{planned_mb:>10.1f} {counted_mb:>10.1f} {planned_mb / counted_mb:>6.3f}")
 

@@ -120,7 +120,8 @@ def _no_grad_peak(config, attention, seq, fake):
 
 def _shape(config, attention, tmp_path):
     # A path per width: model_shape is cached by path.
-    path = tmp_path / f"{config.model_type}-{config.hidden_size}-{config.num_hidden_layers}-{attention}-{config.vocab_size}.json"
+    widths = f"{config.hidden_size}-{config.num_hidden_layers}-{config.vocab_size}"
+    path = tmp_path / f"{config.model_type}-{widths}-{attention}.json"
     config.to_json_file(str(path))
     return model_shape(str(path), vocab=config.vocab_size, tp=1, attn_implementation=attention)
 

@@ -574,7 +574,8 @@ def estimate(job: Job, layout: Layout, cluster: Cluster, *, device_type: str = "
                          reserve=runtime_reserve(tp, dp) if device_type == "cuda" else 0.0)
     needed = estimate_.peak_memory_bytes + estimate_.reserve
     if needed > (1 - HEADROOM) * cluster.gpu_memory_gb * GB:
-        with_reserve = f" with {estimate_.reserve / GB:.1f} GB of CUDA context and NCCL buffers" if estimate_.reserve else ""
+        with_reserve = (f" with {estimate_.reserve / GB:.1f} GB of CUDA context and NCCL buffers"
+                        if estimate_.reserve else "")
         estimate_.rejected = (f"needs {needed / GB:.1f} GB per GPU{with_reserve}, more than {1 - HEADROOM:.0%} of the "
                               f"{cluster.gpu_memory_gb:g} GB usable")
     return estimate_
