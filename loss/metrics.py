@@ -7,6 +7,7 @@ ranks, never by materialising the ``n × V`` (prediction, outcome) pairs.
 """
 
 import math
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -14,7 +15,7 @@ import torch.distributed as dist
 from core.tokens import IGNORE_INDEX
 from loss.baselines import cross_entropy, forward_kl, reverse_kl
 from loss.tail import tail_divergence_parts
-from model_parallel import all_reduce_sum, gather_rows, global_argmax, resolve_vocab_shard
+from model_parallel import VocabShard, all_reduce_sum, gather_rows, global_argmax, resolve_vocab_shard
 
 # Rows of softmax probabilities are binned this many logits at a time.
 CHUNK_NUMEL = 1 << 22
@@ -31,13 +32,15 @@ def _bin_index(probabilities: torch.Tensor, n_bins: int) -> torch.Tensor:
 
 
 def full_ece_bins(logits: torch.Tensor, targets: torch.Tensor, *, n_bins: int = 10, tp_group=None,
-                  ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+                  ignore_index: int = IGNORE_INDEX, shard: Optional[VocabShard] = None) -> torch.Tensor:
     """``[3, n_bins]`` float64 sums over every (position, vocabulary item) pair: pair count, summed
     confidence and hits (item = next token), over the rows whose target is not ``ignore_index``.
 
-    One all-gather of one number per row and one all-reduce of ``3·n_bins`` numbers.
+    One all-gather of one number per row and one all-reduce of ``3·n_bins`` numbers (plus the layout
+    check unless ``shard``, resolved once by the caller, is given).
     """
-    shard = resolve_vocab_shard(logits.shape[-1], tp_group, caller="full_ece", device=logits.device)
+    if shard is None:
+        shard = resolve_vocab_shard(logits.shape[-1], tp_group, caller="full_ece", device=logits.device)
     keep = targets != ignore_index
     logits, targets = logits[keep], targets[keep]
     log_z = _global_log_normaliser(logits, tp_group)
@@ -77,10 +80,11 @@ def full_ece(logits: torch.Tensor, targets: torch.Tensor, *, n_bins: int = 10, t
 
 
 def top1_ece_bins(logits: torch.Tensor, targets: torch.Tensor, *, n_bins: int = 10, tp_group=None,
-                  ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+                  ignore_index: int = IGNORE_INDEX, shard: Optional[VocabShard] = None) -> torch.Tensor:
     """``[3, n_bins]`` sums for the usual top-1 ECE: per position, confidence max_j q_j and hit
-    argmax = target."""
-    shard = resolve_vocab_shard(logits.shape[-1], tp_group, caller="top1_ece", device=logits.device)
+    argmax = target. ``shard``: as for :func:`full_ece_bins`."""
+    if shard is None:
+        shard = resolve_vocab_shard(logits.shape[-1], tp_group, caller="top1_ece", device=logits.device)
     keep = targets != ignore_index
     logits, targets = logits[keep], targets[keep]
     log_z = _global_log_normaliser(logits, tp_group)
@@ -105,10 +109,13 @@ class EvalSums:
     objective: ``nll``, ``student_top1``, ``teacher_top1``, ``tail_divergence``, ``forward_kl``,
     ``reverse_kl``, ``teacher_tail_mass``, ``student_tail_mass``); only the others are computed.
     Everything stays on ``device`` (the logits' device) until :meth:`result`, the one host sync.
+    ``shard``: this rank's vocabulary slice, resolved once by the caller (the job's engines); None:
+    the layout is checked collectively on every :meth:`add`.
     """
 
-    def __init__(self, *, top_k: int, beta: float, n_bins: int = 10, tp_group=None, device="cpu"):
-        self.top_k, self.beta, self.n_bins, self.tp_group = top_k, beta, n_bins, tp_group
+    def __init__(self, *, top_k: int, beta: float, n_bins: int = 10, tp_group=None, device="cpu",
+                 shard: Optional[VocabShard] = None):
+        self.top_k, self.beta, self.n_bins, self.tp_group, self.shard = top_k, beta, n_bins, tp_group, shard
         self.device = torch.device(device)
         self.sums = {}
         self.full_bins = torch.zeros(3, n_bins, dtype=torch.float64, device=self.device)
@@ -122,7 +129,8 @@ class EvalSums:
     @torch.no_grad()
     def add(self, student: torch.Tensor, teacher, targets: torch.Tensor, known=None) -> None:
         group, known = self.tp_group, dict(known or {})
-        start = resolve_vocab_shard(student.shape[-1], group, caller="EvalSums", device=student.device).start
+        shard = self.shard or resolve_vocab_shard(student.shape[-1], group, caller="EvalSums", device=student.device)
+        start = shard.start
 
         def value(name, compute):
             if name not in known:
@@ -131,7 +139,8 @@ class EvalSums:
 
         if teacher is not None and not {"tail_divergence", "teacher_tail_mass", "student_tail_mass"} <= set(known):
             # One pass gives the tail metrics and, as by-products, both models' argmax.
-            parts, top1 = tail_divergence_parts(student, teacher, top_k=self.top_k, tp_group=group, return_top1=True)
+            parts, top1 = tail_divergence_parts(student, teacher, top_k=self.top_k, tp_group=group, return_top1=True,
+                                                shard=self.shard)
             value("tail_divergence", lambda: parts.head_kl + self.beta * parts.tail_kl)
             value("teacher_tail_mass", lambda: parts.teacher_tail_mass)
             value("student_tail_mass", lambda: parts.student_tail_mass)
@@ -140,10 +149,10 @@ class EvalSums:
                 value("teacher_top1", lambda: top1.teacher)
         student_top1 = value("student_top1", lambda: global_argmax(student, start, group))
         self.add_sum("tokens", torch.ones_like(targets, dtype=torch.float64))
-        self.add_sum("nll", value("nll", lambda: cross_entropy(student, targets, tp_group=group)))
+        self.add_sum("nll", value("nll", lambda: cross_entropy(student, targets, tp_group=group, shard=self.shard)))
         self.add_sum("accuracy", student_top1 == targets)
-        self.full_bins += full_ece_bins(student, targets, n_bins=self.n_bins, tp_group=group)
-        self.top1_bins += top1_ece_bins(student, targets, n_bins=self.n_bins, tp_group=group)
+        self.full_bins += full_ece_bins(student, targets, n_bins=self.n_bins, tp_group=group, shard=shard)
+        self.top1_bins += top1_ece_bins(student, targets, n_bins=self.n_bins, tp_group=group, shard=shard)
         if teacher is None:
             return
         teacher_top1 = value("teacher_top1", lambda: global_argmax(teacher, start, group))

@@ -97,23 +97,23 @@ def _scaled_exp(x: torch.Tensor, shift: torch.Tensor, inv_t: float, out=None) ->
     return torch.add(-shift, x, alpha=inv_t, out=out).exp_()
 
 
-def _write_owned(grad: torch.Tensor, top_ids: torch.Tensor, values: torch.Tensor, shard: VocabShard) -> None:
-    """``grad[r, id − shard.start] = values[r, j]`` for each chosen id ``top_ids[r, j]`` this rank
-    holds (``grad`` ``[R, shard.size]``, ``top_ids``/``values`` ``[R, K]``), in place.
+def _owned_writes(top_ids: torch.Tensor, values: torch.Tensor, shard: VocabShard):
+    """``(columns, writes, keep_first)`` that make ``grad[r, id − shard.start] = values[r, j]`` for
+    each chosen id ``top_ids[r, j]`` this rank holds one ``scatter_`` of fixed shape (``[N, K]``; no
+    boolean-mask indexing, no host sync), computed once for all rows.
 
-    One ``scatter_`` with a column for every chosen id, so the shapes never depend on the data (no
-    boolean-mask indexing, no host sync): an id held elsewhere is redirected to a stand-in write
-    that changes nothing, the row's first held id with its own value again, or, in a row holding
-    none, column 0 with the value it already has. Duplicate writes of one value are well defined.
+    An id held elsewhere is redirected to a stand-in write that changes nothing: the row's first held
+    id with its own value again, or, in a row holding none (``keep_first`` ``[N, 1]``), column 0 with
+    the value it already has, which the caller reads per chunk. Duplicate writes of one value are
+    well defined.
     """
-    local = top_ids - shard.start  # (R, K)
+    local = top_ids - shard.start  # (N, K)
     owned = (local >= 0) & (local < shard.size)
-    first = owned.to(torch.uint8).argmax(dim=1, keepdim=True)  # (R, 1) the first held id's place, 0 if none
-    holds = owned.gather(1, first)  # (R, 1) whether the row holds any
-    stand_in = torch.where(holds, local.gather(1, first), 0)  # (R, 1) a column to rewrite
-    columns = torch.where(owned, local, stand_in)  # (R, K), all in range
-    stand_in_value = torch.where(holds, values.gather(1, first), grad.gather(1, stand_in))
-    grad.scatter_(1, columns, torch.where(owned, values, stand_in_value))
+    first = owned.to(torch.uint8).argmax(dim=1, keepdim=True)  # (N, 1) the first held id's place, 0 if none
+    holds = owned.gather(1, first)  # (N, 1) whether the row holds any
+    columns = torch.where(owned, local, torch.where(holds, local.gather(1, first), 0))  # (N, K), in range
+    writes = torch.where(owned, values, values.gather(1, first))  # (N, K)
+    return columns, writes, ~holds
 
 
 # Per-token statistics columns of the exchanged payload, before the 3K candidate columns.
@@ -259,7 +259,8 @@ class _TailDivergenceParts(torch.autograd.Function):
         top_grad = (grad_head * inv_t).unsqueeze(1) * (torch.exp(top_s - _normaliser(log_z_s).unsqueeze(1)) -
                                                        torch.exp(top_t - _normaliser(log_z_t).unsqueeze(1)))
         log_tail_s, log_tail_t = _normaliser(log_tail_s).unsqueeze(1), _normaliser(log_tail_t).unsqueeze(1)
-        has_top = top_ids.shape[1] > 0
+        if top_ids.shape[1] > 0:
+            top_columns, top_writes, keep_first = _owned_writes(top_ids, top_grad, shard)  # (N, K), (N, K), (N, 1)
 
         fp32_out = student.dtype == torch.float32
         # A donated teacher buffer is overwritten row chunk by row chunk, each chunk after it is read.
@@ -272,8 +273,9 @@ class _TailDivergenceParts(torch.autograd.Function):
                                out=grad_student[rows] if fp32_out else None).mul_(coef_q[rows])
             grad.addcmul_(teacher_tail, minus_coef_p[rows])
             del teacher_tail
-            if has_top:
-                _write_owned(grad, top_ids[rows], top_grad[rows], shard)
+            if top_ids.shape[1] > 0:
+                # Rows holding none of the chosen ids rewrite column 0 with its own value.
+                grad.scatter_(1, top_columns[rows], torch.where(keep_first[rows], grad[:, :1], top_writes[rows]))
             if not fp32_out:
                 grad_student[rows] = grad
         return grad_student.view_as(student_logits), None, None, None, None, None, None

@@ -45,7 +45,7 @@ def local_topk(x: torch.Tensor, k: int):
         return values, indices, torch.full_like(values[:, 0], float("-inf"))
     boundary = values[:, k - 1:k]  # (R, 1) the k-th value
     above = (values[:, :k] > boundary).sum(dim=1, keepdim=True, dtype=torch.int32)  # (R, 1) strictly above it
-    place = torch.arange(1, k + 1, dtype=torch.int32, device=x.device).expand(rows, k).contiguous()  # (R, k)
+    place = torch.arange(1, k + 1, dtype=torch.int32, device=x.device)  # (k,) places, from 1
     nth_tie = (place - above).clamp_(min=1)  # (R, k) which tie fills each place past `above`
     block, blocks = _TIE_BLOCK, -(-vocab // _TIE_BLOCK)
     if blocks <= k:  # a short row: search it whole
@@ -58,8 +58,9 @@ def local_topk(x: torch.Tensor, k: int):
         # The first k blocks holding an entry >= v, in order. Where fewer than k do, the last block
         # stands in for the missing ones: its copies come after every real tie, which suffice.
         reaching = torch.cumsum(maxima >= boundary, dim=1, dtype=torch.int32)  # (R, blocks)
-        chosen = torch.searchsorted(reaching, place).clamp_(max=blocks - 1)  # (R, k)
-        columns = (chosen.unsqueeze(2) * block + torch.arange(block, device=x.device)).view(rows, k * block)
+        chosen = torch.searchsorted(reaching, place.repeat(rows, 1)).clamp_(max=blocks - 1)  # (R, k)
+        offsets = torch.arange(block, device=x.device)  # (block,)
+        columns = torch.add(offsets, chosen.unsqueeze(2), alpha=block).view(rows, k * block)  # (R, k·block)
         real = None
         if whole < vocab:  # the last block is short: its columns past the row are not entries
             real = columns < vocab

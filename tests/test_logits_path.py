@@ -124,3 +124,13 @@ def test_padded_rows_get_the_logits_of_each_row_alone(architecture, attention):
     # Shorter sequences take other kernel shapes: equal up to fp32 reassociation.
     torch.testing.assert_close(s, expected["s"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(t, expected["t"], rtol=1e-5, atol=1e-5)
+
+
+def test_a_left_padded_batch_is_refused():
+    """The models get no padding mask, which is exact for right padding only: left padding stops."""
+    batch = {"input_ids": torch.ones(2, 4, dtype=torch.long), "labels": torch.ones(2, 4, dtype=torch.long),
+             "attention_mask": torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])}
+    with pytest.raises(ValueError, match="padded on the left"):
+        _positions(batch)
+    batch["attention_mask"] = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    assert _positions(batch).tokens == 6

@@ -125,6 +125,34 @@ def test_ties_go_to_the_lower_token_id():
     _check_against_reference(_logits(32, 50, seed=23), tied, top_k=6, beta=2.0)
 
 
+@pytest.mark.parametrize("block", [None, 2, 3])  # the module's block size; blocks smaller than the rows
+def test_local_topk_takes_the_lowest_tied_ids_without_a_host_flag(monkeypatch, block):
+    """local_topk against a stable sort (value descending, then id): ties at the k-th place in many
+    patterns (constant rows, -inf runs, ties spanning blocks, rows whose ties outnumber k), rows
+    longer and shorter than the tie search's blocks."""
+    import model_parallel.topk as topk
+
+    if block is not None:
+        monkeypatch.setattr(topk, "_TIE_BLOCK", block)
+    generator = torch.Generator().manual_seed(31)
+    for vocab in (1, 7, 40, 300, 2000):
+        x = torch.round(torch.randn(8, vocab, generator=generator) * 1.5)
+        x[0] = 1.0
+        x[1, ::3] = float("-inf")
+        x[2] = float("-inf")
+        x[3, 5:] = -2.0
+        x[4, vocab // 2:] = x[4].max()  # the largest value tied over the second half
+        x[5] = torch.randn(vocab, generator=generator)  # no ties
+        for k in sorted({1, 2, 5, 11, vocab // 3, vocab - 1, vocab} & set(range(1, vocab + 1))):
+            values, indices, next_value = topk.local_topk(x, k)
+            expected_values, order = torch.sort(x, dim=-1, descending=True, stable=True)
+            assert torch.equal(values, expected_values[:, :k])
+            assert torch.equal(indices.sort(dim=1).values, order[:, :k].sort(dim=1).values), (vocab, k)
+            assert torch.equal(x.gather(1, indices), values)  # each value sits at its id
+            expected_next = expected_values[:, k] if k < vocab else torch.full((8,), float("-inf"))
+            assert torch.equal(next_value, expected_next)
+
+
 def test_peaked_teacher_keeps_an_exact_tail():
     """Tail mass ~1e-13: the renormalised tail KL is still exact (no log(1 − Σ top) cancellation)."""
     teacher = _logits(6, 64, seed=24, scale=1.0)

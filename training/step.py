@@ -59,6 +59,10 @@ class _Positions:
 
 
 def _positions(host_batch) -> _Positions:
+    padding = host_batch.get("attention_mask")
+    if padding is not None and not bool((padding.cummin(dim=1).values == padding).all()):  # host
+        raise ValueError("a batch is padded on the left: the step calls the models without a padding mask, "
+                         "which is exact only for right-padded rows (data.loader.Collator)")
     labels = host_batch["labels"][:, 1:]  # (B, S-1), host: nothing here waits for a device
     has_target = labels != IGNORE_INDEX
     keep = has_target.any(dim=0).nonzero()[:, 0]  # (k,)
@@ -193,7 +197,8 @@ def train_step(engines, loss_cfg, micro_batches) -> StepResult:
     """Run ``grad_accum`` micro-batches (host tensors) and the optimizer step."""
     student, device = engines.student, engines.device
     positions = [_positions(batch) for batch in micro_batches]  # on the host, before the batches move
-    micro_batches = [to_device(batch, device) for batch in micro_batches]
+    # The ids and what the positions took from the labels are all the device needs of a batch.
+    micro_batches = [to_device({"input_ids": batch["input_ids"]}, device) for batch in micro_batches]
     positions = [where.to(device) for where in positions]
     tokens = torch.tensor(float(sum(p.tokens for p in positions)), dtype=torch.float64, device=device)
     counted = start_all_reduce_sum(tokens, engines.dp_group)  # overlaps with the first forwards
@@ -251,11 +256,11 @@ def evaluate(engines, loss_cfg, batches, n_bins: int = 10):
     calibration bins for reliability diagrams. Sums stay on the device until the end."""
     engines.student.eval()
     sums = EvalSums(top_k=loss_cfg.top_k, beta=loss_cfg.beta, n_bins=n_bins, tp_group=engines.tp_group,
-                    device=engines.device)
+                    device=engines.device, shard=engines.vocab_shard)
     loss_sum = torch.zeros((), dtype=torch.float64, device=engines.device)
     for batch in batches:
         where = _positions(batch).to(engines.device)
-        batch = to_device(batch, engines.device)
+        batch = to_device({"input_ids": batch["input_ids"]}, engines.device)
         student, teacher, targets, rows = _slices(engines, batch, where)
         out = _objective(engines, loss_cfg, student, teacher, targets, rows, num_rows=batch["input_ids"].shape[0])
         loss_sum += out["loss"].double().sum()
