@@ -128,6 +128,18 @@ def test_an_nccl_rank_binds_its_gpu(monkeypatch):
     assert fake.set_device_calls == [5] and os.environ["DS_ACCELERATOR"] == "cuda"
 
 
+@pytest.mark.parametrize("accelerator, expected", [("cpu", False), ("cuda", True)])
+def test_auto_dtype_follows_the_ranks_accelerator(monkeypatch, accelerator, expected):
+    """``train.dtype: auto`` on a bf16-capable GPU machine: bf16 for NCCL ranks, fp32 for gloo ranks
+    on DeepSpeed's CPU accelerator (before, a visible GPU made every rank bf16)."""
+    from training.engines import use_bf16
+
+    simulate_gpus(monkeypatch, 8)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setenv("DS_ACCELERATOR", accelerator)
+    assert use_bf16("auto") is expected and use_bf16("fp32") is False and use_bf16("bf16") is True
+
+
 def _rank_1_on_one_gpu(config_path: str, out_path: str) -> None:
     """Run in a fresh process: rank 1 of a 2-rank gloo group on a one-GPU machine (its group of one:
     the rendezvous needs no peer) starts through ``init_distributed`` as ``run_on_ranks`` starts it,

@@ -18,6 +18,7 @@ import torch
 from data.manifest import tokenizer_fingerprint
 from loss.registry import LOSSES
 from model_parallel import VocabShard, resolve_vocab_shard
+from model_parallel.devices import accelerator_kind
 from model_parallel.distributed import accelerator_device
 from training.config import ConfigError, RunConfig, StudentConfig, TeacherConfig
 from training.deepspeed_config import DeepSpeedConfigs
@@ -272,10 +273,13 @@ def _own_storage(module) -> None:
 
 
 def use_bf16(dtype: str) -> bool:
-    """``train.dtype``: ``bf16``, ``fp32``, or ``auto`` (bf16 where the GPU supports it)."""
+    """``train.dtype``: ``bf16``, ``fp32``, or ``auto`` (bf16 where the GPU supports it).
+
+    ``auto`` asks the accelerator the ranks run on, not whether CUDA is visible: gloo ranks on a
+    GPU machine run on DeepSpeed's CPU accelerator (``model_parallel.devices``) and stay fp32."""
     if dtype != "auto":
         return dtype == "bf16"
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return accelerator_kind() == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 def engine_sources(cfg: RunConfig) -> dict:
