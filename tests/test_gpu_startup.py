@@ -21,16 +21,11 @@ from training import jit_ops
 from training.config import ConfigError, load_config
 from training.deepspeed_config import build_deepspeed_configs, frozen_deepspeed_configs
 
+from tests.test_job_config import BASE as JOB_CONFIG
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASE = """
-output_dir: out
-teacher: {path: teacher}
-student: {config: student.json}
-data: {train: data}
-loss: {kind: tail, top_k: 5, beta: 2.0}
-train: {max_steps: 10, micro_batch_size: 2, grad_accum: 1, lr: 0.001, warmup_steps: 2, min_lr: 0.0001}
-parallel: {tensor_parallel: 1, deepspeed_config: DS}
-"""
+# The run config of tests/test_job_config.py, on one rank and one micro-batch per step.
+BASE = JOB_CONFIG.replace("grad_accum: 3", "grad_accum: 1").replace("tensor_parallel: 2", "tensor_parallel: 1")
 
 
 class FakeCuda:
