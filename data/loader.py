@@ -22,6 +22,11 @@ from core.tokens import IGNORE_INDEX
 from data.manifest import check_tokenizer, read_manifest
 
 
+def global_batch_size(micro_batch_size: int, grad_accum: int, dp_size: int) -> int:
+    """Sequences per optimizer step: ``micro_batch_size`` on each of ``dp_size`` data-parallel ranks,
+    ``grad_accum`` times (tensor-parallel ranks of one group share their micro-batch)."""
+    return micro_batch_size * grad_accum * dp_size
+
 
 def load_prepared(directory: str, tokenizer=None, *, key: str = None):
     """``(dataset, manifest)`` of a ``data.prepare`` output; refuses data of another tokenizer
@@ -55,7 +60,7 @@ class GlobalBatchSampler:
             raise ValueError(f"dp_rank must be in [0, {dp_size}), got {dp_rank}")
         self.num_samples, self.micro_batch_size, self.grad_accum = num_samples, micro_batch_size, grad_accum
         self.dp_size, self.dp_rank, self.seed = dp_size, dp_rank, seed
-        self.global_batch_size = micro_batch_size * grad_accum * dp_size
+        self.global_batch_size = global_batch_size(micro_batch_size, grad_accum, dp_size)
         if num_samples < 4 * self.global_batch_size:
             # Fewer rows than that cannot give batches without repeats across epoch boundaries.
             raise DataError(f"the training set has {num_samples} rows, fewer than 4 global batches of "

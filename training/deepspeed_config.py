@@ -10,6 +10,7 @@ import copy
 import json
 from typing import NamedTuple
 
+from data.loader import global_batch_size
 from training.config import ConfigError, RunConfig
 from training.jit_ops import check_buildable
 
@@ -78,7 +79,8 @@ def _complete_common(ds: dict, source: str, *, tp: int, world_size: int, micro_b
     _put(ds, "gradient_accumulation_steps", grad_accum, source)
     # DeepSpeed derives the global batch from the two above; at config time it does not yet know the
     # tensor-parallel groups and would check it against every rank.
-    if ds.pop("train_batch_size", AUTO) not in (AUTO, micro_batch_size * grad_accum * (world_size // tp)):
+    global_batch = global_batch_size(micro_batch_size, grad_accum, world_size // tp)
+    if ds.pop("train_batch_size", AUTO) not in (AUTO, global_batch):
         raise ConfigError(f"{source}: train_batch_size disagrees with train.micro_batch_size x train.grad_accum x "
                           f"data-parallel size; remove it or set it to \"auto\"")
     _put(ds, "tensor_parallel.autotp_size", tp, source)
