@@ -5,8 +5,8 @@
 L = one ``[micro-batch x sequence x V_local]`` logits tensor in the model dtype (all positions
 counted). The pair has a large vocabulary and a tiny body (hidden 64, 2 layers), so the logits
 dominate what a step allocates; the peak is the live tensor bytes the step's own tensors hold at
-once (``model_parallel.memory_counter.LiveBytes``: deterministic, excludes parameters and optimizer
-state made before it), for pre-training batches (every position has a target) and for SFT-like
+once (``model_parallel.testing.memory_counter.LiveBytes``: deterministic, excludes parameters and
+optimizer state made before it), for pre-training batches (every position has a target) and for SFT-like
 batches (the first half of every row masked with -100). 1 process, TP 1, fp32, one step after a
 warm-up step, ZeRO-3 with 1e6-element communication buckets.
 """
@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _worker(rank, world_size, work, args):
     import torch
 
-    from model_parallel.memory_counter import LiveBytes
+    from model_parallel.testing.memory_counter import LiveBytes
     from training.config import load_config
     from training.deepspeed_config import build_deepspeed_configs
     from training.engines import build_engines, engine_sources

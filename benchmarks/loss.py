@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from loss import forward_kl, tail_divergence  # noqa: E402
-from model_parallel.comm_counter import count_collective_bytes  # noqa: E402
+from model_parallel.testing.comm_counter import count_collective_bytes  # noqa: E402
 from model_parallel.spawn import run_on_ranks  # noqa: E402
 
 TOP_K, BETA = 10, 2.0

@@ -9,8 +9,8 @@ row runs the job itself (``training.job.run``, as ``launch/distill.py`` does) on
 steps and reads what it logs at step 2: ``peak_memory_gb`` (``training.memory.PeakMemory``: peak RSS above the RSS just
 before the models are built, the maximum over ranks; the job fixes glibc's mmap threshold itself)
 beside its own ``planned_peak_memory_gb`` (``training.plan``), and the bytes every rank hands to
-collectives in step 2 (``model_parallel.comm_counter``, which sees DeepSpeed's own gathers and
-reduce-scatters) beside the plan's traffic. The models are large enough that weights, optimizer
+collectives in step 2 (``model_parallel.testing.comm_counter``, which sees DeepSpeed's own gathers
+and reduce-scatters) beside the plan's traffic. The models are large enough that weights, optimizer
 states and activations are most of what the process grows by. What the CPU cannot show: the CUDA
 context, the caching allocator's fragmentation and NCCL's buffers (the plan's reserve on CUDA).
 """
@@ -62,7 +62,7 @@ def _overrides(work, pair, tp, placement, stage, checkpointing):
 
 def _worker(rank, world_size, work, pair, tp, placement, stage, checkpointing):
     """The job's own run; the collective bytes of its second step are counted around its step."""
-    from model_parallel.comm_counter import count_collective_bytes
+    from model_parallel.testing.comm_counter import count_collective_bytes
     from training import job
     from training.config import load_config
 

@@ -2,6 +2,9 @@
 
 Everything here is a no-op without a process group (``None`` or a group of size 1), so the same
 loss code runs on one device and on a vocabulary split over tensor-parallel ranks.
+
+The instruments tests and benchmarks measure it with (device discipline, collective bytes, live
+memory) are in :mod:`model_parallel.testing`, which the training job never imports.
 """
 
 from model_parallel.collectives import all_reduce_sum, gather_rows, group_rank, is_parallel, start_all_reduce_sum

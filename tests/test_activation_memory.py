@@ -1,5 +1,5 @@
 """train.activation_checkpointing holds less memory during a training step (live tensor bytes,
-counted by model_parallel.memory_counter.LiveBytes; deterministic, unlike RSS)."""
+counted by model_parallel.testing.memory_counter.LiveBytes; deterministic, unlike RSS)."""
 
 import json
 import os
@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _step_peak(rank, world_size, config_path, checkpointing):
     from data.loader import Collator, load_prepared
-    from model_parallel.memory_counter import LiveBytes
+    from model_parallel.testing.memory_counter import LiveBytes
     from training.config import load_config
     from training.deepspeed_config import build_deepspeed_configs
     from training.engines import build_engines, engine_sources

@@ -3,8 +3,9 @@
 On a GPU a tensor made on the host and handed to NCCL fails; here it would pass unnoticed. So:
 - a static check: every tensor constructor in the library names its device;
 - one bf16 training step and one evaluation on 2 gloo ranks (TP 2) under
-  :func:`model_parallel.device_check.one_device`, where library tensors made without a device land
-  on ``meta`` and every collective checks its tensors' device (object collectives are refused);
+  :func:`model_parallel.testing.device_check.one_device`, where library tensors made without a
+  device land on ``meta`` and every collective checks its tensors' device (object collectives are
+  refused);
 - the same run checks that the engines really are bf16, that ZeRO accumulates gradients over
   micro-batches in an fp32 buffer, and that the rows ``resize_token_embeddings`` added are
   bitwise equal on every rank;
@@ -19,7 +20,7 @@ import torch
 import yaml
 
 from data.prepare import prepare
-from model_parallel.device_check import LIBRARY, ROOT
+from model_parallel.testing.device_check import LIBRARY, ROOT
 from model_parallel.spawn import run_on_ranks
 from tests.tiny_models import llama, save_model
 
@@ -68,7 +69,7 @@ def _rank(rank, world_size, config_path):
 
     from data.loader import Collator, eval_batches, load_prepared
     from model_parallel import all_reduce_sum
-    from model_parallel.device_check import DeviceDisciplineError, one_device
+    from model_parallel.testing.device_check import DeviceDisciplineError, one_device
     from training.config import load_config
     from training.deepspeed_config import build_deepspeed_configs
     from training.engines import build_engines, engine_sources

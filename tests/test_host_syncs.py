@@ -38,7 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from data.prepare import prepare
-from model_parallel.device_check import LIBRARY, ROOT
+from model_parallel.testing.device_check import LIBRARY, ROOT
 from model_parallel.spawn import run_on_ranks
 from tests.tiny_models import llama, save_model
 

@@ -186,7 +186,7 @@ def test_padded_vocabulary_columns():
 def test_a_donated_teacher_buffer_holds_the_same_gradient_and_saves_one_logits_tensor(dtype):
     """donate_teacher: bit-identical values and gradients, the gradient written into the teacher's
     storage, and backward's peak one [n, V] tensor lower (live tensor bytes, deterministic)."""
-    from model_parallel.memory_counter import LiveBytes
+    from model_parallel.testing.memory_counter import LiveBytes
 
     n, vocab = 64, 3000
     logits_bytes = n * vocab * torch.empty((), dtype=dtype).element_size()

@@ -6,7 +6,7 @@ import torch.distributed as dist
 
 from loss import tail_divergence, tail_divergence_parts
 from model_parallel import resolve_vocab_shard
-from model_parallel.comm_counter import count_collective_bytes
+from model_parallel.testing.comm_counter import count_collective_bytes
 from model_parallel.spawn import run_on_ranks
 
 VOCAB = 97

@@ -23,7 +23,7 @@ def _rank(rank, world_size, teacher_dir, ds_path):
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from model_parallel.comm_counter import count_collective_bytes
+    from model_parallel.testing.comm_counter import count_collective_bytes
     from training.config import TeacherConfig
     from training.deepspeed_config import frozen_deepspeed_configs
     from training.engines import build_teacher

@@ -26,7 +26,8 @@ import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The repository root: this file is model_parallel/testing/device_check.py.
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The library's packages: the code the discipline applies to (entry points, tests and the
 # virtual environment are not in it).
 LIBRARY = tuple(os.path.join(ROOT, name) + os.sep for name in ("data", "eval", "loss", "model_parallel", "training"))
