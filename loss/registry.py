@@ -9,8 +9,14 @@ run config's ``loss.kind`` check and the README (checked by a test) all read thi
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
+from loss import tail
 from loss.baselines import forward_kl, reverse_kl
 from loss.tail import tail_divergence_parts
+
+
+def _two_argmaxes(top_k: int, vocab: int) -> int:
+    # A divergence whose pass gives no argmax: the step takes each model's (global_argmax, 2 numbers).
+    return 4
 
 
 @dataclass(frozen=True)
@@ -30,10 +36,28 @@ class Divergence:
     free. None: no divergence (cross-entropy only)."""
     uses_top_k: bool = False
     """Whether ``loss.top_k``, ``loss.beta`` and ``loss.beta_mode`` apply."""
+    exchange: Callable[[int, int], int] = _two_argmaxes
+    """:meth:`exchange_numbers`' formula, ``(top_k, vocab) -> int``."""
+    buffers: Callable[[int, int, int, str], float] = tail.buffer_bytes
+    """:meth:`buffer_bytes`' formula; the tail divergence's bound unless a kind has its own."""
 
     @property
     def needs_teacher(self) -> bool:
         return self.compute is not None
+
+    def exchange_numbers(self, top_k: int, vocab: int) -> int:
+        """fp32 numbers a training step exchanges across the tensor-parallel group per position with
+        a target (the planner's loss traffic): the divergence's own statistics and both models'
+        argmax for the top-1 agreement metric. ``tail``: ``5 + 3K`` (both argmaxes ride along; 2
+        more for the teacher's at K = 0); the others: the two argmaxes, 2 numbers each."""
+        return self.exchange(top_k, vocab)
+
+    def buffer_bytes(self, tokens: int, vocab_local: int, w: int, device_type: str) -> float:
+        """Bytes of the loss's fp32 row-chunk buffers on the logits path (the planner's logits term),
+        for ``tokens`` positions of ``vocab_local`` logits of ``w`` bytes on ``device_type``.
+        ``kl``, ``reverse_kl`` and ``ce`` reuse the tail divergence's bound as an estimate (DeepSpeed's
+        ops are not chunked; their temporaries are not modelled separately)."""
+        return self.buffers(tokens, vocab_local, w, device_type)
 
 
 def _tail(student, teacher, *, top_k, beta_for, temperature, tp_group, shard, donate_teacher) -> Dict:
@@ -59,7 +83,7 @@ def _kl(divergence):
 
 LOSSES: Dict[str, Divergence] = {entry.name: entry for entry in (
     Divergence("tail", "tail-aware divergence KL(p̂‖q̂) + β·KL(p̃‖q̃) over the teacher's top-K (ours)", _tail,
-               uses_top_k=True),
+               uses_top_k=True, exchange=tail.exchange_numbers),
     Divergence("kl", "forward KL(p‖q), DeepSpeed's vocab_parallel_kl_div", _kl(forward_kl)),
     Divergence("reverse_kl", "reverse KL(q‖p), mode-seeking", _kl(reverse_kl)),
     Divergence("ce", "cross-entropy on the labels only, no teacher", None),

@@ -120,6 +120,23 @@ def _owned_writes(top_ids: torch.Tensor, values: torch.Tensor, shard: VocabShard
 _T_TAIL, _S_TAIL, _MEAN, _S_MAX, _S_MAX_ID, _STATS = range(6)
 
 
+def exchange_numbers(top_k: int, vocab: int) -> int:
+    """fp32 numbers a training step exchanges per position with a target for this divergence: the
+    payload's ``5 + 3K`` (K = min(top_k, vocab); the student's argmax is among the 5, the teacher's is
+    its first top-K id), plus the 2 of the teacher's argmax at K = 0, where no top-K is taken."""
+    k = min(top_k, vocab)
+    return _STATS + 3 * k + (2 if k == 0 else 0)
+
+
+def buffer_bytes(tokens: int, vocab_local: int, w: int, device_type: str) -> float:
+    """Bytes of the fp32 row-chunk temporaries alive at once in forward or backward (a bound): 4
+    chunk-sized buffers, 2 more for the fp32 copies of the chunks of ``w = 2`` (bf16/fp16) logits.
+    A chunk is :data:`CHUNK_NUMEL` logits (:data:`CPU_CHUNK_NUMEL` on ``device_type`` ``cpu``) or all
+    ``tokens × vocab_local`` of them where fewer."""
+    chunk = min(CPU_CHUNK_NUMEL if device_type == "cpu" else CHUNK_NUMEL, tokens * vocab_local)
+    return (4 + (2 if w == 2 else 0)) * 4 * chunk
+
+
 def _local_statistics(student, teacher, k, shard, inv_t, payload):
     """Fill ``payload`` (``[N, 5 + 3K]``) with this slice's per-token statistics, in one pass.
 
