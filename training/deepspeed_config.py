@@ -52,7 +52,10 @@ class DeepSpeedConfigs(NamedTuple):
         return self.student["zero_optimization"]["stage"]
 
 
-def _read(source: str) -> dict:
+def read_deepspeed_json(source: str) -> dict:
+    """The DeepSpeed JSON file ``source`` as written, a new dict on every call (callers complete it in
+    place). Raises :class:`ConfigError` naming ``parallel.deepspeed_config`` when the file is missing
+    or is not valid JSON."""
     try:
         with open(source) as handle:
             return json.load(handle)
@@ -167,14 +170,14 @@ def _torch_adamw(params: dict, *, universal: bool) -> None:
 def resolve_student_stage(cfg: RunConfig) -> int:
     """The student's ZeRO stage this run will use (see ``parallel.student_zero_stage``)."""
     source = cfg.parallel.deepspeed_config
-    return _student_stage(_read(source), cfg, source)
+    return _student_stage(read_deepspeed_json(source), cfg, source)
 
 
 def build_deepspeed_configs(cfg: RunConfig, world_size: int, bf16: bool, *, universal: bool = False
                             ) -> DeepSpeedConfigs:
     """The configs for ``world_size`` ranks; ``universal`` loads a checkpoint of another layout."""
     source = cfg.parallel.deepspeed_config
-    ds = _read(source)
+    ds = read_deepspeed_json(source)
     train = cfg.train
     _complete_common(ds, source, tp=cfg.parallel.tensor_parallel, world_size=world_size,
                      micro_batch_size=train.micro_batch_size, grad_accum=train.grad_accum, bf16=bf16)
@@ -204,7 +207,7 @@ def build_deepspeed_configs(cfg: RunConfig, world_size: int, bf16: bool, *, univ
 def frozen_deepspeed_configs(source: str, *, tensor_parallel: int, world_size: int, micro_batch_size: int,
                              bf16: bool) -> DeepSpeedConfigs:
     """Configs for frozen engines only (evaluation): ``student`` is frozen too."""
-    ds = _read(source)
+    ds = read_deepspeed_json(source)
     _complete_common(ds, source, tp=tensor_parallel, world_size=world_size, micro_batch_size=micro_batch_size,
                      grad_accum=1, bf16=bf16)
     frozen = _frozen(ds)

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 from core.errors import ConfigError
 from loss.registry import divergence
 from loss.tail import CHUNK_NUMEL, CPU_CHUNK_NUMEL
-from training.deepspeed_config import _read, resolve_student_stage, stage_problem
+from training.deepspeed_config import read_deepspeed_json, resolve_student_stage, stage_problem
 
 GB = 1e9
 MEMORY_TERMS = ("teacher_weights", "student_weights", "student_master", "student_optimizer", "student_gradients",
@@ -362,7 +362,7 @@ def job_from_config(cfg, *, world_size: int, tp: Optional[int] = None, bf16: Opt
               for name, source in sources.items()}
     config_dp = world_size // cfg.parallel.tensor_parallel
     bf16 = cfg.train.dtype in ("bf16", "auto") if bf16 is None else bf16
-    ds = _read(cfg.parallel.deepspeed_config).get("zero_optimization", {})
+    ds = read_deepspeed_json(cfg.parallel.deepspeed_config).get("zero_optimization", {})
     return Job(teacher=shapes.get("teacher"), student=shapes["student"], seq_len=_seq_len(cfg),
                global_batch=cfg.train.micro_batch_size * cfg.train.grad_accum * max(config_dp, 1),
                weight_bytes=2 if bf16 else 4, top_k=cfg.loss.top_k, loss_kind=cfg.loss.kind, ds=ds)
