@@ -22,16 +22,23 @@ def write_atomically(path: str, text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(final_dir: str):
+def atomic_directory(final_dir: str, shared: bool = False):
     """Yield a temporary directory beside ``final_dir`` that replaces it only if the block succeeds.
 
     A crash or an error leaves any previous ``final_dir`` untouched and no half-written output.
+    The directory is its owner's alone (``mkdtemp``'s 0o700) unless ``shared``, which gives it the
+    permissions ``os.makedirs`` would (0o777 less the umask), for outputs others read (an exported
+    model).
     """
     final_dir = os.path.abspath(final_dir)
     parent = os.path.dirname(final_dir)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(final_dir)}.tmp-", dir=parent)
     try:
+        if shared:
+            umask = os.umask(0)  # the only way to read it is to set it
+            os.umask(umask)
+            os.chmod(staging, 0o777 & ~umask)
         yield staging
         if os.path.isdir(final_dir):
             # Swap through a second name so that final_dir never holds a mix of old and new files.

@@ -1,9 +1,8 @@
 """Write the trained student as a Hugging Face model directory (full weights, safetensors)."""
 
-import os
-import shutil
-
 import torch.distributed as dist
+
+from core.files import atomic_directory
 
 
 def export_student(engine, tokenizer, out_dir: str) -> None:
@@ -27,11 +26,7 @@ def export_student(engine, tokenizer, out_dir: str) -> None:
         tied = {"lm_head.weight"} if config.get_text_config().tie_word_embeddings else set()
         if set(missing) - tied or unexpected:
             raise RuntimeError(f"export: weights do not match the model (missing {missing}, unexpected {unexpected})")
-        staging = f"{out_dir}.tmp-export"
-        shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
+        with atomic_directory(out_dir, shared=True) as staging:
+            model.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
     dist.barrier()
