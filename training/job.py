@@ -21,7 +21,7 @@ from training.deepspeed_config import build_deepspeed_configs, resolve_student_s
 from training.engines import build_engines, engine_sources, use_bf16
 from training.export import export_student
 from training.memory import PeakMemory
-from training.metrics import MetricsWriter
+from training.metrics_log import MetricsWriter
 from training.plan import describe, job_plan
 from training.step import evaluate, step_means, train_step
 
