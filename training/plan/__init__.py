@@ -38,7 +38,8 @@ CUDA_CONTEXT_GB = 1.0
 HEADROOM = 0.10
 NCCL_CHANNELS = 16
 NCCL_GB_PER_COMMUNICATOR = round(NCCL_CHANNELS * 2 * (4 + 4.6 + 0.25) * 2 ** 20 / GB, 2)
-MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch", "configs", "models")
+MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "launch", "configs",
+                          "models")
 
 ASSUMPTIONS = (
     "pre-training batches: every position has a target (SFT rows with masked prompts need less for logits)",
