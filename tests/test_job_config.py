@@ -7,7 +7,8 @@ import torch
 
 from training.config import ConfigError, identity, load_config, parse_override
 from training.deepspeed_config import build_deepspeed_configs
-from training.engines import aligned_vocab_size, resolve_tokenizer
+from training.engines import resolve_tokenizer
+from training.models import aligned_vocab_size
 
 BASE = """
 output_dir: out

@@ -22,6 +22,7 @@ from model_parallel.devices import accelerator_kind
 from model_parallel.distributed import accelerator_device
 from training.config import ConfigError, RunConfig, StudentConfig, TeacherConfig
 from training.deepspeed_config import DeepSpeedConfigs
+from training.models import aligned_vocab_size, untie_head, unties_head
 from training.plain_optimizer import plain_data_parallel
 
 
@@ -90,43 +91,6 @@ def _model_config(section, key: str):
                           ) from None
 
 
-def aligned_vocab_size(sizes, real_vocab_size: int, tp: int) -> int:
-    """One vocabulary size for both heads: the largest, rounded up to a multiple of ``tp``."""
-    small = [size for size in sizes if size < real_vocab_size]
-    if small:
-        raise ConfigError(f"vocabulary: a model has {min(small)} embedding rows but the tokenizer has "
-                          f"{real_vocab_size} tokens; the vocabularies cannot be aligned")
-    size = max(sizes)
-    return -(-size // tp) * tp
-
-
-def _untie_scaled_head(model, zero_only: dict) -> None:
-    """Give ``model`` its own LM head, a copy of the tied embedding.
-
-    AutoTP's vocabulary-parallel head cannot share a custom embedding (Gemma-2's scaled one), so
-    tied models with such an embedding are untied at load: for a frozen teacher nothing changes;
-    a student then trains its head separately from its embedding (see README).
-    """
-    import deepspeed
-
-    embedding = model.get_input_embeddings()
-    with deepspeed.zero.GatheredParameters([embedding.weight]):
-        weight = embedding.weight.detach().clone()
-    partitioned = zero_only is not None
-    with deepspeed.zero.Init(config_dict_or_path=zero_only) if partitioned else contextlib.nullcontext():
-        new_head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype,
-                                   device=weight.device)
-    # Partitioned: rank 0's copy is what every rank keeps. Unpartitioned: every rank copies its own.
-    with deepspeed.zero.GatheredParameters([new_head.weight], modifier_rank=0):
-        if torch.distributed.get_rank() == 0 or not partitioned:
-            new_head.weight.data.copy_(weight)
-    del weight
-    model.set_output_embeddings(new_head)
-    model.config.tie_word_embeddings = False
-    if hasattr(model.config, "get_text_config"):
-        model.config.get_text_config().tie_word_embeddings = False
-
-
 def _init_added_rows(model, first_added: int, seed: int) -> None:
     """Give the rows ``resize_token_embeddings`` added (``first_added`` onwards, in the embedding
     and an untied head) values drawn from ``seed`` alone: bitwise the same on every rank and at every
@@ -191,11 +155,6 @@ def _draw_fresh_weights(model, seed: int) -> None:
                     drawn.add(id(param))
 
 
-def _needs_untie(model) -> bool:
-    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-    return head is not None and head.weight is embedding.weight and type(embedding) is not torch.nn.Embedding
-
-
 def _build_model(section, key: str, vocab_size: int, zero_only: Optional[dict], dtype, tp: int, frozen: bool,
                  seed: int):
     """The model of ``section``, aligned to ``vocab_size`` rows; ZeRO-3 partitioned as it loads
@@ -229,8 +188,8 @@ def _build_model(section, key: str, vocab_size: int, zero_only: Optional[dict], 
     if rows != vocab_size:
         model.resize_token_embeddings(vocab_size, mean_resizing=False)
         _init_added_rows(model, rows, seed)
-    if tp > 1 and _needs_untie(model):
-        _untie_scaled_head(model, zero_only)
+    if unties_head(model, tp):
+        untie_head(model, zero_only)
     if frozen:
         model.requires_grad_(False)
         model.eval()

@@ -138,8 +138,17 @@ def family(config) -> Family:
 
 
 def takes_logits_to_keep(model) -> bool:
-    """Whether ``model`` (a causal LM, not a DeepSpeed engine) takes ``logits_to_keep``: its family's answer."""
-    return family(model.config).takes_logits_to_keep(type(model))
+    """Whether ``model`` (a causal LM, not a DeepSpeed engine) takes ``logits_to_keep``: its family's
+    answer, a function of the model's and its config's classes, so looked up once per pair (the step
+    asks twice per micro-batch)."""
+    key = (type(model), type(model.config))
+    answer = _LOGITS_TO_KEEP.get(key)
+    if answer is None:
+        answer = _LOGITS_TO_KEEP[key] = family(model.config).takes_logits_to_keep(type(model))
+    return answer
+
+
+_LOGITS_TO_KEEP = {}
 
 
 @functools.lru_cache(maxsize=None)

@@ -13,8 +13,6 @@ a skipped step gathers which ranks' logits went bad; :func:`step_means` (logging
 the logged values.
 """
 
-import functools
-import inspect
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -26,6 +24,7 @@ from data.loader import to_device
 from loss.metrics import EvalSums
 from loss.objective import distillation_objective
 from model_parallel import all_reduce_sum, gather_rows, global_argmax, start_all_reduce_sum
+from training.models import takes_logits_to_keep
 
 # Summed per token, reported as means over the valid tokens of the step.
 _LOGGED = ("loss", "kd", "ce", "head_kl", "tail_kl", "teacher_tail_mass", "student_tail_mass", "top1_agreement")
@@ -85,11 +84,6 @@ def _mask_padding(logits: torch.Tensor, vocab_start: int, real_vocab_size: int) 
     return logits
 
 
-@functools.lru_cache(maxsize=None)
-def _takes_logits_to_keep(model_class) -> bool:
-    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
-
-
 def _causal_mask(batch) -> torch.Tensor:
     """The 2D attention mask the models get: all ones, ``[B, S]`` bool on the batch's device.
 
@@ -109,7 +103,7 @@ def _logits(model, batch, keep: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     no ``logits_to_keep`` (older or remote code) computes every position, then ``keep`` is copied out.
     ``mask``: :func:`_causal_mask`."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "use_cache": False}
-    if _takes_logits_to_keep(type(getattr(model, "module", model))):  # a DeepSpeed engine wraps the model
+    if takes_logits_to_keep(getattr(model, "module", model)):  # a DeepSpeed engine wraps the model
         return model(**inputs, logits_to_keep=keep).logits
     return model(**inputs).logits[:, keep]
 
