@@ -11,6 +11,15 @@ def llama(vocab, hidden=32, layers=2, tie=False):
                        tie_word_embeddings=tie, bos_token_id=2, eos_token_id=3, pad_token_id=0)
 
 
+def qwen2(vocab, hidden=32, layers=2, tie=True):
+    """Qwen2 as its small models have it: tied head over a plain embedding, biased q/k/v projections."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                       tie_word_embeddings=tie, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+
+
 def gemma2(vocab, hidden=32, layers=2, heads=2, kv_heads=2, sliding_window=16):
     """Gemma-2 as the paper's pair has it: tied, scaled embedding, soft-capped attention and final
     logits, alternating sliding-window layers (``sliding_window`` shorter than the test sequences
