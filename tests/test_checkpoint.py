@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from training.checkpoint import COMPLETE, LATEST, find_resume, publish, refuse_drift, verify
+from training.checkpoint import COMPLETE, LATEST, find_resume, publish, verify
+from training.resume import refuse_drift
 from core.errors import CheckpointError
 
 

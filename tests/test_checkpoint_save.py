@@ -59,6 +59,7 @@ def _rank(rank, world_size, config_path, root):
     import torch.distributed as dist
 
     from training import checkpoint
+    from training.resume import ResumePlan
 
     engine = _engine(config_path, seed=5)
     ids = torch.arange(1 + 7 * rank, 17 + 7 * rank).view(1, 16)  # another sequence per rank
@@ -87,7 +88,7 @@ def _rank(rank, world_size, config_path, root):
 
     uneven = all_gather_bytes(bytes(range(250, 250 - 5 * rank, -1)), device=engine.device)  # 0 and 5 bytes
     fresh = _engine(config_path, seed=6)  # other weights until the load
-    checkpoint.ResumePlan(root=root, tag=tag, load_tag=tag).restore(fresh)
+    ResumePlan(root=root, tag=tag, load_tag=tag).restore(fresh)
     return {"tag": tag, "own": own, "saved": saved, "loaded": _state(fresh), "uneven": uneven}
 
 

@@ -12,7 +12,8 @@ import json
 import pytest
 
 from core.errors import CheckpointError
-from training.checkpoint import _check_head, _decide, publish
+from training.checkpoint import publish
+from training.resume import _check_head, _decide
 from training.config import (CheckpointConfig, DataConfig, ParallelConfig, RunConfig, StudentConfig, TeacherConfig,
                              identity)
 from tests.tiny_models import gemma2, llama

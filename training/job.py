@@ -14,8 +14,8 @@ import yaml
 from core.errors import TrainingStopped
 from data.loader import Collator, GlobalBatchSampler, eval_batches, load_prepared
 from model_parallel.distributed import accelerator_device
-from training import checkpoint, faults
-from training.config import RunConfig, identity, to_dict
+from training import checkpoint, faults, resume
+from training.config import RunConfig, to_dict
 from training.data import ensure_prepared
 from training.deepspeed_config import build_deepspeed_configs, resolve_student_stage
 from training.engines import build_engines, engine_sources, use_bf16
@@ -30,18 +30,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _client_state(cfg, step, sampler, engines) -> dict:
-    return {
-        "step": step,
-        "sampler": sampler.state_dict(),
-        "run_identity": identity(cfg),
-        "layout": {"tensor_parallel": cfg.parallel.tensor_parallel, "data_parallel": engines.dp_size,
-                   "global_batch_size": sampler.global_batch_size, "vocab_size": engines.vocab_size,
-                   "world_size": dist.get_world_size(), "bf16": engines.student.bfloat16_enabled(),
-                   "zero_stage": engines.student.zero_optimization_stage()},
-    }
 
 
 def _eval_scalars(engines, cfg, eval_set, collator, step) -> dict:
@@ -116,7 +104,7 @@ def run(cfg: RunConfig) -> dict:
     train_dir = ensure_prepared(cfg, cfg.data.train, "train")
     eval_dir = ensure_prepared(cfg, cfg.data.eval, "eval") if cfg.data.eval else None
     # Before any model is built, so a bad checkpoint fails fast.
-    plan = checkpoint.plan_resume(cfg, world_size, resolve_student_stage(cfg))
+    plan = resume.plan_resume(cfg, world_size, resolve_student_stage(cfg))
     planned_gb = _planned_peak_gb(cfg, world_size, bf16)
     _seed_everything(cfg.seed)
     memory = PeakMemory(accelerator_device())
@@ -155,8 +143,8 @@ def run(cfg: RunConfig) -> dict:
             progress.set_postfix(loss=f"{scalars['train/loss']:.4f}")
         progress.update(1)
         if step % cfg.checkpoint.every == 0 or step == end:
-            checkpoint.save(engines.student, checkpoint.checkpoints_dir(cfg), step,
-                            _client_state(cfg, step, sampler, engines), cfg.checkpoint.keep)
+            checkpoint.save(engines.student, resume.checkpoints_dir(cfg), step,
+                            resume.client_state(cfg, step, sampler, engines), cfg.checkpoint.keep)
     progress.close()
     if step == cfg.train.max_steps:
         export_student(engines.student, engines.tokenizer, os.path.join(cfg.output_dir, "student"))

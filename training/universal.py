@@ -25,7 +25,7 @@ The conversion of such a checkpoint (``layout.json``'s ``head`` record) also fil
 under the head's name (:func:`_untie_head`): the untied head starts as a copy of the trained tied
 matrix, Adam moments included (a fresh untied run's head also starts as the embedding's copy); a
 tied run still loads the one matrix. The other direction
-is refused before conversion (``training.checkpoint._check_head``).
+is refused before conversion (``training.resume._check_head``).
 
 The result is written beside the tag as ``<tag>_universal`` (in a temporary folder renamed
 into place, with a completion marker), reused when it is already there, and pruned with its tag.
