@@ -45,13 +45,17 @@ def read_run(run_dir: str) -> dict:
 
 
 def markdown_table(runs) -> str:
+    """One row per run: its name, loss kind, K and β (for a kind that uses them, else –), then
+    :data:`TABLE_METRICS`' final values."""
+    from loss.registry import LOSSES
+
     header = ["run", "loss", "K", "β"] + [m.removeprefix("eval/") for m in TABLE_METRICS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
         loss = run["config"].get("loss", {})
         kind = loss.get("kind", "?")
-        cells = [run["name"], kind, str(loss.get("top_k", "")) if kind == "tail" else "–",
-                 str(loss.get("beta", "")) if kind == "tail" else "–"]
+        uses_top_k = kind in LOSSES and LOSSES[kind].uses_top_k
+        cells = [run["name"], kind] + [str(loss.get(key, "")) if uses_top_k else "–" for key in ("top_k", "beta")]
         cells += [f"{run['final'][m]:.4f}" if m in run["final"] else "–" for m in TABLE_METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -38,48 +38,49 @@ METRICS = ("nll", "perplexity", "forward_kl", "top1_agreement", "full_ece", "top
 _OWNED = ("output_dir", "seed", "loss.kind", "loss.top_k", "loss.beta", "loss.temperature")
 
 
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+_AXES = {"top_k": ("k", str), "beta": ("b", _number), "temperature": ("t", _number)}
+"""The ``loss.*`` keys a setting may set, each with the tag and format that name it in the setting's name."""
+
+
 @dataclass(frozen=True)
 class Setting:
+    """One loss kind and the ``loss.*`` values the sweep sets for it (None: the config's)."""
+
     kind: str
     top_k: Optional[int] = None
     beta: Optional[float] = None
     temperature: Optional[float] = None
 
+    def _swept(self):
+        """``(key, value)`` of each value the sweep sets, in :data:`_AXES`' order."""
+        return [(key, getattr(self, key)) for key in _AXES if getattr(self, key) is not None]
+
     @property
     def name(self) -> str:
-        if self.kind == "tail":
-            return f"tail-k{self.top_k}-b{_number(self.beta)}-t{_number(self.temperature)}"
-        if self.kind == "kl":
-            return f"kl-t{_number(self.temperature)}"
-        return self.kind
+        """The kind, then each value set, tagged: ``tail-k5-b2-t1``, ``kl-t1``, ``ce``."""
+        return "-".join([self.kind] + [_AXES[key][0] + _AXES[key][1](value) for key, value in self._swept()])
 
     def overrides(self) -> List[str]:
-        out = [f"loss.kind={self.kind}"]
-        if self.kind == "tail":
-            out += [f"loss.top_k={self.top_k}", f"loss.beta={self.beta}"]
-        if self.temperature is not None:
-            out.append(f"loss.temperature={self.temperature}")
-        return out
-
-
-def _number(value: float) -> str:
-    return f"{value:g}"
+        return [f"loss.kind={self.kind}"] + [f"loss.{key}={value}" for key, value in self._swept()]
 
 
 def settings(losses, top_ks, betas, temperatures) -> List[Setting]:
-    """Every combination the sweep trains, in a stable order."""
+    """Every combination the sweep trains, in a stable order: per kind, K × β where it uses them and
+    × temperature where the comparison varies it (:data:`loss.registry.LOSSES`), else once."""
     from loss.registry import LOSSES
 
     out = []
     for kind in losses:
         if kind not in LOSSES:
             raise ConfigError(f"--losses: unknown {kind!r}; expected some of {', '.join(LOSSES)}")
-        if kind == "tail":
-            out += [Setting("tail", k, b, t) for k, b, t in itertools.product(top_ks, betas, temperatures)]
-        elif kind == "kl":
-            out += [Setting("kl", temperature=t) for t in temperatures]
-        else:
-            out.append(Setting(kind))
+        axes = {"top_k": top_ks, "beta": betas} if LOSSES[kind].uses_top_k else {}
+        if LOSSES[kind].compare_temperatures:
+            axes["temperature"] = temperatures
+        out += [Setting(kind, **dict(zip(axes, values))) for values in itertools.product(*axes.values())]
     return out
 
 
@@ -205,7 +206,9 @@ def summarise(out_dir: str, grid: List[Setting], seeds: List[int], failures: dic
             if os.path.isfile(path):
                 with open(path) as handle:
                     results[(setting.name, seed)] = json.load(handle)["metrics"]
-    reference = next((s for s in grid if s.kind == "kl" and s.temperature == 1.0), None)
+    from loss.registry import BASELINE
+
+    reference = next((s for s in grid if s.kind == BASELINE and s.temperature == 1.0), None)
     summary = {"settings": [], "failed": [{"setting": name, "seed": seed, "error": error}
                                           for (name, seed), error in sorted(failures.items())]}
     for setting in grid:
@@ -320,9 +323,12 @@ def _quick_assets(out_dir: str, launcher_args: str) -> List[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from loss.registry import LOSSES
+
     parser = argparse.ArgumentParser(prog="python -m eval.sweep", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="base run config (YAML)")
-    parser.add_argument("--losses", type=_csv(str), default=["ce", "kl", "reverse_kl", "tail"])
+    parser.add_argument("--losses", type=_csv(str), default=sorted(LOSSES),
+                        help=f"loss kinds, comma-separated (default: all, {','.join(sorted(LOSSES))})")
     parser.add_argument("--top-k", type=_csv(int), default=[5, 10], help="K values for tail")
     parser.add_argument("--beta", type=_csv(float), default=[1.0, 2.0], help="β values for tail")
     parser.add_argument("--temperature", type=_csv(float), default=[1.0], help="temperatures for kl and tail")

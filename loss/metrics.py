@@ -7,13 +7,14 @@ ranks, never by materialising the ``n × V`` (prediction, outcome) pairs.
 """
 
 import math
-from typing import Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 
 from core.tokens import IGNORE_INDEX
 from loss.baselines import cross_entropy, forward_kl, reverse_kl
+from loss.registry import divergence
 from loss.tail import tail_divergence_parts
 from model_parallel import VocabShard, all_reduce_sum, gather_rows, global_argmax, resolve_vocab_shard
 
@@ -101,14 +102,40 @@ def _exp(value: float) -> float:
     return math.inf if value > 709 else math.exp(value)  # e^709 is the largest finite double
 
 
+def objective_metrics(out: Dict[str, torch.Tensor], *, kind: str, beta: float, temperature: float) -> dict:
+    """The evaluation metrics (:class:`EvalSums`' names, for its ``known``) that the training
+    objective's output ``out`` (:func:`loss.objective.distillation_objective` with ``kind`` and
+    ``temperature``, plus the argmaxes) already holds: the argmaxes always; ``nll`` where the
+    cross-entropy was part of the loss; at temperature 1 the metrics the divergence's outputs are
+    (:attr:`loss.registry.Divergence.metrics`, with the metric's constant ``beta``). EvalSums
+    computes everything else."""
+    known = {name: out[name] for name in ("student_top1", "teacher_top1") if name in out}
+    if "ce" in out:
+        known["nll"] = out["ce"]
+    if temperature == 1.0:
+        known.update(divergence(kind).metrics(out, beta))
+    return known
+
+
+class EvalResult(NamedTuple):
+    """What :meth:`EvalSums.reduce` returns."""
+
+    scalars: Dict[str, float]
+    """Means over tokens, perplexities, ECEs and the token count."""
+    bins: Dict[str, List[List[float]]]
+    """The calibration bins for reliability diagrams: ``{"full": ..., "top1": ...}``, each ``[3, n_bins]``
+    (pair count, summed confidence, hits)."""
+
+
 class EvalSums:
     """Accumulates per-token sums and calibration bins over batches, then reduces and reports.
 
     ``add(student, teacher, targets, known)`` takes the valid positions only (``[n, V_local]``
     slices) and, in ``known``, per-token values the caller already has (e.g. from the training
-    objective: ``nll``, ``student_top1``, ``teacher_top1``, ``tail_divergence``, ``forward_kl``,
-    ``reverse_kl``, ``teacher_tail_mass``, ``student_tail_mass``); only the others are computed.
-    Everything stays on ``device`` (the logits' device) until :meth:`result`, the one host sync.
+    objective, :func:`objective_metrics`: ``nll``, ``student_top1``, ``teacher_top1``,
+    ``tail_divergence``, ``forward_kl``, ``reverse_kl``, ``teacher_tail_mass``,
+    ``student_tail_mass``); only the others are computed. Everything stays on ``device`` (the
+    logits' device) until :meth:`reduce` (or :meth:`result`), the one host sync.
     ``shard``: this rank's vocabulary slice, resolved once by the caller (the job's engines); None:
     the layout is checked collectively on every :meth:`add`.
     """
@@ -141,7 +168,7 @@ class EvalSums:
             # One pass gives the tail metrics and, as by-products, both models' argmax.
             parts, top1 = tail_divergence_parts(student, teacher, top_k=self.top_k, tp_group=group, return_top1=True,
                                                 shard=self.shard)
-            value("tail_divergence", lambda: parts.head_kl + self.beta * parts.tail_kl)
+            value("tail_divergence", lambda: parts.divergence(self.beta))
             value("teacher_tail_mass", lambda: parts.teacher_tail_mass)
             value("student_tail_mass", lambda: parts.student_tail_mass)
             value("student_top1", lambda: top1.student)
@@ -166,7 +193,12 @@ class EvalSums:
         self.add_sum("top1_agreement", student_top1 == teacher_top1)
 
     def result(self, dp_group=None) -> dict:
-        """Means over tokens, perplexity and ECEs, summed over ``dp_group`` first (if given)."""
+        """:meth:`reduce`'s scalars only."""
+        return self.reduce(dp_group).scalars
+
+    def reduce(self, dp_group=None) -> EvalResult:
+        """Means over tokens, perplexity and ECEs, and the calibration bins they come from, summed over
+        ``dp_group`` first (if given): one all-reduce and one host sync. Leaves the sums as they are."""
         names = sorted(self.sums)
         values = [self.sums[name].view(1) for name in names]
         packed = torch.cat(values + [self.full_bins.view(-1), self.top1_bins.view(-1)])
@@ -184,5 +216,4 @@ class EvalSums:
         out["full_ece"] = ece_from_bins(full_bins)
         out["top1_ece"] = ece_from_bins(top1_bins)
         out["tokens"] = tokens
-        self.last_bins = {"full": full_bins.tolist(), "top1": top1_bins.tolist()}
-        return out
+        return EvalResult(out, {"full": full_bins.tolist(), "top1": top1_bins.tolist()})

@@ -1,12 +1,18 @@
 """The job's per-token objective: ``(1 − ce_weight)·τ²·D + ce_weight·CE``, D from :mod:`loss.registry`."""
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from loss.baselines import cross_entropy
-from loss.registry import divergence
+from loss.registry import LOSSES, divergence
 from model_parallel import VocabShard
+
+OUTPUTS: Tuple[str, ...] = ("loss", "kd", "ce") + tuple(
+    dict.fromkeys(name for entry in LOSSES.values() for name in entry.outputs))
+"""The per-token float32 tensors :func:`distillation_objective` may return, for logging (each call
+returns some of them: ``kd`` and the divergence's :attr:`~loss.registry.Divergence.outputs` with a
+teacher, ``ce`` where the loss includes it)."""
 
 
 def sequence_beta(beta: float, teacher_tail_mass: torch.Tensor, sequence_ids: torch.Tensor,
@@ -45,11 +51,10 @@ def distillation_objective(student_logits: torch.Tensor,
     """Per-token loss over ``n`` valid tokens (logits ``[n, V_local]``, ``labels`` ``[n]`` ids).
 
     Returns ``{"loss": [n], "kd": [n], "ce": [n], ...}``: ``loss`` is what to back-propagate (after
-    the caller's reduction); the other entries are for logging, as the divergence named ``kind``
-    (:data:`loss.registry.LOSSES`) returns them (``tail`` adds ``head_kl``, ``tail_kl``,
-    ``teacher_tail_mass`` and ``student_tail_mass``). ``beta_mode`` ``sequence`` needs
-    ``sequence_ids`` (``[n]``, the row of each token) and takes ``num_sequences`` (the batch's row
-    count) where the caller knows it. ``donate_teacher``: the caller will not read
+    the caller's reduction); the other entries are for logging (:data:`OUTPUTS`), as the divergence
+    named ``kind`` (:data:`loss.registry.LOSSES`) returns them (its ``outputs``, and the argmaxes
+    where its pass gives them). ``beta_mode`` ``sequence`` needs ``sequence_ids`` (``[n]``, the row
+    of each token) and takes ``num_sequences`` (the batch's row count) where the caller knows it. ``donate_teacher``: the caller will not read
     ``teacher_logits`` after backward, so the divergence may reuse its storage for the student's
     gradient (:func:`loss.tail_divergence`). ``shard``: this rank's vocabulary slice, resolved once
     by the caller (the job: when its engines are built); the losses then skip their per-call

@@ -1,17 +1,20 @@
-"""Every ``loss.kind`` the job knows: one entry each, with what the job and the config check need.
+"""Every ``loss.kind`` the job knows: one entry each, answering everything the rest of the code asks
+about a kind, so that nothing outside ``loss/`` compares with a kind's name (a test checks).
 
 Adding a divergence is one :class:`Divergence` in :data:`LOSSES`: a function from the two logit
 slices to per-token tensors holding at least ``"kd"`` (the divergence D, float32, no reduction, no
-τ²), plus the flags that say which inputs and settings it uses. ``distillation_objective``, the
-run config's ``loss.kind`` check and the README (checked by a test) all read this table.
+τ²), the other outputs it logs, the evaluation metrics those outputs already are, the flags that say
+which inputs and settings it uses, and what it costs the planner. ``distillation_objective``, the
+run config's ``loss.kind`` check, the training step, the planner, ``eval.report``, ``eval.sweep``
+and the README (checked by a test) all read this table.
 """
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 from loss import tail
 from loss.baselines import forward_kl, reverse_kl
-from loss.tail import tail_divergence_parts
+from loss.tail import TailParts, tail_divergence_parts
 
 
 def _two_argmaxes(top_k: int, vocab: int) -> int:
@@ -19,11 +22,16 @@ def _two_argmaxes(top_k: int, vocab: int) -> int:
     return 4
 
 
+def _no_metrics(out: Dict, beta: float) -> Dict:
+    return {}
+
+
 @dataclass(frozen=True)
 class Divergence:
     """One ``loss.kind``."""
 
     name: str
+    """The ``loss.kind`` value; runs, reports and sweep settings are named by it."""
     summary: str
     """One line for ``--help`` texts and the README."""
     compute: Optional[Callable]
@@ -35,7 +43,17 @@ class Divergence:
     add ``student_top1`` / ``teacher_top1`` (global argmax ids) where its own pass gives them for
     free. None: no divergence (cross-entropy only)."""
     uses_top_k: bool = False
-    """Whether ``loss.top_k``, ``loss.beta`` and ``loss.beta_mode`` apply."""
+    """Whether ``loss.top_k``, ``loss.beta`` and ``loss.beta_mode`` apply (reports show K and β, and
+    the sweep varies them, for such kinds only)."""
+    outputs: Tuple[str, ...] = ()
+    """The per-token float32 tensors ``compute`` returns besides ``kd``; the step logs their means."""
+    metrics: Callable[[Dict, float], Dict] = _no_metrics
+    """``metrics(out, beta)``: the evaluation metrics (:class:`loss.metrics.EvalSums`' names) that
+    ``compute``'s output ``out`` at temperature 1 already holds, with the metric's constant ``beta``,
+    so the evaluation does not compute them again."""
+    compare_temperatures: bool = False
+    """Whether the paper's comparison (``eval.sweep``) trains this kind at each of its temperatures
+    (otherwise at the config's)."""
     exchange: Callable[[int, int], int] = _two_argmaxes
     """:meth:`exchange_numbers`' formula, ``(top_k, vocab) -> int``."""
     buffers: Callable[[int, int, int, str], float] = tail.buffer_bytes
@@ -68,8 +86,14 @@ def _tail(student, teacher, *, top_k, beta_for, temperature, tp_group, shard, do
     out["student_top1"] = top1.student
     if top1.teacher is not None:
         out["teacher_top1"] = top1.teacher
-    out["kd"] = parts.head_kl + beta_for(parts.teacher_tail_mass) * parts.tail_kl
+    out["kd"] = parts.divergence(beta_for(parts.teacher_tail_mass))
     return out
+
+
+def _tail_metrics(out: Dict, beta: float) -> Dict:
+    parts = TailParts(*(out[name] for name in TailParts._fields))
+    return {"tail_divergence": parts.divergence(beta), "teacher_tail_mass": parts.teacher_tail_mass,
+            "student_tail_mass": parts.student_tail_mass}
 
 
 def _kl(divergence):
@@ -81,13 +105,23 @@ def _kl(divergence):
     return compute
 
 
+def _kd_is(metric: str) -> Callable[[Dict, float], Dict]:
+    return lambda out, beta: {metric: out["kd"]}
+
+
 LOSSES: Dict[str, Divergence] = {entry.name: entry for entry in (
     Divergence("tail", "tail-aware divergence KL(p̂‖q̂) + β·KL(p̃‖q̃) over the teacher's top-K (ours)", _tail,
-               uses_top_k=True, exchange=tail.exchange_numbers),
-    Divergence("kl", "forward KL(p‖q), DeepSpeed's vocab_parallel_kl_div", _kl(forward_kl)),
-    Divergence("reverse_kl", "reverse KL(q‖p), mode-seeking", _kl(reverse_kl)),
+               uses_top_k=True, outputs=TailParts._fields, metrics=_tail_metrics, compare_temperatures=True,
+               exchange=tail.exchange_numbers),
+    Divergence("kl", "forward KL(p‖q), DeepSpeed's vocab_parallel_kl_div", _kl(forward_kl),
+               metrics=_kd_is("forward_kl"), compare_temperatures=True),
+    Divergence("reverse_kl", "reverse KL(q‖p), mode-seeking", _kl(reverse_kl), metrics=_kd_is("reverse_kl")),
     Divergence("ce", "cross-entropy on the labels only, no teacher", None),
 )}
+
+BASELINE = "kl"
+"""The kind the paper compares the others with: ``eval.sweep``'s paired tests are against its runs
+at temperature 1."""
 
 
 def divergence(kind: str, key: str = "loss.kind") -> Divergence:

@@ -68,6 +68,17 @@ class TailParts(NamedTuple):
     student_tail_mass: torch.Tensor
     """Q_tail, the student's probability outside the teacher's top-K; no gradient."""
 
+    def divergence(self, beta: Union[float, torch.Tensor]) -> torch.Tensor:
+        """``D = head_kl + β·tail_kl`` (:func:`combine`)."""
+        return combine(self.head_kl, self.tail_kl, beta)
+
+
+def combine(head_kl: torch.Tensor, tail_kl: torch.Tensor, beta: Union[float, torch.Tensor]) -> torch.Tensor:
+    """The divergence from its parts, ``D = KL(p̂‖q̂) + β·KL(p̃‖q̃)``: the one place it is assembled
+    (the loss, the objective and the metrics all call it, so they agree bit for bit). ``beta``: a
+    number or a per-token tensor."""
+    return head_kl + beta * tail_kl
+
 
 def _row_chunks(num_rows: int, row_numel: int, device: torch.device):
     limit = min(CHUNK_NUMEL, CPU_CHUNK_NUMEL) if device.type == "cpu" else CHUNK_NUMEL
@@ -383,7 +394,7 @@ def tail_divergence_parts(student_logits: torch.Tensor,
     """The per-token parts of the tail-aware divergence from one pass (see :class:`TailParts`).
 
     Same arguments and contract as :func:`tail_divergence`, without β:
-    ``D = head_kl + β · tail_kl``. ``return_top1``: also each model's global argmax
+    ``D = head_kl + β · tail_kl`` (:meth:`TailParts.divergence`). ``return_top1``: also each model's global argmax
     (:class:`TopOne`), taken in the same pass and exchanged in the same all-gather, so that a
     caller reporting top-1 agreement reads neither model's logits again.
 
@@ -438,20 +449,5 @@ def tail_divergence(student_logits: torch.Tensor,
                            donate_teacher=donate_teacher)
     if isinstance(beta, torch.Tensor):
         beta = beta.detach().to(device=parts.tail_kl.device, dtype=torch.float32)
-    return parts.head_kl + beta * parts.tail_kl
+    return parts.divergence(beta)
 
-
-class TailDivergence(torch.nn.Module):
-    """:func:`tail_divergence` with its hyper-parameters bound; ``forward(student, teacher)``."""
-
-    def __init__(self, *, top_k: int, beta: float, temperature: float = 1.0, tp_group=None):
-        super().__init__()
-        self.top_k, self.beta, self.temperature, self.tp_group = top_k, beta, temperature, tp_group
-
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        return tail_divergence(student_logits,
-                               teacher_logits,
-                               top_k=self.top_k,
-                               beta=self.beta,
-                               temperature=self.temperature,
-                               tp_group=self.tp_group)

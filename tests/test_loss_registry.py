@@ -2,8 +2,12 @@
 written out here independently of it."""
 
 import pytest
+import torch
 
-from loss.registry import LOSSES
+from loss import combine, tail_divergence
+from loss.metrics import objective_metrics
+from loss.objective import OUTPUTS, distillation_objective
+from loss.registry import BASELINE, LOSSES
 
 
 @pytest.mark.parametrize("top_k, vocab, expected", [
@@ -34,3 +38,68 @@ def test_buffer_bytes_are_the_tail_chunk_bound_for_every_kind(kind):
     assert entry.buffer_bytes(4096, 32000, 2, "cpu") == 6 * 4 * cpu_chunk
     assert entry.buffer_bytes(4096, 32000, 2, "cuda") == 6 * 4 * cuda_chunk
     assert entry.buffer_bytes(4096, 32000, 4, "cuda") == 4 * 4 * cuda_chunk
+
+
+def _pair(rows=10, vocab=30):
+    generator = torch.Generator().manual_seed(5)
+    return torch.randn(rows, vocab, generator=generator) * 2, torch.randn(rows, vocab, generator=generator) * 2
+
+
+@pytest.mark.parametrize("kind", [name for name, entry in LOSSES.items() if entry.needs_teacher])
+def test_each_kind_returns_kd_and_the_outputs_it_declares(kind):
+    student, teacher = _pair()
+    out = LOSSES[kind].compute(student, teacher, top_k=4, beta_for=lambda mass: 2.0, temperature=1.0, tp_group=None,
+                               shard=None, donate_teacher=False)
+    argmaxes = {"student_top1", "teacher_top1"}
+    assert set(out) - argmaxes == {"kd", *LOSSES[kind].outputs}
+    assert set(OUTPUTS) >= {"loss", "kd", "ce", *LOSSES[kind].outputs}
+
+
+def test_the_tail_outputs_assemble_the_divergence_as_the_public_op_does():
+    student, teacher = _pair()
+    out = LOSSES["tail"].compute(student, teacher, top_k=4, beta_for=lambda mass: 2.0, temperature=1.0,
+                                 tp_group=None, shard=None, donate_teacher=False)
+    public = tail_divergence(student, teacher, top_k=4, beta=2.0)
+    assert torch.equal(out["kd"], public)
+    assert torch.equal(combine(out["head_kl"], out["tail_kl"], 2.0), public)
+    assert torch.equal(LOSSES["tail"].metrics(out, 2.0)["tail_divergence"], public)
+
+
+@pytest.mark.parametrize("kind, metrics", [
+    ("tail", {"tail_divergence", "teacher_tail_mass", "student_tail_mass"}),
+    ("kl", {"forward_kl"}),
+    ("reverse_kl", {"reverse_kl"}),
+    ("ce", set()),
+])
+def test_the_metrics_each_kind_hands_to_the_evaluation(kind, metrics):
+    student, teacher = _pair()
+    labels = torch.arange(10) % 30
+    out = distillation_objective(student, teacher, labels, kind=kind, top_k=4, beta=2.0)
+    known = objective_metrics(out, kind=kind, beta=2.0, temperature=1.0)
+    assert set(known) - {"student_top1", "teacher_top1", "nll"} == metrics
+    assert ("nll" in known) == (kind == "ce")  # the cross-entropy is part of the loss for ce only (ce_weight 0)
+    assert set(objective_metrics(out, kind=kind, beta=2.0, temperature=2.0)) <= {"student_top1", "teacher_top1",
+                                                                                  "nll"}
+
+
+def test_the_sweep_grid_and_names_per_kind():
+    from eval.sweep import settings
+
+    grid = settings(["ce", "kl", "reverse_kl", "tail"], [5, 10], [1.0, 2.0], [1.0, 2.5])
+    assert [s.name for s in grid] == ["ce", "kl-t1", "kl-t2.5", "reverse_kl"] + [
+        f"tail-k{k}-b{b}-t{t}" for k in (5, 10) for b in (1, 2) for t in (1, 2.5)]
+    named = {s.name: s.overrides() for s in grid}
+    assert named["ce"] == ["loss.kind=ce"] and named["reverse_kl"] == ["loss.kind=reverse_kl"]
+    assert named["kl-t2.5"] == ["loss.kind=kl", "loss.temperature=2.5"]
+    assert named["tail-k10-b2-t1"] == ["loss.kind=tail", "loss.top_k=10", "loss.beta=2.0", "loss.temperature=1.0"]
+    assert BASELINE in LOSSES
+
+
+def test_the_report_shows_k_and_beta_for_kinds_that_use_them():
+    from eval.report import markdown_table
+
+    runs = [{"name": kind, "final": {}, "config": {"loss": {"kind": kind, "top_k": 7, "beta": 3.0}}}
+            for kind in ("tail", "kl", "unknown")]
+    rows = markdown_table(runs).splitlines()[2:]
+    assert rows[0].startswith("| tail | tail | 7 | 3.0 |")
+    assert rows[1].startswith("| kl | kl | – | – |") and rows[2].startswith("| unknown | unknown | – | – |")

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import loss.tail
-from loss import TailDivergence, tail_divergence, tail_divergence_parts
+from loss import tail_divergence, tail_divergence_parts
+from tests.losses import TailDivergence
 from tests.reference import reference_divergence, reference_kl, reference_parts
 
 

@@ -21,13 +21,13 @@ import torch.distributed as dist
 
 from core.tokens import IGNORE_INDEX
 from data.loader import to_device
-from loss.metrics import EvalSums
-from loss.objective import distillation_objective
+from loss.metrics import EvalResult, EvalSums, objective_metrics
+from loss.objective import OUTPUTS, distillation_objective
 from model_parallel import all_reduce_sum, gather_rows, global_argmax, start_all_reduce_sum
 from training.models import takes_logits_to_keep
 
 # Summed per token, reported as means over the valid tokens of the step.
-_LOGGED = ("loss", "kd", "ce", "head_kl", "tail_kl", "teacher_tail_mass", "student_tail_mass", "top1_agreement")
+_LOGGED = OUTPUTS + ("top1_agreement",)
 
 
 @dataclass
@@ -149,19 +149,9 @@ def _objective(engines, loss_cfg, student, teacher, targets, rows, num_rows, don
 
 
 def _known_metrics(loss_cfg, out) -> dict:
-    """The evaluation metrics the objective already computed (``out``): the argmaxes always; the
-    cross-entropy where it was part of the loss; at temperature 1 the divergence it optimised and
-    (tail) the tail masses, with the metric's constant β. Everything else EvalSums computes."""
-    known = {name: out[name] for name in ("student_top1", "teacher_top1") if name in out}
-    if "ce" in out:
-        known["nll"] = out["ce"]
-    if loss_cfg.temperature == 1.0:
-        if loss_cfg.kind == "tail":
-            known["tail_divergence"] = out["head_kl"] + loss_cfg.beta * out["tail_kl"]
-            known["teacher_tail_mass"], known["student_tail_mass"] = out["teacher_tail_mass"], out["student_tail_mass"]
-        elif loss_cfg.kind in ("kl", "reverse_kl"):
-            known["forward_kl" if loss_cfg.kind == "kl" else "reverse_kl"] = out["kd"]
-    return known
+    """The evaluation metrics the objective already computed (``out``, :func:`_objective`'s), with
+    the metric's constant β (:func:`loss.metrics.objective_metrics`)."""
+    return objective_metrics(out, kind=loss_cfg.kind, beta=loss_cfg.beta, temperature=loss_cfg.temperature)
 
 
 def _non_finite(*logits) -> torch.Tensor:
@@ -244,7 +234,7 @@ def step_means(result: StepResult, engines) -> dict:
 
 
 @torch.no_grad()
-def evaluate(engines, loss_cfg, batches, n_bins: int = 10):
+def evaluate(engines, loss_cfg, batches, n_bins: int = 10) -> EvalResult:
     """``(scalars, bins)`` over the valid tokens of ``batches`` (this rank's share, reduced over data
     parallel): the objective as ``loss`` plus :class:`loss.metrics.EvalSums`' metrics, and the
     calibration bins for reliability diagrams. Sums stay on the device until the end."""
@@ -262,5 +252,4 @@ def evaluate(engines, loss_cfg, batches, n_bins: int = 10):
         del student, teacher, out
     engines.student.train()
     sums.add_sum("loss", loss_sum)
-    scalars = sums.result(engines.dp_group)
-    return scalars, sums.last_bins
+    return sums.reduce(engines.dp_group)
