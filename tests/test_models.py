@@ -125,19 +125,24 @@ def test_default_attention_is_what_transformers_resolves(known):
     assert family(gemma2(64)).default_attention(gemma2(64)) == "eager"  # sdpa cannot soft-cap the scores
 
 
-def test_logits_to_keep_follows_the_forward_signature(known):
+def test_logits_to_keep_is_taken_by_the_known_families_and_read_from_the_forward(known):
     _, config, model = known
-    in_signature = "logits_to_keep" in inspect.signature(type(model).forward).parameters
-    assert family(config).takes_logits_to_keep(type(model)) == in_signature == takes_logits_to_keep(model)
-    assert GENERIC.takes_logits_to_keep(type(model)) == in_signature
+    assert "logits_to_keep" in inspect.signature(type(model).forward).parameters
+    assert family(config).takes_logits_to_keep(type(model)) and takes_logits_to_keep(model)
 
 
-def test_a_forward_without_logits_to_keep_is_read_from_its_signature():
-    class NoKeep(torch.nn.Module):
-        def forward(self, input_ids, attention_mask=None):
-            return input_ids
+def test_a_subclass_whose_forward_lacks_logits_to_keep_is_read_from_its_signature():
+    """A transformers config does not promise transformers' forward: a subclass (or remote code)
+    without ``logits_to_keep`` gets every position's logits, whichever family its config names."""
+    from transformers import LlamaForCausalLM
 
-    assert not GENERIC.takes_logits_to_keep(NoKeep)
+    class WithoutLogitsToKeep(LlamaForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, use_cache=None):
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+    assert family(llama(64)).name == "llama"
+    assert not family(llama(64)).takes_logits_to_keep(WithoutLogitsToKeep)
+    assert not GENERIC.takes_logits_to_keep(WithoutLogitsToKeep)
 
 
 def test_the_head_is_what_a_fused_head_may_apply_itself(known):

@@ -61,8 +61,6 @@ class Family:
     """What transformers resolves for ``attn_implementation=None`` (the job's ``auto``): ``sdpa``, or
     ``eager`` where the model class has no sdpa path (Gemma-2: sdpa cannot soft-cap the scores).
     None (generic): read from the model class."""
-    logits_to_keep: Optional[bool] = None
-    """The causal LM's forward takes ``logits_to_keep``. None (generic): read from its signature."""
     supports_fused_head: bool = False
     """The head is a plain ``nn.Linear`` (``lm_head``, tied or not, bias-free) applied to the base model's
     final hidden states, followed only by :meth:`final_logit_softcap`: the loss may apply it itself,
@@ -97,9 +95,9 @@ class Family:
 
     def takes_logits_to_keep(self, model_class) -> bool:
         """Whether ``model_class.forward`` applies the head to the positions ``logits_to_keep`` names
-        (else the step computes every position's logits and copies the kept ones out)."""
-        if self.logits_to_keep is not None:
-            return self.logits_to_keep
+        (else the step computes every position's logits and copies the kept ones out). Read from the
+        signature in every family: the known families' transformers classes take it, but a subclass
+        (or remote code with a transformers config) may not."""
         return _forward_takes(model_class, "logits_to_keep")
 
     def final_logit_softcap(self, config) -> Optional[float]:
@@ -114,13 +112,13 @@ class Family:
 _LLAMA_ROW_PARALLEL = frozenset({"o_proj", "down_proj"})
 _FAMILIES = {
     "llama": Family(name="llama", decoder_layer_class="LlamaDecoderLayer", row_parallel_names=_LLAMA_ROW_PARALLEL,
-                    norm_class="LlamaRMSNorm", norm_scales_in_fp32=False, attention="sdpa", logits_to_keep=True,
+                    norm_class="LlamaRMSNorm", norm_scales_in_fp32=False, attention="sdpa",
                     supports_fused_head=True),
     "qwen2": Family(name="qwen2", decoder_layer_class="Qwen2DecoderLayer", row_parallel_names=_LLAMA_ROW_PARALLEL,
-                    norm_class="Qwen2RMSNorm", norm_scales_in_fp32=False, attention="sdpa", logits_to_keep=True,
+                    norm_class="Qwen2RMSNorm", norm_scales_in_fp32=False, attention="sdpa",
                     supports_fused_head=True),
     "gemma2": Family(name="gemma2", decoder_layer_class="Gemma2DecoderLayer", row_parallel_names=_LLAMA_ROW_PARALLEL,
-                     norm_class="Gemma2RMSNorm", norm_scales_in_fp32=True, attention="eager", logits_to_keep=True,
+                     norm_class="Gemma2RMSNorm", norm_scales_in_fp32=True, attention="eager",
                      supports_fused_head=True),
 }
 GENERIC = Family(name="generic", decoder_layer_class=None, row_parallel_names=_GENERIC_ROW_PARALLEL)
@@ -138,17 +136,9 @@ def family(config) -> Family:
 
 
 def takes_logits_to_keep(model) -> bool:
-    """Whether ``model`` (a causal LM, not a DeepSpeed engine) takes ``logits_to_keep``: its family's
-    answer, a function of the model's and its config's classes, so looked up once per pair (the step
-    asks twice per micro-batch)."""
-    key = (type(model), type(model.config))
-    answer = _LOGITS_TO_KEEP.get(key)
-    if answer is None:
-        answer = _LOGITS_TO_KEEP[key] = family(model.config).takes_logits_to_keep(type(model))
-    return answer
-
-
-_LOGITS_TO_KEEP = {}
+    """Whether ``model`` (a causal LM, not a DeepSpeed engine) takes ``logits_to_keep``
+    (:meth:`Family.takes_logits_to_keep`; cached per class: the step asks twice per micro-batch)."""
+    return _forward_takes(type(model), "logits_to_keep")
 
 
 @functools.lru_cache(maxsize=None)
