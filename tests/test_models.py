@@ -203,3 +203,42 @@ def test_aligned_vocab_size_offline_has_no_tokenizer_to_check():
     assert aligned_vocab_size([1001], 1001, 1) == 1001
     with pytest.raises(ConfigError, match="cannot be aligned"):
         aligned_vocab_size([998, 1024], 1000, 2)
+
+
+def test_the_generic_family_infers_the_same_rules_on_a_model_it_does_not_name():
+    """Mistral (Llama-like, no family of its own): layers, row-parallel linears (DeepSpeed's plan),
+    norms and attention inferred from the built model."""
+    from deepspeed.runtime.tensor_parallel.config import _get_hf_tp_plan
+    from transformers import MistralConfig
+
+    config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                           num_attention_heads=2, num_key_value_heads=2)
+    model = _meta_model(config)
+    assert family(config) is GENERIC
+    layers = GENERIC.decoder_layers(model)
+    assert layers == list(model.model.layers)
+    rowwise = {pattern.rsplit(".", 1)[-1] for pattern, style in _get_hf_tp_plan(model).items() if style == "rowwise"}
+    assert GENERIC.row_parallel_names & _decoder_linears(layers[0]) == rowwise == {"o_proj", "down_proj"}
+    assert len(GENERIC.norms(layers[0])) == 2 and not GENERIC.fp32_norm_output(layers[0])
+    assert GENERIC.default_attention(config) == model.config._attn_implementation == "sdpa"
+
+
+def test_a_config_without_a_causal_lm_is_refused_by_name():
+    from transformers import CLIPVisionConfig
+
+    with pytest.raises(ConfigError, match="CLIPVisionConfig"):
+        GENERIC.default_attention(CLIPVisionConfig())
+
+
+def test_every_shipped_architecture_has_a_known_family():
+    """The planner's offline shapes (launch/configs/models) are all families this file states."""
+    import glob
+    import os
+
+    from transformers import AutoConfig
+
+    models = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch", "configs", "models")
+    paths = sorted(glob.glob(os.path.join(models, "*.json")))
+    assert paths
+    for path in paths:
+        assert family(AutoConfig.from_pretrained(path)) is not GENERIC, path
