@@ -62,6 +62,20 @@ def test_perplexity_and_accuracy_match_independent_computations():
     assert result["forward_kl"] == pytest.approx(float(kl), rel=1e-5)
 
 
+def test_reduce_returns_the_bins_it_summed_and_changes_nothing():
+    student, teacher, targets = _data()
+    sums = EvalSums(top_k=5, beta=2.0, n_bins=7)
+    halves = (slice(0, 3), slice(4, 40))  # row 3 is the ignored position
+    for rows in halves:
+        sums.add(student[rows], teacher[rows], targets[rows])
+    scalars, bins = sums.reduce()
+    for name, bin_sums in (("full", full_ece_bins), ("top1", top1_ece_bins)):
+        expected = sum(bin_sums(student[rows], targets[rows], n_bins=7) for rows in halves)
+        torch.testing.assert_close(torch.tensor(bins[name], dtype=torch.float64), expected)
+    assert scalars["tokens"] == 39 and scalars == sums.result() and sums.reduce().bins == bins
+    assert not hasattr(sums, "last_bins")
+
+
 BOUNDS = [20, 7, 34]
 
 
