@@ -261,16 +261,10 @@ def build_engines(*, student: StudentConfig, teacher: Optional[TeacherConfig], t
     works with ZeRO-3's parameter hooks and AutoTP).
     """
     import deepspeed
-    from deepspeed.utils import groups
     from transformers.integrations import HfDeepSpeedConfig
 
-    student_source = student
-    tokenizer = resolve_tokenizer(tokenizer, teacher.path if teacher else None, student.path)
-    tp = tensor_parallel
-    sizes = [_model_config(student, "student").get_text_config().vocab_size]
-    if teacher is not None:
-        sizes.append(_model_config(teacher, "teacher").get_text_config().vocab_size)
-    vocab_size = aligned_vocab_size(sizes, len(tokenizer), tp)
+    student_source, tp = student, tensor_parallel
+    tokenizer, vocab_size = _shared_vocabulary(student, teacher, tokenizer, tp)
     dtype = torch.bfloat16 if bf16 else torch.float32
 
     teacher_source, teacher = teacher, None
@@ -296,21 +290,37 @@ def build_engines(*, student: StudentConfig, teacher: Optional[TeacherConfig], t
         student, *_ = deepspeed.initialize(model=student_model, config=ds_configs.frozen)
     del hf_ds_config
 
-    head = student.module.get_output_embeddings()
-    vocab_start = getattr(head, "vocab_start_index", 0)
+    return Engines(student=student, teacher=teacher, tokenizer=tokenizer, vocab_size=vocab_size,
+                   real_vocab_size=len(tokenizer), **_parallel_layout(student, teacher, vocab_size, tp))
+
+
+def _shared_vocabulary(student: StudentConfig, teacher: Optional[TeacherConfig], tokenizer: Optional[str], tp: int):
+    """The run's tokenizer and the one vocabulary size both heads are aligned to."""
+    tokenizer = resolve_tokenizer(tokenizer, teacher.path if teacher else None, student.path)
+    sizes = [_model_config(student, "student").get_text_config().vocab_size]
+    if teacher is not None:
+        sizes.append(_model_config(teacher, "teacher").get_text_config().vocab_size)
+    return tokenizer, aligned_vocab_size(sizes, len(tokenizer), tp)
+
+
+def _parallel_layout(student, teacher, vocab_size: int, tp: int) -> dict:
+    """The :class:`Engines` fields of the layout the engines were built with: groups, device and
+    this rank's vocabulary slice, checked against both heads (collective over the TP group)."""
+    from deepspeed.utils import groups
+
+    vocab_start = getattr(student.module.get_output_embeddings(), "vocab_start_index", 0)
     if teacher is not None and getattr(teacher.module.get_output_embeddings(), "vocab_start_index", 0) != vocab_start:
         raise RuntimeError("teacher and student heads hold different vocabulary slices")
     if tp > 1:
         tp_group, dp_group = groups.get_tensor_model_parallel_group(), groups.get_data_parallel_group()
     else:
         tp_group, dp_group = None, torch.distributed.group.WORLD
-    dp_size = torch.distributed.get_world_size(dp_group)
     device = accelerator_device()
     # AutoTP splits the aligned vocabulary evenly; one collective here checks that against the heads.
     shard = resolve_vocab_shard(vocab_size // tp, tp_group, caller="build_engines", device=device)
     if shard.start != vocab_start:
         raise RuntimeError(f"the heads hold vocabulary ids from {vocab_start}, not {shard.start} as an even split "
                            f"of {vocab_size} over {tp} tensor-parallel ranks would")
-    return Engines(student=student, teacher=teacher, tokenizer=tokenizer, vocab_size=vocab_size,
-                   real_vocab_size=len(tokenizer), vocab_start=vocab_start, vocab_shard=shard, tp_group=tp_group,
-                   dp_group=dp_group, dp_rank=torch.distributed.get_rank(dp_group), dp_size=dp_size, device=device)
+    return {"vocab_start": vocab_start, "vocab_shard": shard, "tp_group": tp_group, "dp_group": dp_group,
+            "dp_rank": torch.distributed.get_rank(dp_group), "dp_size": torch.distributed.get_world_size(dp_group),
+            "device": device}
