@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from loss.objective import distillation_objective
-from training.plan import _activation_bytes, logits_bytes, model_shape, teacher_forward_bytes
+from training.plan import activation_bytes, logits_bytes, model_shape, teacher_forward_bytes
 
 SEQ = 2048
 VOCAB = 256  # the head and embedding cancel in the difference; small keeps them cheap
@@ -144,15 +144,15 @@ def test_fake_tensors_count_what_real_tensors_do(name, attention):
 @pytest.mark.parametrize("name, attention", CASES)
 def test_planned_saved_bytes_per_layer_match_the_counted(name, attention, tmp_path):
     """One decoder layer at real width, one 2048-token sequence, bf16, without and with activation
-    checkpointing: the plan's activation term (training.plan._activation_bytes, 2 layers minus 1)
+    checkpointing: the plan's activation term (training.plan.activation_bytes, 2 layers minus 1)
     within 10% of the bytes autograd saves (counted, 2 layers minus 1)."""
     shapes = {layers: _shape(_config(name, layers), attention, tmp_path) for layers in (1, 2)}
     assert shapes[2].attention == attention
     for checkpointing in (False, True):
         counted = (_saved_bytes(_config(name, 2), attention, SEQ, checkpointing, fake=True) -
                    _saved_bytes(_config(name, 1), attention, SEQ, checkpointing, fake=True))
-        planned = (_activation_bytes(shapes[2], SEQ, SEQ, 1, 2, checkpointing) -
-                   _activation_bytes(shapes[1], SEQ, SEQ, 1, 2, checkpointing))
+        planned = (activation_bytes(shapes[2], SEQ, SEQ, 1, 2, checkpointing) -
+                   activation_bytes(shapes[1], SEQ, SEQ, 1, 2, checkpointing))
         assert planned == pytest.approx(counted, rel=0.10), (name, attention, checkpointing, planned, counted)
 
 

@@ -1,0 +1,93 @@
+"""One layout's estimate: its memory, traffic and time (:mod:`~training.plan.memory`,
+:mod:`~training.plan.traffic`, :mod:`~training.plan.timing`) and whether it fits, with the
+assumptions every figure rests on (:data:`ASSUMPTIONS`)."""
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+from training.plan.inputs import GB, Cluster, Job, Layout
+from training.plan.memory import (CUDA_CONTEXT_GB, NCCL_CHANNELS, NCCL_GB_PER_COMMUNICATOR, memory_per_gpu,
+                                  runtime_reserve)
+from training.plan.timing import step_seconds
+from training.plan.traffic import traffic_per_step
+
+# A layout fits when its planned peak and that reserve leave this share of the GPU free: room for
+# the caching allocator's fragmentation and for what the plan does not count.
+HEADROOM = 0.10
+
+ASSUMPTIONS = (
+    "pre-training batches: every position has a target (SFT rows with masked prompts need less for logits)",
+    "tensor-parallel groups sit inside a node (consecutive ranks); data-parallel groups span the nodes",
+    "a data-parallel collective that crosses nodes shares the node's InfiniBand among its GPUs; "
+    "within a node it runs at the NVLink figure",
+    "ring collectives: an all-reduce puts 2(n-1)/n of its input on the wire, a reduce-scatter (n-1)/n, "
+    "an all-gather (n-1) times its input",
+    "no overlap of communication with compute (an upper bound on the step time)",
+    f"a layout fits when its peak (and on CUDA the context and NCCL buffers) leaves {HEADROOM:.0%} of the "
+    f"GPU free, for allocator fragmentation and what the plan does not count",
+    "compute at the given achieved dense throughput for every matmul, attention included",
+    "AutoTP shards the decoder layers' linear layers and the LM head; embeddings and norms are replicated; "
+    "a tied head with a scaled embedding (Gemma-2) is untied at tensor_parallel > 1",
+    "activations: what autograd saves for backward per decoder layer and token, by the model's own ops "
+    "(norms that save fp32, eager attention's fp32 softmax and soft-capping, gated MLPs; held by "
+    "tests/test_saved_bytes.py to 10% of counted bytes); sdpa as torch's flash kernel saves it "
+    "(q, k, v, output, fp32 log-sum-exp: no [seq, seq] tensor), on CPU and on CUDA alike",
+    "the teacher's no-grad forward temporaries are added to the student's activations (an upper bound: "
+    "they are freed before the student's forward)",
+    f"on CUDA, outside the planned peak (max_memory_allocated) but inside the GPU's memory: the CUDA "
+    f"context, {CUDA_CONTEXT_GB:g} GB, and NCCL's buffers, {NCCL_GB_PER_COMMUNICATOR:g} GB per "
+    f"communicator (NCCL_BUFFSIZE 4 MiB x 2 peers x {NCCL_CHANNELS} channels, with the LL and LL128 "
+    f"buffers); estimates, not measured here (allocator fragmentation goes in the headroom)",
+)
+
+
+@dataclass
+class Estimate:
+    """One layout's plan: bytes per GPU (``memory``), bytes per step per GPU (``traffic``), seconds."""
+
+    layout: Layout
+    memory: Dict[str, float]
+    traffic: Dict[str, float]
+    seconds: Dict[str, float]
+    """Time per step of compute and of each traffic kind."""
+    rejected: Optional[str] = None
+    reserve: float = 0.0
+    """Bytes per GPU outside the planned peak: the CUDA context and NCCL's buffers (0 on CPU)."""
+
+    @property
+    def peak_memory_bytes(self) -> float:
+        return sum(self.memory.values())
+
+    @property
+    def step_time_s(self) -> float:
+        return sum(self.seconds.values())
+
+    @property
+    def bottleneck(self) -> str:
+        return max(self.seconds, key=self.seconds.get)
+
+    @property
+    def fits(self) -> bool:
+        return self.rejected is None
+
+
+def _memory_problem(result: Estimate, cluster: Cluster) -> Optional[str]:
+    """Why ``result`` does not fit in ``cluster``'s GPUs with :data:`HEADROOM` to spare, or None."""
+    needed = result.peak_memory_bytes + result.reserve
+    if needed <= (1 - HEADROOM) * cluster.gpu_memory_gb * GB:
+        return None
+    with_reserve = f" with {result.reserve / GB:.1f} GB of CUDA context and NCCL buffers" if result.reserve else ""
+    return (f"needs {needed / GB:.1f} GB per GPU{with_reserve}, more than {1 - HEADROOM:.0%} of the "
+            f"{cluster.gpu_memory_gb:g} GB usable")
+
+
+def estimate(job: Job, layout: Layout, cluster: Cluster, *, device_type: str = "cuda") -> Estimate:
+    """Memory, traffic and time of ``layout`` for ``job`` on ``cluster`` (see :data:`ASSUMPTIONS`);
+    ``rejected`` says why it does not fit, where it does not."""
+    dp = cluster.world_size // layout.tensor_parallel
+    moved = traffic_per_step(job, layout, cluster)
+    result = Estimate(layout=layout, memory=memory_per_gpu(job, layout, cluster, device_type=device_type),
+                      traffic=moved, seconds=step_seconds(job, layout, cluster, moved),
+                      reserve=runtime_reserve(layout.tensor_parallel, dp) if device_type == "cuda" else 0.0)
+    result.rejected = _memory_problem(result, cluster)
+    return result

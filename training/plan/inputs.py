@@ -1,0 +1,99 @@
+"""What a plan is computed from: the cluster, a layout of the job on it, and the job itself (the parts
+of a run config the plan reads, its models shaped by :mod:`training.plan.shape`)."""
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+from data.loader import global_batch_size
+from loss.registry import divergence
+from training.deepspeed_config import read_deepspeed_json
+from training.plan.shape import ModelShape, aligned_vocab, architecture_source, model_shape
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The cluster a plan is for: ``gpu_memory_gb`` usable per GPU, ``tflops`` achieved dense bf16
+    per GPU, ``nvlink_gbps`` GB/s per GPU and ``ib_gbps`` GB/s per node, each direction."""
+
+    nodes: int = 2
+    gpus_per_node: int = 8
+    gpu_memory_gb: float = 80.0
+    tflops: float = 400.0
+    nvlink_gbps: float = 450.0
+    ib_gbps: float = 200.0
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way to run the job: the dotted config keys :meth:`as_config` names."""
+
+    tensor_parallel: int
+    teacher_placement: str
+    student_zero_stage: int
+    micro_batch_size: int
+    grad_accum: int
+    activation_checkpointing: bool
+
+    def as_config(self) -> Dict[str, object]:
+        return {"parallel.tensor_parallel": self.tensor_parallel,
+                "parallel.teacher_placement": self.teacher_placement,
+                "parallel.student_zero_stage": self.student_zero_stage,
+                "train.micro_batch_size": self.micro_batch_size, "train.grad_accum": self.grad_accum,
+                "train.activation_checkpointing": self.activation_checkpointing}
+
+    def set_arguments(self) -> str:
+        return " ".join(f"--set {key}={str(value).lower() if isinstance(value, bool) else value}"
+                        for key, value in self.as_config().items())
+
+
+@dataclass(frozen=True)
+class Job:
+    """The parts of a run config the plan reads."""
+
+    teacher: Optional[ModelShape]
+    student: ModelShape
+    seq_len: int
+    global_batch: int
+    """Sequences per optimizer step (micro-batch × grad_accum × data-parallel ranks)."""
+    weight_bytes: int
+    """2 under bf16, 4 in fp32."""
+    top_k: int
+    loss_kind: str
+    ds: Dict = field(default_factory=dict)
+    """The DeepSpeed JSON's ``zero_optimization`` section (bucket sizes, persistence)."""
+
+
+def _seq_len(cfg) -> int:
+    """The prepared training data's sequence length (its manifest) where it exists, else ``data.seq_len``."""
+    manifest = os.path.join(cfg.data.train or "", "manifest.json")
+    if os.path.isfile(manifest):
+        with open(manifest) as handle:
+            return int(json.load(handle).get("seq_len", cfg.data.seq_len))
+    return cfg.data.seq_len
+
+
+def job_from_config(cfg, *, world_size: int, tp: Optional[int] = None, bf16: Optional[bool] = None) -> Job:
+    """The plan's view of ``cfg`` (a :class:`training.config.RunConfig`) on ``world_size`` GPUs,
+    its models counted for tensor-parallel size ``tp`` (default: the config's); ``bf16`` where the
+    caller knows it (default: ``train.dtype`` bf16 or auto)."""
+    tp = tp or cfg.parallel.tensor_parallel
+    sources = {"student": architecture_source(cfg.student, "student")}
+    if divergence(cfg.loss.kind).needs_teacher:
+        sources["teacher"] = architecture_source(cfg.teacher, "teacher")
+    vocab = aligned_vocab(sources.values(), tp)
+    shapes = {name: model_shape(source, vocab=vocab, tp=tp, attn_implementation=getattr(cfg, name).attn_implementation)
+              for name, source in sources.items()}
+    config_dp = world_size // cfg.parallel.tensor_parallel
+    bf16 = cfg.train.dtype in ("bf16", "auto") if bf16 is None else bf16
+    ds = read_deepspeed_json(cfg.parallel.deepspeed_config).get("zero_optimization", {})
+    return Job(teacher=shapes.get("teacher"), student=shapes["student"], seq_len=_seq_len(cfg),
+               global_batch=global_batch_size(cfg.train.micro_batch_size, cfg.train.grad_accum, max(config_dp, 1)),
+               weight_bytes=2 if bf16 else 4, top_k=cfg.loss.top_k, loss_kind=cfg.loss.kind, ds=ds)

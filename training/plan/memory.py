@@ -1,0 +1,184 @@
+"""Memory per GPU by term (:data:`MEMORY_TERMS`), and the reserve CUDA and NCCL hold outside it.
+
+A new memory term is one key in :data:`MEMORY_TERMS` and one function here that :func:`memory` calls;
+``describe`` and the JSON list every key."""
+
+from typing import Dict
+
+from loss.registry import divergence
+from training.plan.inputs import GB, Cluster, Job, Layout
+from training.plan.shape import ModelShape
+
+MEMORY_TERMS = ("teacher_weights", "student_weights", "student_master", "student_optimizer", "student_gradients",
+                "activations", "logits", "comm_buffers")
+# Outside the caching allocator on CUDA (estimates, read not measured): the context of torch 2.x with
+# CUDA 12's lazy module loading takes about 0.5-1 GB on an H100 (its upper end here); NCCL gives
+# each communicator, per channel and ring peer, a 4 MiB NCCL_BUFFSIZE buffer for the Simple protocol
+# plus about 4.6 MiB for LL128 and 0.25 MiB for LL, over up to 16 channels on an NVLink node.
+CUDA_CONTEXT_GB = 1.0
+NCCL_CHANNELS = 16
+NCCL_GB_PER_COMMUNICATOR = round(NCCL_CHANNELS * 2 * (4 + 4.6 + 0.25) * 2 ** 20 / GB, 2)
+GRAD_BYTES = 4  # gradients accumulate in fp32 (the job sets data_types.grad_accum_dtype under bf16)
+
+
+def ds_bucket(ds: Dict, key: str, default: float) -> float:
+    """A ``zero_optimization`` size of the DeepSpeed JSON (its ``"auto"`` or absence: DeepSpeed's default)."""
+    value = ds.get(key, default)
+    return float(default if value == "auto" else value)
+
+
+def layer_saved_bytes(model: ModelShape, seq: int, tp: int, w: int) -> float:
+    """Bytes autograd saves for backward per decoder layer and token (sequences of ``seq`` tokens,
+    weights of ``w`` bytes, the split tensors over ``tp`` ranks), by op:
+
+    - each norm: its fp32 input (4 H), the fp32 rsqrt (4), and the normalised tensor its weight
+      multiplies, fp32 for Gemma's norms (4 H), else cast back (w H); plus the two norm outputs the
+      linear layers read (q/k/v's and the MLP's input, w H each), replicated over TP;
+    - eager attention: q, the key and value (``repeat_kv``'d to every query head) and the output
+      o_proj reads (w · heads · head_dim each); per score row of ``seq``: the fp32 softmax
+      output (4), its cast to the weights' dtype (w, none in fp32) and with soft-capping the
+      ``tanh`` output (w);
+    - sdpa (torch's flash kernel, CPU or CUDA): q and the output (w · heads · head_dim), the key
+      and value at their own heads (w · kv_heads · head_dim each; GQA without repetition), the
+      fp32 log-sum-exp (4 · heads); no ``[seq, seq]`` tensor;
+    - MLP: gated ``down(act(gate) * up)`` 4 w I (gate, act, up, product), else 2 w I.
+    """
+    hidden, inner = model.hidden, model.intermediate / tp
+    heads, kv_heads, head_dim = model.heads / tp, model.kv_heads / tp, model.head_dim
+    norm = 4 * hidden + 4 + (4 if model.fp32_norm_output else w) * hidden
+    replicated = model.norms * norm + 2 * w * hidden
+    if model.eager_attention:
+        scores = 4 + (w if w != 4 else 0) + (w if model.softcap else 0)
+        attention = 4 * w * heads * head_dim + heads * seq * scores
+    else:
+        attention = w * (2 * heads + 2 * kv_heads) * head_dim + 4 * heads
+    mlp = (4 if model.gated_mlp else 2) * w * inner
+    return replicated + attention + mlp
+
+
+def activation_bytes(model: ModelShape, tokens: int, seq: int, tp: int, w: int, checkpointed: bool) -> float:
+    """Saved activations of a student forward over ``tokens`` (``tokens / seq`` sequences): every
+    layer's :func:`layer_saved_bytes`, plus the final norm and the head's input. Checkpointed
+    (non-reentrant): each layer keeps only its input (w H) and one layer is recomputed at a time."""
+    per_layer = tokens * layer_saved_bytes(model, seq, tp, w)
+    final = tokens * (4 * model.hidden + 4 + (4 if model.fp32_norm_output else w) * model.hidden + w * model.hidden)
+    if checkpointed:
+        return w * tokens * model.layers * model.hidden + per_layer + final
+    return model.layers * per_layer + final
+
+
+def teacher_forward_bytes(model: ModelShape, tokens: int, seq: int, tp: int, w: int) -> float:
+    """The peak of a no-grad forward above its input, before the head: one layer's temporaries at
+    a time, the larger of two moments, plus what the whole forward keeps (RoPE's cos and sin, and
+    eager attention's ``[seq, seq]`` masks, one per kind of layer, per sequence):
+
+    - at eager attention's softmax: the layer's input and normed input (2 w H), q, k, v after
+      RoPE (and k, v repeated to every head under GQA), and per score row the scores with their
+      mask (w), their fp32 copy (4, none in fp32) and the fp32 softmax (4); under sdpa q, k, v and
+      the output;
+    - at the MLP's product: input, residual and normed (3 w H), and act, up and their product (3 w I;
+      2 w I ungated).
+    """
+    hidden, inner = model.hidden, model.intermediate / tp
+    heads, kv_heads, head_dim = model.heads / tp, model.kv_heads / tp, model.head_dim
+    if model.eager_attention:
+        repeated = 2 * w * heads * head_dim if kv_heads < heads else 0
+        attention = (2 * w * hidden + w * (heads + 2 * kv_heads) * head_dim + repeated +
+                     heads * seq * (w + 4 + (4 if w != 4 else 0)))
+        kept = model.mask_kinds * w * seq
+    else:
+        attention = 2 * w * hidden + 2 * w * (heads + kv_heads) * head_dim
+        kept = 0
+    mlp = 3 * w * hidden + (3 if model.gated_mlp else 2) * w * inner
+    return tokens * (max(attention, mlp) + kept + 2 * w * head_dim)
+
+
+def logits_bytes(model: ModelShape, tokens: int, vocab_local: int, w: int, *, device_type: str = "cuda",
+                 loss_kind: str = "tail") -> float:
+    """The peak of the logits path (heads, loss, backward to the student's last hidden state) in
+    units of L, one ``[tokens, V_local]`` tensor of ``w`` bytes: the student's logits and the
+    teacher's (donated to the student's gradient) 2 L, with the loss's fp32 row-chunk buffers
+    (``loss.registry``'s ``buffer_bytes`` for ``loss_kind``); with a final soft-capping (Gemma-2)
+    the student's saved ``tanh`` output (1 L) and, in its backward, the gradient through the
+    scaling and through ``tanh`` (2 L), which outgrow the loss's buffers."""
+    logits = tokens * vocab_local * w
+    buffers = divergence(loss_kind).buffer_bytes(tokens, vocab_local, w, device_type)
+    if model.final_softcap:
+        return 3 * logits + max(buffers, 2 * logits)
+    return 2 * logits + buffers
+
+
+def runtime_reserve(tp: int, dp: int) -> float:
+    """Bytes per GPU that CUDA and NCCL hold outside the caching allocator (estimates, see
+    ``ASSUMPTIONS``): the context, and NCCL's buffers for each communicator a rank is in (the
+    world; the tensor-parallel group and its data-parallel group where both have peers)."""
+    communicators = 1 + (tp > 1) + (tp > 1 and dp > 1)
+    return (CUDA_CONTEXT_GB + communicators * NCCL_GB_PER_COMMUNICATOR) * GB
+
+
+def student_partition(job: Job, layout: Layout, cluster: Cluster) -> float:
+    """Parameters of the student whose fp32 states (master, moments) one rank holds. Stage 0 keeps
+    them whole on every rank; stages 1 and 2 partition them over the data-parallel ranks; stage 3
+    partitions the TP-split tensors over those and the TP-replicated ones (embedding, norms) over
+    every rank, and keeps tensors under the persistence threshold whole."""
+    tp, stage = layout.tensor_parallel, layout.student_zero_stage
+    dp = cluster.world_size // tp
+    student = job.student.per_rank(tp)
+    if stage == 3:
+        replicated = job.student.replicated
+        return (student - replicated) / dp + replicated / cluster.world_size
+    return student / dp if stage else student
+
+
+def _student_states(job: Job, layout: Layout, states: float, device_type: str) -> Dict[str, float]:
+    """The student's weights, fp32 master copy, Adam moments and gradients on one rank."""
+    stage, w = layout.student_zero_stage, job.weight_bytes
+    student = job.student.per_rank(layout.tensor_parallel)
+    persistence = ds_bucket(job.ds, "stage3_param_persistence_threshold", 1e5)
+    return {
+        "student_weights": w * (states + job.student.persistent(persistence) if stage == 3 else student),
+        # Stage 0 is fp32 only (training.deepspeed_config.stage_problem): the weights are the master copy.
+        "student_master": 4 * states if stage else 0.0,
+        # Adam's two moments (fp32); on CPU torch's AdamW also makes one partition-sized temporary per step.
+        "student_optimizer": (8 + (4 if device_type == "cpu" else 0)) * states,
+        # Stages 0 and 1 hold every gradient until the step; stages 2 and 3 their partition (plus a bucket).
+        "student_gradients": GRAD_BYTES * (student if stage <= 1 else states),
+    }
+
+
+def _comm_buffers(job: Job, layout: Layout, cluster: Cluster, states: float) -> float:
+    """The gradient bucket (its touched part), and under ZeRO-3 the gathered parameters, which stay
+    live up to stage3_max_live_parameters (the whole model, for models below 1e9 parameters)."""
+    tp, w = layout.tensor_parallel, job.weight_bytes
+    dp = cluster.world_size // tp
+    student, teacher = job.student.per_rank(tp), job.teacher.per_rank(tp) if job.teacher else 0
+    live = ds_bucket(job.ds, "stage3_max_live_parameters", 1e9)
+    buffers = GRAD_BYTES * min(ds_bucket(job.ds, "reduce_bucket_size", 5e8), student)
+    if layout.student_zero_stage == 3:
+        buffers += w * (min(live, student) - states)
+    if teacher and layout.teacher_placement == "zero3" and dp > 1:
+        buffers += w * (min(live, teacher) - teacher / dp)
+    return max(buffers, 0.0)
+
+
+def memory_per_gpu(job: Job, layout: Layout, cluster: Cluster, *, device_type: str = "cuda") -> Dict[str, float]:
+    """Bytes per GPU of ``layout`` for ``job`` on ``cluster``, by :data:`MEMORY_TERMS` (the planned peak
+    is their sum: every term counted as alive at once)."""
+    tp, w = layout.tensor_parallel, job.weight_bytes
+    dp = cluster.world_size // tp
+    tokens = layout.micro_batch_size * job.seq_len
+    states = student_partition(job, layout, cluster)
+    result = dict.fromkeys(MEMORY_TERMS, 0.0)
+    result.update(_student_states(job, layout, states, device_type))
+    if job.teacher:
+        teacher = job.teacher.per_rank(tp)
+        persistence = ds_bucket(job.ds, "stage3_param_persistence_threshold", 1e5)
+        resident = layout.teacher_placement == "resident" or dp == 1
+        result["teacher_weights"] = w * (teacher if resident else teacher / dp + job.teacher.persistent(persistence))
+    result["activations"] = activation_bytes(job.student, tokens, job.seq_len, tp, w, layout.activation_checkpointing)
+    if job.teacher:
+        result["activations"] += teacher_forward_bytes(job.teacher, tokens, job.seq_len, tp, w)
+    result["logits"] = logits_bytes(job.student, tokens, job.student.vocab // tp, w, device_type=device_type,
+                                    loss_kind=job.loss_kind)
+    result["comm_buffers"] = _comm_buffers(job, layout, cluster, states)
+    return result
