@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from core.errors import TrainingStopped
+from core.errors import ConfigError, TrainingStopped
 from data.loader import Collator, GlobalBatchSampler, eval_batches, load_prepared
 from model_parallel.distributed import accelerator_device
 from training import checkpoint, faults, resume
@@ -22,7 +22,7 @@ from training.engines import build_engines, engine_sources, use_bf16
 from training.export import export_student
 from training.memory import PeakMemory
 from training.metrics_log import MetricsWriter
-from training.plan import describe, job_plan
+from training.plan import UnknownArchitecture, describe, job_plan
 from training.step import evaluate, step_means, train_step
 
 
@@ -48,10 +48,13 @@ def _eval_scalars(engines, cfg, eval_set, collator, step) -> dict:
 
 def _planned_peak_gb(cfg: RunConfig, world_size: int, bf16: bool) -> float:
     """Print the plan of this layout (rank 0) and return its peak memory per GPU in GB (an estimate;
-    NaN where the models cannot be counted offline, e.g. remote code)."""
+    NaN where the planner cannot plan it: see ``job_plan``'s errors). Any other error is a bug in
+    the planner and propagates."""
     try:
         result = job_plan(cfg, world_size=world_size, bf16=bf16, device=accelerator_device())
-    except Exception as error:  # the plan informs; it never stops a job that can run
+    # The plan informs; it never stops a job that can run. What it cannot plan by design: a config it
+    # refuses, a model it cannot shape offline (e.g. remote code; a ConfigError too), a file it cannot read.
+    except (ConfigError, UnknownArchitecture, OSError) as error:
         if dist.get_rank() == 0:
             print(f"plan: not available ({type(error).__name__}: {str(error).splitlines()[0]})", file=sys.stderr)
         return float("nan")
