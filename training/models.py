@@ -16,8 +16,8 @@ Rules that hold for every family (functions below, not fields):
   vocabulary-parallel head shares a tied embedding only when it is a plain ``nn.Embedding``
   (DeepSpeed's ``VocabParallelEmbedding.validate_embedding``), so a tied head over a scaled one
   (Gemma-2's) gets its own copy at ``tensor_parallel`` > 1. The engines and the planner both ask
-  these, so they agree on when it happens; a checkpoint's head record asks :func:`tied_head` and
-  :func:`scaled_embedding`, which answer the same after ``deepspeed.initialize``.
+  these, so they agree on when it happens; for a checkpoint's head record, :func:`tied_head` and
+  :func:`scaled_embedding` answer the same after ``deepspeed.initialize``.
 - **Vocabulary alignment** (:func:`aligned_vocab_size`): both heads share one size, a multiple of
   the tensor-parallel size.
 """
