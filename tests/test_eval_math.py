@@ -47,11 +47,13 @@ def memorised(tokenizer):
     return model.eval()
 
 
+@pytest.mark.e2e
 def test_accuracy_of_a_model_that_memorised_one_answer(memorised, tokenizer):
     result = math_accuracy(memorised, tokenizer, [LEARNED, OTHER], max_new_tokens=24)
     assert result == {"accuracy": 0.5, "correct": 1, "total": 2, "answered": 2}
 
 
+@pytest.mark.e2e
 def test_lm_eval_harness_runs_the_local_task(memorised, tokenizer, tmp_path):
     """lm-eval scores the same model on the same two problems with the same answer: 1 of 2."""
     import json

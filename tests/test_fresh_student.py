@@ -64,6 +64,7 @@ def drawn(tmp_path_factory):
                         timeout=300)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", ["llama", "gemma2"])
 def test_every_stage_and_rank_draws_the_same_student(drawn, name):
     reference = drawn[0][(name, 5, 3, torch.float32)]
@@ -78,6 +79,7 @@ def test_every_stage_and_rank_draws_the_same_student(drawn, name):
             assert torch.equal(rounded[tensor], reference[tensor].to(torch.bfloat16)), tensor
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", ["llama", "gemma2"])
 def test_the_draw_is_hugging_faces_initialisation_moved_by_the_seed(drawn, name):
     five, six = drawn[0][(name, 5, 3, torch.float32)], drawn[0][(name, 6, 3, torch.float32)]

@@ -58,6 +58,7 @@ print("SELECTED " + json.dumps(counts))
 """
 
 
+@pytest.mark.e2e
 def test_every_k_filter_in_the_script_selects_a_test():
     """Each ``-k`` expression, and each of its ``or`` terms alone (one that matches nothing, such as
     the old ``resume_reproduces``, hides in an ``or``), selects at least one test of its files."""
@@ -90,6 +91,7 @@ def test_every_job_in_the_script_names_its_dtype():
     assert all("--set train.dtype=bf16" in job for job in jobs), [job for job in jobs if "train.dtype" not in job]
 
 
+@pytest.mark.e2e
 def test_a_cpu_build_of_torch_stops_the_check_with_what_to_install(tmp_path):
     """--system-python uses python3 on PATH as it is (here the CPU build of this venv): the check prints
     the versions, says what to install and exits 2, before any section; it sources no venv (PYTHON

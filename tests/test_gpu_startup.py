@@ -186,6 +186,7 @@ def base(tmp_path):
     return str(path)
 
 
+@pytest.mark.e2e
 def test_gloo_rank_past_the_gpu_count_starts_and_trains_with_torch_adamw(monkeypatch, base, tmp_path):
     """Item 1: rank 1 on one GPU starts (gloo, CPU accelerator, no ``set_device``). Item 2: the
     student config made for a CUDA machine gives DeepSpeed 0.19.8 torch's fused AdamW (no op to

@@ -53,6 +53,7 @@ def _engine_steps(rank, world_size):
             "norm": float(engine.get_global_grad_norm()), "params": [p.detach().clone() for p in model.parameters()]}
 
 
+@pytest.mark.e2e
 def test_stage_0_clips_reports_the_norm_and_skips_a_non_finite_step():
     results = run_on_ranks(2, _engine_steps, deepspeed=True, timeout=300)
     for result in results:

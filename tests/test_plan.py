@@ -58,6 +58,7 @@ def test_zero3_student_states_agree_with_deepspeeds_estimator():
     assert total - 2 * job.student.persistent(1e5) == pytest.approx(gpu_bytes - largest, rel=1e-6)
 
 
+@pytest.mark.e2e
 def test_json_names_every_term_and_layout(tmp_path):
     result = _plan_command("--config", PRODUCTION, "--json")
     assert result.returncode == 0, result.stderr
@@ -86,6 +87,7 @@ def test_json_names_every_term_and_layout(tmp_path):
         load_config(os.path.join(ROOT, PRODUCTION)).parallel.tensor_parallel
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("args, message", [
     (["--set", "parallel.tensor_parallel=3", "--gpus-per-node", "3", "--nodes", "1"],
      "parallel.tensor_parallel 3 does not divide the teacher's 16 attention heads"),
@@ -101,6 +103,7 @@ def test_bad_input_is_one_line_naming_the_key(args, message):
         result.stderr
 
 
+@pytest.mark.e2e
 def test_a_job_that_fits_nowhere_names_the_smallest_cluster_that_would():
     result = _plan_command("--config", PRODUCTION, "--nodes", "1", "--gpus-per-node", "8", "--gpu-memory-gb", "8")
     assert result.returncode == 1 and "WARNING: this layout will not fit" in result.stdout
@@ -141,6 +144,7 @@ def test_stage_0_is_planned_only_where_it_runs_and_holds_whole_states():
     assert zero_0.traffic["student_reduce_scatter"] == zero_1.traffic["student_reduce_scatter"] == 4 * params
 
 
+@pytest.mark.e2e
 def test_the_production_header_is_the_planners():
     """launch/configs/gemma2_9b_to_1b.yaml opens with what the planner prints for it (regenerate with
     the command on its second line), and its layout is the one the plan recommends."""

@@ -70,6 +70,7 @@ def ranks(tmp_path_factory, tokenizer_dir, demo_dir):
     return root, results
 
 
+@pytest.mark.e2e
 def test_a_slow_preparation_on_rank_0_does_not_time_out_the_others(ranks, tokenizer_dir, demo_dir, tmp_path):
     from data.loader import load_prepared
     from data.prepare import prepare
@@ -91,6 +92,7 @@ def test_a_slow_preparation_on_rank_0_does_not_time_out_the_others(ranks, tokeni
     assert sorted(os.listdir(root / "run" / "data")) == ["eval.failed", "train"]  # no heartbeat (.working) left
 
 
+@pytest.mark.e2e
 def test_rank_0s_failure_reaches_every_rank_as_the_same_error(ranks):
     root, results = ranks
     expected = ("DataError", f"data.eval: input file is empty: {root / 'bad.txt'}")

@@ -6,6 +6,7 @@ import shlex
 import subprocess
 import sys
 
+import pytest
 from datasets import load_from_disk
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,6 +17,7 @@ def _readme_commands(prefix):
         return [line.strip() for line in readme if re.match(rf"^{re.escape(prefix)}", line.strip())]
 
 
+@pytest.mark.e2e
 def test_data_commands_run_as_written(tmp_path):
     commands = _readme_commands("python -m data.")
     assert [shlex.split(c)[2] for c in commands] == ["data.synthetic", "data.tokenizer", "data.prepare", "data.prepare"]
