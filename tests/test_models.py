@@ -242,3 +242,23 @@ def test_every_shipped_architecture_has_a_known_family():
     assert paths
     for path in paths:
         assert family(AutoConfig.from_pretrained(path)) is not GENERIC, path
+
+
+def test_the_checkpoint_records_an_autotp_sharded_tied_embedding_as_plain():
+    """``training.checkpoint.head_record`` runs after ``deepspeed.initialize``: a tied Llama at
+    TP > 1 keeps its head tied to AutoTP's ``VocabParallelEmbedding``, which is no scaled embedding,
+    so a universal conversion must not untie it (the record said ``scaled_embedding: True`` when it
+    compared the class with ``nn.Embedding``)."""
+    from deepspeed.module_inject.layers import VocabParallelEmbedding
+    from transformers import AutoModelForCausalLM
+
+    from training.checkpoint import head_record
+
+    model = AutoModelForCausalLM.from_config(llama(64, tie=True))
+    sharded = VocabParallelEmbedding(model.get_input_embeddings(), mp_group=None)  # as AutoTP swaps it in
+    model.set_input_embeddings(sharded)
+    assert model.get_output_embeddings().weight is sharded.weight
+    assert head_record(model) == {"tied": True, "head": "lm_head.weight", "embedding": "model.embed_tokens.weight",
+                                  "scaled_embedding": False}
+    gemma = AutoModelForCausalLM.from_config(gemma2(64))
+    assert head_record(gemma)["scaled_embedding"] and head_record(gemma)["tied"]

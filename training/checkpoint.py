@@ -28,6 +28,7 @@ from core.errors import CheckpointError
 from core.files import write_atomically
 from model_parallel.byte_gather import all_gather_bytes
 from training import faults
+from training.models import scaled_embedding, tied_head
 
 LATEST = "latest"
 LAYOUT = "layout.json"
@@ -164,8 +165,9 @@ def head_record(model) -> Optional[dict]:
     """``{"tied", "head", "embedding", "scaled_embedding"}`` of an HF causal LM (None for other modules).
 
     ``tied``: the head's weight *is* the embedding's; ``head``/``embedding``: their parameter names;
-    ``scaled_embedding``: the embedding is not a plain ``nn.Embedding`` (Gemma-2's scaled one),
-    which ``training.engines`` unties at ``tensor_parallel`` > 1 (AutoTP cannot share it). So a
+    ``scaled_embedding``: the embedding is not a plain one (Gemma-2's scaled one; AutoTP's
+    vocabulary-parallel copy of a plain one counts as plain, ``training.models.scaled_embedding``),
+    which ``training.models`` unties at ``tensor_parallel`` > 1 (AutoTP cannot share it). So a
     Gemma-2 student is tied at TP 1 and untied at TP > 1: a resume across that boundary changes
     the parameter set, and ``training.resume`` and ``training.universal`` use this record to carry
     it over or refuse it.
@@ -176,9 +178,8 @@ def head_record(model) -> Optional[dict]:
     if head is None or embedding is None:
         return None
     names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
-    return {"tied": head.weight is embedding.weight, "head": f"{names[id(head)]}.weight",
-            "embedding": f"{names[id(embedding)]}.weight",
-            "scaled_embedding": type(embedding) is not torch.nn.Embedding}
+    return {"tied": tied_head(model), "head": f"{names[id(head)]}.weight",
+            "embedding": f"{names[id(embedding)]}.weight", "scaled_embedding": scaled_embedding(embedding)}
 
 
 def _sha256(path: str) -> str:
