@@ -22,7 +22,7 @@ from model_parallel.devices import accelerator_kind
 from model_parallel.distributed import accelerator_device
 from training.config import ConfigError, RunConfig, StudentConfig, TeacherConfig
 from training.deepspeed_config import DeepSpeedConfigs
-from training.models import aligned_vocab_size, untie_head, unties_head
+from training.models import aligned_vocab_size, load_model_config, untie_head, unties_head
 from training.plain_optimizer import plain_data_parallel
 
 
@@ -77,18 +77,6 @@ def resolve_tokenizer(tokenizer: Optional[str], teacher_path: Optional[str], stu
                 raise ConfigError(f"{key}: {path} ships a tokenizer whose token→id map differs from {name!r}; "
                                   f"teacher and student must share one tokenizer")
     return tokenizer
-
-
-def _model_config(section, key: str):
-    from transformers import AutoConfig
-
-    source = section.path or section.config
-    try:
-        return AutoConfig.from_pretrained(source, trust_remote_code=section.trust_remote_code,
-                                          revision=section.revision)
-    except Exception as error:
-        raise ConfigError(f"{key}: could not load a model config from {source!r}: {str(error).splitlines()[0]}"
-                          ) from None
 
 
 def _init_added_rows(model, first_added: int, seed: int) -> None:
@@ -164,7 +152,7 @@ def _build_model(section, key: str, vocab_size: int, zero_only: Optional[dict], 
     import deepspeed
     from transformers import AutoModelForCausalLM
 
-    config = _model_config(section, key)
+    config = load_model_config(section, key)
     # Import the model's code (and, through it, torch._dynamo) before zero.Init patches
     # torch.Tensor.__new__: dynamo checks that signature when it is first imported.
     import torch._dynamo  # noqa: F401
@@ -297,9 +285,9 @@ def build_engines(*, student: StudentConfig, teacher: Optional[TeacherConfig], t
 def _shared_vocabulary(student: StudentConfig, teacher: Optional[TeacherConfig], tokenizer: Optional[str], tp: int):
     """The run's tokenizer and the one vocabulary size both heads are aligned to."""
     tokenizer = resolve_tokenizer(tokenizer, teacher.path if teacher else None, student.path)
-    sizes = [_model_config(student, "student").get_text_config().vocab_size]
+    sizes = [load_model_config(student, "student").get_text_config().vocab_size]
     if teacher is not None:
-        sizes.append(_model_config(teacher, "teacher").get_text_config().vocab_size)
+        sizes.append(load_model_config(teacher, "teacher").get_text_config().vocab_size)
     return tokenizer, aligned_vocab_size(sizes, len(tokenizer), tp)
 
 

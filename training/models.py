@@ -225,3 +225,18 @@ def aligned_vocab_size(sizes: Iterable[int], real_vocab_size: Optional[int], tp:
         raise ConfigError(f"vocabulary: a model has {min(small)} embedding rows but the tokenizer has "
                           f"{real_vocab_size} tokens; the vocabularies cannot be aligned")
     return -(-max(sizes) // tp) * tp
+
+
+def load_model_config(section, key: str):
+    """The transformers config of a run config's ``student`` / ``teacher`` section (``key``), read
+    from its ``path`` or ``config`` (no model is built); :class:`ConfigError` naming ``key`` and the
+    source where it cannot be loaded."""
+    from transformers import AutoConfig
+
+    source = section.path or section.config
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=section.trust_remote_code,
+                                          revision=section.revision)
+    except Exception as error:  # transformers raises OSError, ValueError, KeyError... for a bad source
+        raise ConfigError(f"{key}: could not load a model config from {source!r}: {str(error).splitlines()[0]}"
+                          ) from None

@@ -24,7 +24,7 @@ from training import universal
 from training.checkpoint import (COMPLETE, HEAD, find_resume, load, read_client_state, read_rng_state,
                                  set_rng_state, universal_tag)
 from training.config import RunConfig, identity
-from training.engines import _model_config
+from training.models import load_model_config
 
 
 def checkpoints_dir(cfg: RunConfig) -> str:
@@ -104,7 +104,7 @@ def _converted(root: str, tag: str) -> str:
 
 def _config_ties_head(section) -> bool:
     """Whether the student's model config ties its LM head to its embedding (read, not built)."""
-    config = _model_config(section, "student")
+    config = load_model_config(section, "student")
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return bool(getattr(text, "tie_word_embeddings", False))
 
