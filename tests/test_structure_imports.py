@@ -197,3 +197,77 @@ def test_a_graph_without_circles_passes(tmp_path):
     edges = import_edges(str(tmp_path), ("pkg",))
     assert [(e.importer, e.imported) for e in edges] == [("pkg", "pkg.a"), ("pkg.a", "pkg.b")]
     assert import_cycles(edges) == []
+
+
+# --- the import rules ARCHITECTURE.md states ------------------------------------------------------------------
+
+ARCHITECTURE = os.path.join(ROOT, "ARCHITECTURE.md")
+
+
+def import_rules(text: str) -> Dict[str, List[str]]:
+    """``{room: [what it may import]}`` from the rows of ARCHITECTURE.md's table whose first cell is a
+    backquoted room (``| `room` | holds | `a`, `b` |``; ``nothing`` for none)."""
+    rules = {}
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`") and cells[0].endswith("`"):
+            rules[cells[0].strip("`")] = [name.strip(" `") for name in cells[2].split(",") if "`" in name]
+    return rules
+
+
+def room_of(module: str, rooms) -> str:
+    """The longest room name that is ``module`` or prefixes it (None: no room holds it)."""
+    found = [room for room in rooms if module == room or module.startswith(room + ".")]
+    return max(found, key=len) if found else None
+
+
+def _covers(name: str, module: str, rules) -> bool:
+    """A row's ``name`` (a room or a module) allows ``module``: itself or a submodule of it, but not
+    one in a room nested deeper than ``name`` (``model_parallel`` does not open ``model_parallel.testing``)."""
+    inside = module == name or module.startswith(name + ".")
+    return inside and len(room_of(module, rules)) <= len(name)
+
+
+def rule_breaks(edges: List[Edge], rules: Dict[str, List[str]]) -> List[str]:
+    """Every import that its importer's room does not allow: its own room always, else a room or
+    module named in its row (with that name's submodules outside deeper rooms)."""
+    breaks = []
+    for edge in edges:
+        importer, imported = room_of(edge.importer, rules), room_of(edge.imported, rules)
+        if importer is None:
+            breaks.append(f"{edge.path}:{edge.line}: {edge.importer} is in no room of ARCHITECTURE.md")
+            continue
+        allowed = imported == importer or any(_covers(name, edge.imported, rules) for name in rules[importer])
+        if not allowed:
+            breaks.append(f"{edge.path}:{edge.line}: {edge.importer} ({importer}) imports {edge.imported}"
+                          f"{', in a function' if edge.local else ''}; {importer} may import "
+                          f"{', '.join(rules[importer]) or 'nothing'}")
+    return breaks
+
+
+def test_every_import_keeps_the_rules_architecture_md_states():
+    rules = import_rules(open(ARCHITECTURE).read())
+    assert set(PACKAGES) <= set(rules), f"ARCHITECTURE.md has no row for {sorted(set(PACKAGES) - set(rules))}"
+    breaks = rule_breaks(import_edges(), rules)
+    assert not breaks, "imports against ARCHITECTURE.md:\n" + "\n".join(breaks)
+
+
+def test_the_rules_catch_an_upward_and_a_sideways_import(tmp_path):
+    """The checker itself: a row's room covers its submodules, a named module does not open its
+    whole room, a sub-room is not its parent's, and ``nothing`` allows nothing."""
+    rules = import_rules("| room | holds | may import |\n| --- | --- | --- |\n| `low` | x | nothing |\n"
+                         "| `low.tools` | y | `low` |\n| `mid` | z | `low.api` |\n| `top` | w | `low`, `mid` |\n")
+    assert rules == {"low": [], "low.tools": ["low"], "mid": ["low.api"], "top": ["low", "mid"]}
+    _write(tmp_path, {
+        "low/__init__.py": "", "low/api.py": "", "low/core.py": "from low import api\n",
+        "low/tools/__init__.py": "from low import api\n",
+        "mid/__init__.py": "from low.api import f\n\ndef g():\n    from low import core\n",  # core: not named
+        "top/__init__.py": "import mid\nfrom low.tools import t\n",  # low.tools: a room of its own
+        "low/up.py": "import top\n",
+    })
+    breaks = rule_breaks(import_edges(str(tmp_path), ("low", "mid", "top")), rules)
+    assert breaks == [
+        "low/up.py:1: low.up (low) imports top; low may import nothing",
+        "mid/__init__.py:4: mid (mid) imports low.core, in a function; mid may import low.api",
+        "top/__init__.py:2: top (top) imports low.tools; top may import low, mid",
+    ]
