@@ -53,6 +53,7 @@ def peaks(tmp_path_factory, tokenizer_dir, tokenizer, demo_dir):
     return {flag: run_on_ranks(1, _step_peak, str(path), flag, deepspeed=True, timeout=300)[0] for flag in (False, True)}
 
 
+@pytest.mark.e2e
 def test_activation_checkpointing_holds_less_memory_for_the_same_loss(peaks):
     off, on = peaks[False], peaks[True]
     assert on["loss"] == pytest.approx(off["loss"], rel=1e-6)  # recomputation repeats the same fp32 ops

@@ -19,6 +19,7 @@ from tests.tiny_models import gemma2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OBJECT_COLLECTIVES = ("all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list")
+pytestmark = pytest.mark.e2e  # every test here reads the one save trained on 2 DeepSpeed ranks
 
 
 def _engine(config_path, seed):
