@@ -56,9 +56,10 @@ def distillation_objective(student_logits: torch.Tensor,
     where its pass gives them). ``beta_mode`` ``sequence`` needs ``sequence_ids`` (``[n]``, the row
     of each token) and takes ``num_sequences`` (the batch's row count) where the caller knows it.
     ``donate_teacher``: the caller will not read ``teacher_logits`` after backward, so the divergence
-    may reuse its storage for the student's gradient (:func:`loss.tail_divergence`). ``shard``: this rank's vocabulary slice, resolved once
-    by the caller (the job: when its engines are built); the losses then skip their per-call
-    collective layout check and its host sync. None: each loss checks the layout itself.
+    may reuse its storage for the student's gradient (:func:`loss.tail_divergence`). ``shard``: this
+    rank's vocabulary slice, resolved once by the caller (the job: when its engines are built); the
+    losses then skip their per-call collective layout check and its host sync. None: each loss
+    checks the layout itself.
     """
     entry = divergence(kind)
     out = {}
