@@ -61,20 +61,39 @@ def distillation_objective(student_logits: torch.Tensor,
     losses then skip their per-call collective layout check and its host sync. None: each loss
     checks the layout itself.
     """
-    entry = divergence(kind)
     out = {}
-    if entry.compute is None or ce_weight > 0:
+    if divergence(kind).compute is None or ce_weight > 0:
         out["ce"] = cross_entropy(student_logits, labels, tp_group=tp_group, shard=shard)
-    if entry.compute is None:
-        out["loss"] = out["ce"]
-        return out
     if beta_mode == "sequence":
         beta_for = lambda mass: sequence_beta(beta, mass, sequence_ids, num_sequences)  # noqa: E731
     else:
         beta_for = lambda mass: beta  # noqa: E731
-    out.update(entry.compute(student_logits, teacher_logits, top_k=top_k, beta_for=beta_for,
-                             temperature=temperature, tp_group=tp_group, shard=shard,
-                             donate_teacher=donate_teacher))
+    out.update(divergence_outputs(student_logits, teacher_logits, kind=kind, top_k=top_k, beta_for=beta_for,
+                                  temperature=temperature, tp_group=tp_group, shard=shard,
+                                  donate_teacher=donate_teacher))
+    return assemble(out, temperature=temperature, ce_weight=ce_weight)
+
+
+def divergence_outputs(student_logits, teacher_logits, *, kind: str, top_k: int, beta_for, temperature: float,
+                       tp_group=None, shard: Optional[VocabShard] = None,
+                       donate_teacher: bool = False) -> Dict[str, torch.Tensor]:
+    """The divergence part of the objective: ``kind``'s outputs (``"kd"`` and the rest), or ``{}``
+    for a kind without one. ``beta_for(teacher_tail_mass)`` gives the tail weight (a number or per
+    token); the other arguments as for :func:`distillation_objective`."""
+    entry = divergence(kind)
+    if entry.compute is None:
+        return {}
+    return entry.compute(student_logits, teacher_logits, top_k=top_k, beta_for=beta_for, temperature=temperature,
+                         tp_group=tp_group, shard=shard, donate_teacher=donate_teacher)
+
+
+def assemble(out: Dict[str, torch.Tensor], *, temperature: float, ce_weight: float) -> Dict[str, torch.Tensor]:
+    """Add ``out["loss"]``, the per-token objective ``(1 − ce_weight)·τ²·kd + ce_weight·ce`` (``ce``
+    alone without a divergence), to ``out`` (which holds ``kd`` and/or ``ce``) and return it: the one
+    place the objective is assembled, for the unfused and the fused path alike."""
+    if "kd" not in out:
+        out["loss"] = out["ce"]
+        return out
     scaled = temperature**2 * out["kd"]
     out["loss"] = scaled if ce_weight == 0 else (1 - ce_weight) * scaled + ce_weight * out["ce"]
     return out
