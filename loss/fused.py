@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 
 from core.tokens import IGNORE_INDEX
-from loss import tail
 from loss.objective import assemble, divergence_outputs, sequence_beta
 from loss.registry import divergence
 from loss.tail import tail_divergence_parts
@@ -51,15 +50,17 @@ def chunk_rows(tokens: int, vocab_local_max: int, device_type: str) -> int:
     return max(1, min(tokens, budget // max(1, vocab_local_max)))
 
 
-def buffer_bytes(tokens: int, vocab_local: int, hidden: int, w: int, device_type: str, softcap: bool = False) -> float:
+def buffer_bytes(tokens: int, vocab_local: int, hidden: int, w: int, device_type: str, *, kind: str = "tail",
+                 softcap: bool = False) -> float:
     """Bytes the fused logits path holds at its peak on one rank (the planner's logits term, a bound):
     one chunk's student and teacher logits and the gradient of the student's (``w`` bytes each, one
-    more for the soft-cap's tanh), the divergence's own row-chunk temporaries on that chunk
-    (:func:`loss.tail.buffer_bytes`), the fp32 head-weight gradient accumulator ``[V_local, H]`` and
-    the fp32 hidden-state gradient ``[tokens, H]``. Nothing ``[tokens, V_local]``."""
+    more for the soft-cap's tanh), the divergence's own temporaries on that chunk (its registry
+    entry's :meth:`~loss.registry.Divergence.buffer_bytes`), the fp32 head-weight gradient
+    accumulator ``[V_local, H]`` and the fp32 hidden-state gradient ``[tokens, H]``. Nothing
+    ``[tokens, V_local]``."""
     rows = chunk_rows(tokens, vocab_local, device_type)
-    chunk = rows * vocab_local
-    return ((3 + int(softcap)) * w * chunk + tail.buffer_bytes(rows, vocab_local, w, device_type) +
+    return ((3 + int(softcap)) * w * rows * vocab_local +
+            divergence(kind).buffer_bytes(rows, vocab_local, w, device_type) +
             4 * vocab_local * hidden + 4 * tokens * hidden)
 
 
