@@ -1,19 +1,38 @@
 """Tokens/s of the job's layouts beside a plain transformers ``Trainer`` + DDP baseline, in one run.
 
-    python benchmarks/distill.py [--ranks 2] [--steps 20] [--warmup 3] [--seq-len 128] [--micro-batch 8]
-                                 [--tp 1 2] [--rounds 3]
+    python benchmarks/distill.py [--pair {demo,small,wide}] [--ranks 2] [--steps 20] [--warmup 3]
+                                 [--seq-len S] [--micro-batch 8] [--tp 1 2] [--stage {0,1,2,3,auto} ...]
+                                 [--placement {resident,zero3} ...] [--fused {off,on,both}] [--rounds 3]
 
-The pair is the demo's (launch/configs/models/demo_teacher.json -> demo_student.json, random
-weights, 1024-token vocabulary), fp32 on CPU with gloo. Every side trains the same steps of the
-same global batch after the same warm-up and counts the same tokens: every input token of the
-global batch (micro-batch x sequence x data-parallel ranks) per optimizer step.
+The pair (``benchmarks.demo_pair.PAIRS``, random weights, fp32 on CPU with gloo; ``--seq-len``
+defaults to the pair's):
+
+- ``demo`` (default): the demo's models, student 64 x 2 layers, teacher 128 x 4, V 1,024, sequence 128;
+- ``small``: student 32 x 2, teacher 64 x 4, V 1,024, 64-token sequences (fixed per-step costs dominate);
+- ``wide``: student 128 x 2, teacher 256 x 4, V 16,384 real byte-level BPE tokens trained on the demo
+  corpus (V = 128 x the student's width, as in real small students), sequence 128: the output
+  layers and the logits dominate.
+
+Every side trains the same steps of the same global batch (random ids of the pair's vocabulary)
+after the same warm-up and counts the same tokens: every input token of the global batch
+(micro-batch x sequence x data-parallel ranks) per optimizer step.
 
 - **baseline**: ``transformers.Trainer`` with DDP, a full teacher copy per rank, the loss the
   plain forward KL over the whole vocabulary (``kl_div(log_softmax)``), AdamW;
 - **the job's layouts**: ``training.step.train_step`` (the job's own step: tail-aware divergence
-  K 10, beta 2) for each tensor-parallel size x ``parallel.teacher_placement``; a layout slower than
-  the baseline is shown with where its time goes (teacher forward, student forward, loss,
-  backward, optimizer), for each student ZeRO stage (``parallel.student_zero_stage``).
+  K 10, beta 2) for each tensor-parallel size x ``parallel.teacher_placement`` x student ZeRO stage
+  (``parallel.student_zero_stage``; stage 0 at TP 1 only, ``zero3`` placement with stage 3 only) x
+  ``loss.fused_head`` where ``--fused`` is given (``off``, ``on`` or ``both``, printed side by side;
+  not given: the key is not set). Each job side runs as the job does: ``training.memory.PeakMemory``
+  is made before the models are built, which on CPU also fixes glibc's mmap threshold at 64 KiB.
+
+For every job side a step's time is split by part (rank 0's wall clock around the engines' calls,
+medians over rounds): teacher forward, student forward, loss/head (the objective's forward; with the
+fused head also both output layers, which then leave the forwards), backward (the loss's too),
+optimizer, and other = the step minus those parts (batch moves, the token-count all-reduce, host
+decisions: the fixed per-step costs). On the wide pair each job side also gives its peak memory
+(``peak_memory_gb`` as the job logs it, in GB and in units of L = one micro-batch's student logits
+in fp32, ``micro-batch x sequence x V / TP x 4`` bytes).
 
 Every side runs once per round, the rounds one after another, and the medians over rounds are
 printed: on a shared machine whose speed drifts by tens of percent between minutes, a side's ratio
@@ -25,35 +44,70 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from statistics import median
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.demo_pair import FUSED, PAIRS, fused_override, refused_overrides, write_pair  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PARTS = ("teacher forward", "student forward", "loss/head", "backward", "optimizer")
+
+
+@dataclass(frozen=True)
+class Side:
+    """One layout of the job; ``stage`` an int or ``"auto"``, ``fused`` None where ``loss.fused_head`` is not set."""
+
+    tp: int
+    placement: str
+    stage: object
+    fused: Optional[bool] = None
+
+    def overrides(self) -> list:
+        values = [f"parallel.tensor_parallel={self.tp}", f"parallel.teacher_placement={self.placement}",
+                  f"parallel.student_zero_stage={self.stage}"]
+        return values + fused_override(self.fused)
+
+    def name(self, ranks: int) -> str:
+        fused = "" if self.fused is None else f", fused head {'on' if self.fused else 'off'}"
+        return (f"job: TP {self.tp} x DP {ranks // self.tp}, teacher {self.placement}, student ZeRO-{self.stage}"
+                f"{fused}")
 
 
 def _global_batches(args):
-    """The same global batches for every side: ``warmup + steps`` tensors ``[G, S]`` of token ids,
-    G = micro-batch x processes sequences (each side splits G over its data-parallel ranks)."""
+    """The same global batches for every side: ``warmup + steps`` tensors ``[G, S]`` of token ids
+    (past the 4 special ids), G = micro-batch x processes sequences (each side splits G over its
+    data-parallel ranks)."""
     import torch
 
     generator = torch.Generator().manual_seed(0)
     for _ in range(args.warmup + args.steps):
-        yield torch.randint(4, 1000, (args.micro_batch * args.ranks, args.seq_len), generator=generator)
+        yield torch.randint(4, PAIRS[args.pair].vocab, (args.micro_batch * args.ranks, args.seq_len),
+                            generator=generator)
 
 
-def _job_worker(rank, world_size, work, args, tp, placement, stage):
+def _job_config(work, args, side: Side):
     from training.config import load_config
+
+    micro = args.micro_batch * side.tp  # the same global batch on world_size / tp data-parallel ranks
+    overrides = [f"teacher.path={work}/teacher", f"tokenizer={work}/teacher", f"student.config={work}/student.json",
+                 "loss.kind=tail", f"train.micro_batch_size={micro}", "train.grad_accum=1", f"data.train={work}",
+                 f"output_dir={work}/out"] + side.overrides()
+    return load_config(os.path.join(ROOT, "launch/configs/demo_distill.yaml"), overrides)
+
+
+def _job_worker(rank, world_size, work, args, side: Side):
+    from model_parallel.distributed import accelerator_device
     from training.deepspeed_config import build_deepspeed_configs
     from training.engines import build_engines, engine_sources
+    from training.memory import PeakMemory
     from training.step import train_step
 
-    micro = args.micro_batch * tp  # the same global batch on world_size / tp data-parallel ranks
-    overrides = [f"teacher.path={work}/teacher", f"tokenizer={work}/teacher", "loss.kind=tail",
-                 f"train.micro_batch_size={micro}", "train.grad_accum=1", f"parallel.tensor_parallel={tp}",
-                 f"parallel.teacher_placement={placement}", f"parallel.student_zero_stage={stage}",
-                 f"data.train={work}", f"output_dir={work}/out"]
-    cfg = load_config(os.path.join(ROOT, "launch/configs/demo_distill.yaml"), overrides)
+    cfg = _job_config(work, args, side)
+    micro = cfg.train.micro_batch_size
+    memory = PeakMemory(accelerator_device())  # as the job makes it: before the models
     engines = build_engines(**engine_sources(cfg), ds_configs=build_deepspeed_configs(cfg, world_size, False),
                             bf16=False)
     timings = _split_timings(engines)
@@ -68,25 +122,36 @@ def _job_worker(rank, world_size, work, args, tp, placement, stage):
         if step >= args.warmup:
             seconds += time.perf_counter() - started
     tokens = args.steps * args.micro_batch * args.ranks * args.seq_len  # every input token of the global batch
+    split = {part: timings.get(part, 0.0) / args.steps for part in PARTS}
+    split["other"] = seconds / args.steps - sum(split.values())
+    logits_bytes = micro * args.seq_len * engines.vocab_size // side.tp * 4  # L: fp32 student logits, one micro-batch
+    peak_gb = memory.read_gb()  # collective: every rank reads
     engines.student.destroy()
     if engines.teacher is not None:
         engines.teacher.destroy()
-    return {"tokens_per_s": tokens / seconds, "split": {name: value / args.steps for name, value in timings.items()},
-            "seconds_per_step": seconds / args.steps}
+    return {"tokens_per_s": tokens / seconds, "split": split, "seconds_per_step": seconds / args.steps,
+            "peak_gb": peak_gb, "L_gb": logits_bytes / 1e9}
 
 
 def _split_timings(engines):
-    """Wrap the engines' calls to time where a step goes (rank-local wall clock, seconds)."""
-    timings = {}
+    """Wrap the engines' calls and the step's objective to time where a step goes (rank-local wall
+    clock, seconds per part, summed over calls). Each part's time is exclusive: with the fused head the
+    objective runs inside the student's forward (``training.fused_head``), and counts as loss/head only.
+    Timed from outside: ``train_step`` has no per-part hook."""
+    timings, inner = {}, []  # inner: per open call, the time its nested timed calls took
 
     def timed(name, function):
 
         def wrapper(*args, **kwargs):
+            inner.append(0.0)
             started = time.perf_counter()
             try:
                 return function(*args, **kwargs)
             finally:
-                timings[name] = timings.get(name, 0.0) + time.perf_counter() - started
+                elapsed = time.perf_counter() - started
+                timings[name] = timings.get(name, 0.0) + elapsed - inner.pop()
+                if inner:
+                    inner[-1] += elapsed
 
         return wrapper
 
@@ -98,7 +163,9 @@ def _split_timings(engines):
     student.step = timed("optimizer", student.step)
     if engines.teacher is not None:
         engines.teacher.forward = timed("teacher forward", engines.teacher.forward)
-    step_module.distillation_objective = timed("loss", step_module.distillation_objective)
+    for objective in ("distillation_objective", "fused_objective"):  # unfused; fused (both output layers inside)
+        if hasattr(step_module, objective):
+            setattr(step_module, objective, timed("loss/head", getattr(step_module, objective)))
     return timings
 
 
@@ -106,9 +173,8 @@ def _trainer_worker(rank, world_size, work, args):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    student_config = AutoConfig.from_pretrained(os.path.join(ROOT, "launch/configs/models/demo_student.json"))
     torch.manual_seed(0)
-    student = AutoModelForCausalLM.from_config(student_config)
+    student = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(f"{work}/student.json"))
     teacher = AutoModelForCausalLM.from_pretrained(f"{work}/teacher").eval().requires_grad_(False)
     # Every global batch's rows in order; the sequential sampler's batches of micro_batch rows go to
     # the ranks in turn (accelerate's BatchSamplerShard), so rank r trains on rows r*m:(r+1)*m of each.
@@ -174,39 +240,51 @@ def _run_side(name, ranks, worker, *args, deepspeed=False, attempts=3):
             print(f"'{name}' failed ({error!r}); running it again", file=sys.stderr, flush=True)
 
 
-def main():
+def _sides(args) -> list:
+    """The job's layouts to time: TP x placement x stage x fused, fused variants of a layout adjacent.
+    ZeRO stage 0 (plain data parallelism) is an fp32, TP-1 layout (training.deepspeed_config.stage_problem);
+    a ``zero3`` teacher is timed beside a ZeRO-3 student only (the layout before ``teacher_placement``)."""
+    return [Side(tp, placement, stage, fused) for tp in args.tp for placement in args.placement for stage in args.stage
+            if (stage != 0 or tp == 1) and (placement == "resident" or stage == 3) for fused in FUSED[args.fused]]
+
+
+def _stage(value: str):
+    return value if value == "auto" else int(value)
+
+
+def _arguments():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pair", choices=sorted(PAIRS), default="demo", help="benchmarks.demo_pair.PAIRS")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=None, help="default: the pair's (demo 128, small 64, wide 128)")
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--stage", type=_stage, nargs="+", default=[0, 1, 2, 3], choices=[0, 1, 2, 3, "auto"],
+                        help="parallel.student_zero_stage values")
+    parser.add_argument("--placement", nargs="+", default=["resident", "zero3"], choices=["resident", "zero3"],
+                        help="parallel.teacher_placement values (zero3 with stage 3 only)")
+    parser.add_argument("--fused", choices=["off", "on", "both"], default=None,
+                        help="loss.fused_head false / true / both side by side (default: not set)")
     parser.add_argument("--rounds", type=int, default=3, help="runs of every side, interleaved (medians reported)")
     args = parser.parse_args()
+    args.seq_len = args.seq_len or PAIRS[args.pair].seq_len
+    sides = _sides(args)
+    if not sides:
+        parser.error("no layout: stage 0 needs TP 1, a zero3 teacher needs stage 3")
+    refused = refused_overrides(override for side in sides for override in side.overrides())
+    if refused:
+        parser.error("this checkout's config refuses " + "; ".join(refused))
+    return args, sides
 
-    from benchmarks.demo_pair import save_random_teacher
 
-    os.chdir(ROOT)  # the demo config's paths are relative to the repository
-    baseline = "baseline: Trainer + DDP, teacher per rank, full-vocabulary KL"
-    # ZeRO stage 0 (plain data parallelism) is an fp32, TP-1 layout (training.deepspeed_config.stage_problem).
-    layouts = [(tp, placement, stage) for tp in args.tp
-               for placement, stage in (("resident", 0), ("resident", 1), ("resident", 2), ("resident", 3),
-                                        ("zero3", 3)) if stage or tp == 1]
-    sides = [(f"job: TP {tp} x DP {args.ranks // tp}, teacher {placement}, student ZeRO-{stage}",
-              (tp, placement, stage)) for tp, placement, stage in layouts]
-    runs = {name: [] for name in [baseline] + [name for name, _ in sides]}  # per side, one result per round
-    with tempfile.TemporaryDirectory() as work:
-        save_random_teacher(f"{work}/teacher")
-        for round_index in range(args.rounds):
-            print(f"round {round_index + 1} of {args.rounds}", file=sys.stderr, flush=True)
-            runs[baseline].append(_run_side(baseline, args.ranks, _trainer_worker, work, args))
-            for name, layout in sides:
-                runs[name].append(_run_side(name, args.ranks, _job_worker, work, args, *layout, deepspeed=True))
-
-    print(f"demo teacher -> demo student, {args.ranks} processes (gloo, CPU), micro-batch {args.micro_batch} x "
-          f"{args.seq_len}, {args.steps} timed steps after {args.warmup} (rank 0), medians of {args.rounds} "
-          f"interleaved rounds")
+def _report(args, runs: dict, baseline: str) -> None:
+    pair = PAIRS[args.pair]
+    print(f"{args.pair} pair: teacher {pair.teacher[0]} x {pair.teacher[1]} layers -> student {pair.student[0]} x "
+          f"{pair.student[1]}, V {pair.vocab:,} ({pair.tokenizer} tokenizer); {args.ranks} processes (gloo, CPU), "
+          f"micro-batch {args.micro_batch} x {args.seq_len}, {args.steps} timed steps after {args.warmup} (rank 0), "
+          f"medians of {args.rounds} interleaved rounds")
     width = max(len(name) for name in runs)
     print(f"  {'side':<{width}}  {'s/step':>8}  {'tokens/s':>9}  {'x baseline':>10}  {'range':>11}")
     # Paired: each round's ratio to the baseline of the same round.
@@ -216,11 +294,34 @@ def main():
         print(f"  {name:<{width}}  {median([r['seconds_per_step'] for r in results]):>8.4f}  "
               f"{median([r['tokens_per_s'] for r in results]):>9.0f}  {median(ratios[name]):>10.2f}  "
               f"{min(ratios[name]):>5.2f}-{max(ratios[name]):<5.2f}")
-    for name, results in runs.items():
-        if "split" in results[0] and median(ratios[name]) < 1.0:
-            split = ", ".join(f"{part} {median([r['split'][part] for r in results]):.4f}"
-                              for part in results[0]["split"])
-            print(f"  where a step of '{name}' goes (s, medians): {split}")
+    jobs = {name: results for name, results in runs.items() if name != baseline}
+    print("where a job step goes (s, medians over rounds; other = the step minus the parts):")
+    print(f"  {'side':<{width}}  " + "  ".join(f"{part:>15}" for part in PARTS + ("other",)))
+    for name, results in jobs.items():
+        print(f"  {name:<{width}}  " + "  ".join(f"{median([r['split'][part] for r in results]):>15.4f}"
+                                                for part in PARTS + ("other",)))
+    if args.pair == "wide":
+        L = next(iter(jobs.values()))[0]["L_gb"]
+        print(f"peak memory per rank (peak_memory_gb as the job logs it, max over ranks, medians; L = {L:.4f} GB):")
+        for name, results in jobs.items():
+            peak = median([r["peak_gb"] for r in results])
+            print(f"  {name:<{width}}  {peak:>8.3f} GB  {peak / results[0]['L_gb']:>7.2f} L")
+
+
+def main():
+    args, sides = _arguments()
+    os.chdir(ROOT)  # the demo config's paths are relative to the repository
+    baseline = "baseline: Trainer + DDP, teacher per rank, full-vocabulary KL"
+    runs = {name: [] for name in [baseline] + [side.name(args.ranks) for side in sides]}  # one result per round
+    with tempfile.TemporaryDirectory() as work:
+        write_pair(args.pair, work)
+        for round_index in range(args.rounds):
+            print(f"round {round_index + 1} of {args.rounds}", file=sys.stderr, flush=True)
+            runs[baseline].append(_run_side(baseline, args.ranks, _trainer_worker, work, args))
+            for side in sides:
+                name = side.name(args.ranks)
+                runs[name].append(_run_side(name, args.ranks, _job_worker, work, args, side, deepspeed=True))
+    _report(args, runs, baseline)
 
 
 if __name__ == "__main__":

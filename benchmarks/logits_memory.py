@@ -1,6 +1,6 @@
 """Peak memory of one training step's logits path, in units of L.
 
-    python benchmarks/logits_memory.py [--vocab 32768] [--micro-batch 4] [--seq-len 256]
+    python benchmarks/logits_memory.py [--vocab 32768] [--micro-batch 4] [--seq-len 256] [--fused {off,on,both}]
 
 L = one ``[micro-batch x sequence x V_local]`` logits tensor in the model dtype (all positions
 counted). The pair has a large vocabulary and a tiny body (hidden 64, 2 layers), so the logits
@@ -8,7 +8,9 @@ dominate what a step allocates; the peak is the live tensor bytes the step's own
 once (``model_parallel.testing.memory_counter.LiveBytes``: deterministic, excludes parameters and
 optimizer state made before it), for pre-training batches (every position has a target) and for SFT-like
 batches (the first half of every row masked with -100). 1 process, TP 1, fp32, one step after a
-warm-up step, ZeRO-3 with 1e6-element communication buckets.
+warm-up step, ZeRO-3 with 1e6-element communication buckets. ``--fused`` sets ``loss.fused_head``
+(``off``: false, ``on``: true, ``both``: each, side by side, on the same ranks one after the other);
+not given, the key is left at the config's value.
 """
 
 import argparse
@@ -19,10 +21,20 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.demo_pair import FUSED, fused_override, refused_overrides, save_random_teacher  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _worker(rank, world_size, work, args):
+    """``{fused value: {batch kind: peak in L}}`` and L in bytes, for each ``loss.fused_head`` asked."""
+    peaks, logits_bytes = {}, None
+    for fused in FUSED[args.fused]:
+        peaks[fused], logits_bytes = _peaks(work, args, fused)
+    return {"peaks": peaks, "L": logits_bytes}
+
+
+def _peaks(work, args, fused):
     import torch
 
     from model_parallel.testing.memory_counter import LiveBytes
@@ -34,9 +46,9 @@ def _worker(rank, world_size, work, args):
     cfg = load_config(os.path.join(ROOT, "launch/configs/demo_distill.yaml"), [
         f"teacher.path={work}/teacher", f"tokenizer={work}/teacher", f"student.config={work}/student.json",
         f"train.micro_batch_size={args.micro_batch}", "train.grad_accum=1", "parallel.tensor_parallel=1",
-        f"data.train={work}", f"output_dir={work}/out", f"parallel.deepspeed_config={work}/ds.json"])
-    engines = build_engines(**engine_sources(cfg), ds_configs=build_deepspeed_configs(cfg, world_size, False),
-                            bf16=False)
+        f"data.train={work}", f"output_dir={work}/out", f"parallel.deepspeed_config={work}/ds.json"]
+        + fused_override(fused))
+    engines = build_engines(**engine_sources(cfg), ds_configs=build_deepspeed_configs(cfg, 1, False), bf16=False)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(4, 1000, (args.micro_batch, args.seq_len), generator=generator)
     sft = ids.clone()
@@ -49,7 +61,9 @@ def _worker(rank, world_size, work, args):
         with LiveBytes() as counted:
             train_step(engines, cfg.loss, [batch])
         peaks[name] = counted.peak_bytes / logits_bytes
-    return {"peaks": peaks, "L": logits_bytes}
+    engines.student.destroy()
+    engines.teacher.destroy()
+    return peaks, logits_bytes
 
 
 def main():
@@ -57,11 +71,15 @@ def main():
     parser.add_argument("--vocab", type=int, default=32768)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--fused", choices=["off", "on", "both"], default=None,
+                        help="loss.fused_head false / true / both side by side (default: not set)")
     args = parser.parse_args()
+    refused = refused_overrides(override for fused in FUSED[args.fused] for override in fused_override(fused))
+    if refused:
+        parser.error("this checkout's config refuses " + "; ".join(refused))
 
     from transformers import LlamaConfig
 
-    from benchmarks.demo_pair import save_random_teacher
     from model_parallel.spawn import run_on_ranks
 
     os.chdir(ROOT)
@@ -81,8 +99,10 @@ def main():
         result = run_on_ranks(1, _worker, work, args, deepspeed=True, timeout=1800)[0]
     print(f"logits path, micro-batch {args.micro_batch} x {args.seq_len}, V {args.vocab} "
           f"(L = {result['L'] / 1e6:.1f} MB, fp32), 1 process, TP 1")
-    for name, peak in result["peaks"].items():
-        print(f"  {name:<32} peak {peak:.2f} L")
+    columns = {None: "peak", False: "unfused", True: "fused"}
+    print(f"  {'batches':<32} " + " ".join(f"{columns[fused]:>8}" for fused in result["peaks"]))
+    for name in next(iter(result["peaks"].values())):
+        print(f"  {name:<32} " + " ".join(f"{peaks[name]:>6.2f} L" for peaks in result["peaks"].values()))
 
 
 if __name__ == "__main__":

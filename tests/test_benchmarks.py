@@ -1,0 +1,97 @@
+"""benchmarks/distill.py and benchmarks/logits_memory.py: the pairs they train have the shapes they
+state, the layouts they time follow the flags, and each runs as a command at a reduced size (one
+launch per script) with figures that agree with each other."""
+
+import argparse
+import os
+import random
+import re
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.demo_pair import PAIRS, bpe_tokenizer, refused_overrides
+from benchmarks.distill import PARTS, Side, _sides
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_the_wide_pair_is_dominated_by_a_vocabulary_of_real_tokens():
+    """A BPE tokenizer of exactly V ids, each a distinct byte or merge that the demo corpus uses,
+    about 125 times the student's width; the teacher twice as wide."""
+    from data.synthetic import story
+
+    wide = PAIRS["wide"]
+    assert 8192 <= wide.vocab <= 32768 and 100 <= wide.vocab / wide.student[0] <= 150
+    assert wide.teacher[0] == 2 * wide.student[0]
+    tokenizer = bpe_tokenizer(wide.vocab)
+    vocabulary = tokenizer.get_vocab()
+    assert len(tokenizer) == wide.vocab == len(set(vocabulary))
+    assert [vocabulary[token] for token in ("<pad>", "<unk>", "<s>", "</s>")] == [0, 1, 2, 3]
+    rng = random.Random(1)  # new documents from the corpus' grammar: learned merges, no unknowns, round trip
+    text = " ".join(story(rng) for _ in range(200))
+    ids = tokenizer(text)["input_ids"]
+    assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids) == text
+    assert max(ids) > wide.vocab // 2  # late merges occur in text, not only bytes and early ones
+
+
+def test_the_small_pair_has_short_sequences():
+    small = PAIRS["small"]
+    assert small.seq_len == 64 and small.student[0] < PAIRS["demo"].student[0]
+
+
+def _args(**values):
+    defaults = dict(tp=[1, 2], placement=["resident", "zero3"], stage=[0, 1, 2, 3], fused=None)
+    return argparse.Namespace(**{**defaults, **values})
+
+
+def test_sides_follow_the_flags():
+    names = [side.name(2) for side in _sides(_args())]
+    assert names[:5] == [f"job: TP 1 x DP 2, teacher resident, student ZeRO-{stage}" for stage in range(4)] + [
+        "job: TP 1 x DP 2, teacher zero3, student ZeRO-3"]
+    assert len(names) == 9 and not any("TP 2" in name and "ZeRO-0" in name for name in names)
+    both = _sides(_args(tp=[1], placement=["resident"], stage=[1, "auto"], fused="both"))
+    assert [(side.stage, side.fused) for side in both] == [(1, False), (1, True), ("auto", False), ("auto", True)]
+    assert both[1].overrides() == ["parallel.tensor_parallel=1", "parallel.teacher_placement=resident",
+                                   "parallel.student_zero_stage=1", "loss.fused_head=true"]
+    assert "loss.fused_head" not in " ".join(Side(1, "resident", 1).overrides())  # --fused not given: unset
+
+
+def test_overrides_the_config_refuses_are_named_before_anything_runs():
+    assert refused_overrides(["parallel.student_zero_stage=1", "loss.kind=tail"]) == []
+    refused = refused_overrides(["parallel.student_zero_stage=7"])
+    assert len(refused) == 1 and refused[0].startswith("parallel.student_zero_stage=7 (parallel.student_zero_stage")
+
+
+def _run(*command):
+    result = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.splitlines()
+
+
+NUMBER = r"(-?\d+\.\d+)"
+
+
+@pytest.mark.e2e
+def test_distill_benchmark_times_the_wide_pair_by_part_with_its_peak_memory():
+    """One round of one step on 2 ranks, micro-batch 1 x 16: a baseline row and a job row whose
+    tokens/s and s/step agree with the tokens of a step, every part of the step timed (a part at 0
+    would mean the step no longer calls what the split wraps), and L as the wide pair's logits."""
+    lines = _run("benchmarks/distill.py", "--pair", "wide", "--tp", "1", "--stage", "1", "--placement", "resident",
+                 "--rounds", "1", "--steps", "1", "--warmup", "1", "--micro-batch", "1", "--seq-len", "16")
+    assert any(line.startswith("wide pair: teacher 256 x 4 layers -> student 128 x 2, V 16,384 (bpe tokenizer)")
+               for line in lines)  # the ranks' libraries print to stdout too
+    job = "job: TP 1 x DP 2, teacher resident, student ZeRO-1"
+    assert any(line.startswith("  baseline: Trainer + DDP") for line in lines)
+    table, split, memory = [line for line in lines if line.startswith(f"  {job}")]  # in that order
+    seconds, tokens_per_s = map(float, re.search(rf"{job}\s+{NUMBER}\s+(\d+)\s+{NUMBER}", table).groups()[:2])
+    assert tokens_per_s * seconds == pytest.approx(1 * 16 * 2, rel=0.02)  # micro-batch x sequence x ranks
+    parts = [float(value) for value in re.findall(NUMBER, split)]
+    assert len(parts) == len(PARTS) + 1 and all(part > 0 for part in parts[:-1])
+    assert sum(parts) == pytest.approx(seconds, abs=6e-4)  # other = the step minus the parts
+    logits_gb = 16 * 16384 * 4 / 1e9  # L: one micro-batch's fp32 student logits
+    assert any(line.startswith("peak memory per rank") and f"L = {logits_gb:.4f} GB" in line for line in lines)
+    peak_gb, peak_l = map(float, re.search(rf"{NUMBER} GB\s+{NUMBER} L", memory).groups())
+    assert peak_gb > 0 and peak_l == pytest.approx(peak_gb / logits_gb, rel=0.01)
