@@ -11,7 +11,7 @@ config owns and checks that the two agree.
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import yaml
 
@@ -70,6 +70,11 @@ class LossConfig:
     temperature: float = 1.0
     ce_weight: float = 0.0
     """loss = (1 − ce_weight)·τ²·D + ce_weight·CE; ignored for kind ce."""
+    fused_head: Union[Literal["auto"], bool] = "auto"
+    """Apply both output layers inside the loss, in token chunks, so no ``[tokens, V_local]`` logits
+    outlive a chunk (``training.fused_head``). ``auto``: wherever ``training.models`` supports it
+    (said once at start where it does not); ``true``: refused by name where unsupported; ``false``:
+    the unfused path. How, not what, is computed: a resume may change it."""
 
 
 @dataclass
@@ -213,10 +218,18 @@ def _check_section_values(cfg: "RunConfig") -> None:
 def _coerce(value, annotation, key: str):
     """``value`` checked against the field's annotation (ints accepted where floats are expected)."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is typing.Union:  # Optional[X]
-        if value is None:
+    if origin is typing.Union:  # Optional[X], or a choice of types (the first that takes the value)
+        if value is None and type(None) in args:
             return None
-        return _coerce(value, next(a for a in args if a is not type(None)), key)
+        choices = [a for a in args if a is not type(None)]
+        if len(choices) == 1:
+            return _coerce(value, choices[0], key)
+        for choice in choices:
+            try:
+                return _coerce(value, choice, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: must be {' or '.join(map(_describe, choices))}, got {value!r}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: must be one of {', '.join(map(str, args))}, got {value!r}")
@@ -226,6 +239,12 @@ def _coerce(value, annotation, key: str):
     if annotation in (int, float) and isinstance(value, bool) or not isinstance(value, annotation):
         raise ConfigError(f"{key}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
     return value
+
+
+def _describe(annotation) -> str:
+    if typing.get_origin(annotation) is Literal:
+        return " or ".join(map(str, typing.get_args(annotation)))
+    return "true or false" if annotation is bool else annotation.__name__
 
 
 def _build(cls, raw, prefix: str):
@@ -278,7 +297,7 @@ def to_dict(cfg: RunConfig) -> dict:
 
 
 # Keys that change how, not what, is computed: a resume may change them freely.
-_SAME_MATH = ("attn_implementation",)
+_SAME_MATH = ("attn_implementation", "fused_head")
 
 
 def identity(cfg: RunConfig) -> dict:

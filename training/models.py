@@ -147,6 +147,52 @@ def _forward_takes(model_class, argument: str) -> bool:
     return argument in inspect.signature(model_class.forward).parameters
 
 
+def fused_head_problem(model) -> Optional[str]:
+    """Why the loss may not apply ``model``'s output layer itself (issue 22's fused head), or None.
+
+    ``model``: a causal LM after ``deepspeed.initialize`` (the engine's ``module``), whose head may
+    be AutoTP's ``VocabParallelLinear``. The fused head needs a known family
+    (:attr:`Family.supports_fused_head`: the head is applied to the final hidden states and followed
+    only by :meth:`Family.final_logit_softcap`), a forward taking ``logits_to_keep`` (the head's input
+    is then exactly the kept positions) and a bias-free ``nn.Linear`` or ``VocabParallelLinear``
+    holding this rank's slice (not gathering its output)."""
+    config = model.config
+    rules = family(config)
+    name = f"{type(model).__name__} ({getattr(config, 'model_type', None)!r})"
+    if not rules.supports_fused_head:
+        return f"{name}: training.models does not know its output layer (family {rules.name!r})"
+    if not takes_logits_to_keep(model):
+        return f"{name}: its forward takes no logits_to_keep"
+    head = model.get_output_embeddings()
+    layers = sys.modules.get("deepspeed.module_inject.layers")
+    vocab_parallel = layers is not None and isinstance(head, layers.VocabParallelLinear)
+    if not (type(head) is torch.nn.Linear or vocab_parallel):
+        return f"{name}: its output layer is a {type(head).__name__}, not an nn.Linear or VocabParallelLinear"
+    if getattr(head, "bias", None) is not None:
+        return f"{name}: its output layer has a bias"
+    if vocab_parallel and head.gather_output:
+        return f"{name}: its VocabParallelLinear gathers its output"
+    return None
+
+
+@contextlib.contextmanager
+def without_final_softcap(model):
+    """Inside: ``model``'s forward leaves its head's output as it is (Gemma-2 applies
+    ``final_logit_softcapping`` to whatever the head returns; the fused head applies it itself).
+    Yields the soft-cap ``c`` (None where the model has none); restored on leaving, error or not.
+    Not thread-safe: it changes the model's config for the duration."""
+    text = model.config.get_text_config()
+    softcap = getattr(text, "final_logit_softcapping", None)
+    if softcap is None:
+        yield None
+        return
+    text.final_logit_softcapping = None
+    try:
+        yield softcap
+    finally:
+        text.final_logit_softcapping = softcap
+
+
 def _causal_lm_class(config):
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 

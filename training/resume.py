@@ -9,9 +9,11 @@ layout it is converted first (``training.universal``). The mechanics of saving, 
 loading a tag are ``training.checkpoint``'s.
 """
 
+import dataclasses
 import os
 import traceback
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Optional
 
 import torch.distributed as dist
@@ -50,9 +52,20 @@ def client_state(cfg: RunConfig, step: int, sampler, engines) -> dict:
     }
 
 
+def default_identity() -> dict:
+    """:func:`training.config.identity` of a config holding every default (not validated: the
+    defaults name no model), for the keys a checkpoint's saved identity predates."""
+    defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+                for f in dataclasses.fields(RunConfig)}
+    return identity(SimpleNamespace(**defaults))
+
+
 def refuse_drift(saved: dict, current: dict, tag: str, allowed=()) -> None:
     """Raise if the checkpoint's run identity (models, tokenizer, loss, data, seed) differs in a key
-    not listed in ``allowed``."""
+    not listed in ``allowed``. A key the saved identity lacks (added to the config after the
+    checkpoint was written) is taken at its default (:func:`default_identity`): the run that wrote
+    the checkpoint computed what the default computes."""
+    saved = {**{key: value for key, value in default_identity().items() if key in current}, **saved}
     differing = sorted(key for key in set(saved) | set(current)
                        if saved.get(key) != current.get(key) and key not in allowed)
     if differing:
