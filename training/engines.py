@@ -22,6 +22,7 @@ from model_parallel.devices import accelerator_kind
 from model_parallel.distributed import accelerator_device
 from training.config import ConfigError, RunConfig, StudentConfig, TeacherConfig
 from training.deepspeed_config import DeepSpeedConfigs
+from training.fused_head import FusedHeads, install
 from training.models import aligned_vocab_size, load_model_config, untie_head, unties_head
 from training.plain_optimizer import plain_data_parallel
 
@@ -48,6 +49,8 @@ class Engines:
     dp_size: int
     device: torch.device
     """The accelerator device both engines compute on: every batch and every tensor of the step goes here."""
+    fused: Optional[FusedHeads] = None
+    """The heads applied inside the loss (``loss.fused_head``), or None: the step's unfused path."""
 
 
 def _load_tokenizer(name: str):
@@ -233,20 +236,21 @@ def engine_sources(cfg: RunConfig) -> dict:
     """What :func:`build_engines` needs of a run config, as its keyword arguments."""
     return {"student": cfg.student, "teacher": cfg.teacher if LOSSES[cfg.loss.kind].needs_teacher else None,
             "tokenizer": cfg.tokenizer, "tensor_parallel": cfg.parallel.tensor_parallel, "seed": cfg.seed,
-            "activation_checkpointing": cfg.train.activation_checkpointing}
+            "activation_checkpointing": cfg.train.activation_checkpointing, "fused_head": cfg.loss.fused_head}
 
 
 def build_engines(*, student: StudentConfig, teacher: Optional[TeacherConfig], tokenizer: Optional[str],
                   tensor_parallel: int, seed: int, ds_configs: DeepSpeedConfigs, bf16: bool,
                   teacher_weights: bool = True, train_student: bool = True,
-                  activation_checkpointing: bool = False) -> Engines:
+                  activation_checkpointing: bool = False, fused_head="auto") -> Engines:
     """Tokenizer, teacher and student engines, and the parallel layout they were built with.
 
     ``teacher=None``: no teacher (cross-entropy). ``teacher_weights=False`` (export) skips the
     teacher's weights but still aligns to its vocabulary; ``train_student=False`` (evaluation)
     builds the student frozen, without optimizer state. ``seed`` fixes a fresh student's weights.
     ``activation_checkpointing`` recomputes the student's layers in backward (non-reentrant, so it
-    works with ZeRO-3's parameter hooks and AutoTP).
+    works with ZeRO-3's parameter hooks and AutoTP). ``fused_head``: ``loss.fused_head``
+    (:func:`training.fused_head.install`; announced once on rank 0).
     """
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
@@ -279,7 +283,8 @@ def build_engines(*, student: StudentConfig, teacher: Optional[TeacherConfig], t
     del hf_ds_config
 
     return Engines(student=student, teacher=teacher, tokenizer=tokenizer, vocab_size=vocab_size,
-                   real_vocab_size=len(tokenizer), **_parallel_layout(student, teacher, vocab_size, tp))
+                   real_vocab_size=len(tokenizer), **_parallel_layout(student, teacher, vocab_size, tp),
+                   fused=install(student, teacher, fused_head))
 
 
 def _shared_vocabulary(student: StudentConfig, teacher: Optional[TeacherConfig], tokenizer: Optional[str], tp: int):

@@ -13,6 +13,7 @@ a skipped step gathers which ranks' logits went bad; :func:`step_means` (logging
 the logged values.
 """
 
+import functools
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -21,6 +22,7 @@ import torch.distributed as dist
 
 from core.tokens import IGNORE_INDEX
 from data.loader import to_device
+from loss.fused import fused_objective, logit_chunks
 from loss.metrics import EvalResult, EvalSums, objective_metrics
 from loss.objective import OUTPUTS, distillation_objective
 from model_parallel import all_reduce_sum, gather_rows, global_argmax, start_all_reduce_sum
@@ -148,6 +150,53 @@ def _objective(engines, loss_cfg, student, teacher, targets, rows, num_rows, don
     return out
 
 
+def _unfused_micro_batch(engines, loss_cfg, batch, where: _Positions):
+    """``(loss, out, bad)`` of one micro-batch on whole logit slices (the reference path): the summed
+    loss to back-propagate, the per-token outputs, and whether this rank's own logits went bad."""
+    slices = _slices(engines, batch, where)
+    # Which rank's own logits went bad: the loss itself is non-finite on every rank of the
+    # tensor-parallel group once the statistics are exchanged.
+    bad = _non_finite(*slices[:2])
+    # The teacher's logits are not read after backward, which may take their storage; the student's
+    # live on in the graph until backward only.
+    out = _objective(engines, loss_cfg, *slices, num_rows=batch["input_ids"].shape[0], donate_teacher=True)
+    return out["loss"].sum(), out, bad
+
+
+def _fused_call(engines, loss_cfg, where: _Positions, num_rows: int, student_rows, student, teacher_rows, teacher):
+    """:data:`training.fused_head.Compute` for one micro-batch: the objective on the heads' valid rows."""
+    total, out = fused_objective(student_rows, student, teacher_rows, teacher, where.targets, kind=loss_cfg.kind,
+                                 top_k=loss_cfg.top_k, beta=loss_cfg.beta, beta_mode=loss_cfg.beta_mode,
+                                 temperature=loss_cfg.temperature, ce_weight=loss_cfg.ce_weight,
+                                 sequence_ids=where.rows, num_sequences=num_rows, tp_group=engines.tp_group,
+                                 shard=engines.vocab_shard, real_vocab_size=engines.real_vocab_size)
+    if teacher is not None:
+        out["top1_agreement"] = (out["student_top1"] == out["teacher_top1"]).float()
+    return total, out
+
+
+def _through_fused_heads(engines, batch, where: _Positions, compute):
+    """Both models called through their fused heads (``engines.fused``); returns the request, whose
+    ``total`` is the student engine's output (checked), and whose ``out`` is ``compute``'s."""
+    mask = _causal_mask(batch)
+    with engines.fused.request(where.select, compute) as request:
+        if engines.teacher is not None:
+            with torch.no_grad():
+                _logits(engines.teacher, batch, where.keep, mask)  # the head keeps its input rows
+        request.total = engines.fused.served(_logits(engines.student, batch, where.keep, mask), request)
+    return request
+
+
+def _fused_micro_batch(engines, loss_cfg, batch, where: _Positions):
+    """:func:`_unfused_micro_batch`'s ``(loss, out, bad)`` with the output layers inside the loss: no
+    logits outlive a chunk. ``loss`` is the student engine's own output, so back-propagating it runs
+    DeepSpeed's output hooks as for the unfused loss."""
+    compute = functools.partial(_fused_call, engines, loss_cfg, where, batch["input_ids"].shape[0])
+    request = _through_fused_heads(engines, batch, where, compute)
+    out = request.out
+    return request.total, out, out.pop("bad")
+
+
 def _known_metrics(loss_cfg, out) -> dict:
     """The evaluation metrics the objective already computed (``out``, :func:`_objective`'s), with
     the metric's constant β (:func:`loss.metrics.objective_metrics`)."""
@@ -186,30 +235,27 @@ def train_step(engines, loss_cfg, micro_batches) -> StepResult:
     positions = [where.to(device) for where in positions]
     tokens = torch.tensor(float(sum(p.tokens for p in positions)), dtype=torch.float64, device=device)
     counted = start_all_reduce_sum(tokens, engines.dp_group)  # overlaps with the first forwards
-    scale = None
-    sums: Dict[str, torch.Tensor] = {}
+    scale, names, packed = None, (), None
     bad = torch.zeros((), dtype=torch.bool, device=device)
+    micro_batch = _unfused_micro_batch if engines.fused is None else _fused_micro_batch
     for batch, where in zip(micro_batches, positions):
-        slices = _slices(engines, batch, where)
-        # Which rank's own logits went bad: the loss itself is non-finite on every rank of the
-        # tensor-parallel group once the statistics are exchanged.
-        bad |= _non_finite(*slices[:2])
-        # The teacher's logits are not read after backward, which may take their storage.
-        out = _objective(engines, loss_cfg, *slices, num_rows=batch["input_ids"].shape[0], donate_teacher=True)
+        loss, out, micro_bad = micro_batch(engines, loss_cfg, batch, where)
+        bad |= micro_bad
         if scale is None:
             counted.wait()
             # DeepSpeed averages gradients over data-parallel ranks; the loss is a global-token mean.
             scale = (engines.dp_size / tokens.clamp(min=1.0)).float()
-        student.backward(out["loss"].sum() * scale, scale_wrt_gas=False)
-        del slices  # the logits, before the optimizer's temporaries and the next micro-batch's forwards
+        student.backward(loss * scale, scale_wrt_gas=False)
+        del loss  # its graph, before the optimizer's temporaries and the next micro-batch's forwards
         # ZeRO-3 skips the optimizer (and scheduler) step when the global gradient norm is not
         # finite; every rank takes the same decision from the same all-reduced norm.
         student.step()
-        for name in _LOGGED:
-            if name in out:
-                total = out[name].detach().double().sum()
-                sums[name] = sums[name] + total if name in sums else total
+        # One stack and one add per micro-batch for every logged sum (fp64 accumulation).
+        names = tuple(name for name in _LOGGED if name in out)
+        totals = torch.stack([out[name].detach().float() for name in names]).sum(dim=1, dtype=torch.float64)
+        packed = totals if packed is None else packed + totals
         del out
+    sums = dict(zip(names, packed.unbind())) if packed is not None else {}
     skipped = not student.was_step_applied()  # the same on every rank: from the all-reduced gradient norm
     non_finite_ranks = []
     if skipped:  # which ranks' logits went bad, only where a step was skipped
@@ -233,11 +279,39 @@ def step_means(result: StepResult, engines) -> dict:
     return means
 
 
+def _fused_eval_call(engines, loss_cfg, sums: EvalSums, where: _Positions, num_rows: int, student_rows, student,
+                     teacher_rows, teacher):
+    """:data:`training.fused_head.Compute` for evaluation: the objective on the whole micro-batch (its
+    ``beta_mode: sequence`` needs every token), then the metrics chunk by chunk on the logits the
+    fused head makes, so no ``[n, V_local]`` logits outlive a chunk."""
+    total, out = _fused_call(engines, loss_cfg, where, num_rows, student_rows, student, teacher_rows, teacher)
+    known = _known_metrics(loss_cfg, out)
+    for rows, student_logits, teacher_logits in logit_chunks(student_rows, student, teacher_rows, teacher,
+                                                             shard=engines.vocab_shard, tp_group=engines.tp_group,
+                                                             real_vocab_size=engines.real_vocab_size):
+        sums.add(student_logits, teacher_logits, where.targets[rows],
+                 known={name: value[rows] for name, value in known.items()})
+    return total, out
+
+
+def _eval_batch(engines, loss_cfg, sums: EvalSums, batch, where: _Positions) -> Dict[str, torch.Tensor]:
+    """Adds one batch's metrics to ``sums``; returns the objective's per-token outputs."""
+    num_rows = batch["input_ids"].shape[0]
+    if engines.fused is not None:
+        compute = functools.partial(_fused_eval_call, engines, loss_cfg, sums, where, num_rows)
+        return _through_fused_heads(engines, batch, where, compute).out
+    student, teacher, targets, rows = _slices(engines, batch, where)
+    out = _objective(engines, loss_cfg, student, teacher, targets, rows, num_rows=num_rows)
+    sums.add(student, teacher, targets, known=_known_metrics(loss_cfg, out))
+    return out
+
+
 @torch.no_grad()
 def evaluate(engines, loss_cfg, batches, n_bins: int = 10) -> EvalResult:
     """``(scalars, bins)`` over the valid tokens of ``batches`` (this rank's share, reduced over data
     parallel): the objective as ``loss`` plus :class:`loss.metrics.EvalSums`' metrics, and the
-    calibration bins for reliability diagrams. Sums stay on the device until the end."""
+    calibration bins for reliability diagrams. Sums stay on the device until the end. With the
+    fused head (``engines.fused``) the metrics are taken chunk by chunk: no whole logits either."""
     engines.student.eval()
     sums = EvalSums(top_k=loss_cfg.top_k, beta=loss_cfg.beta, n_bins=n_bins, tp_group=engines.tp_group,
                     device=engines.device, shard=engines.vocab_shard)
@@ -245,11 +319,7 @@ def evaluate(engines, loss_cfg, batches, n_bins: int = 10) -> EvalResult:
     for batch in batches:
         where = _positions(batch).to(engines.device)
         batch = to_device({"input_ids": batch["input_ids"]}, engines.device)
-        student, teacher, targets, rows = _slices(engines, batch, where)
-        out = _objective(engines, loss_cfg, student, teacher, targets, rows, num_rows=batch["input_ids"].shape[0])
-        loss_sum += out["loss"].double().sum()
-        sums.add(student, teacher, targets, known=_known_metrics(loss_cfg, out))
-        del student, teacher, out
+        loss_sum += _eval_batch(engines, loss_cfg, sums, batch, where)["loss"].double().sum()
     engines.student.train()
     sums.add_sum("loss", loss_sum)
     return sums.reduce(engines.dp_group)
