@@ -28,8 +28,8 @@ BATCH, SEQ = 4, 16
 # The job's schedule (DeepSpeed's WarmupCosineLR warms up linearly from 0 over at least 2 steps)
 # gives the first two steps lr 0: they only fill Adam's moments; the third (lr 5e-4) moves the weights.
 STEPS = 3
-# 2 ranks: TP 2 has data parallel 1, where ZeRO partitions nothing across ranks (it still releases
-# and re-gathers the tied weight around each module). WORLD = 4 (TP 2 x DP 2) passes as well: 45-55 s here.
+# 2 ranks: TP 2 has data parallel 1, so ZeRO splits nothing across ranks there. WORLD = 4 (TP 2 x DP 2,
+# where ZeRO-3 partitions the tied weight over 2 ranks) passes as well: 45-55 s here.
 WORLD = 2
 LAYOUTS = (("tp1", 1, 1), ("tp2_zero1", 2, 1), ("tp2_zero3", 2, 3))  # (name, tensor_parallel, student ZeRO stage)
 
