@@ -94,6 +94,9 @@ def _complete_common(ds: dict, source: str, *, tp: int, world_size: int, micro_b
         _put(ds, "data_types.grad_accum_dtype", "fp32", source)
     ds.setdefault("steps_per_print", 10**9)  # the job logs; DeepSpeed's own step prints are noise
     ds.setdefault("wall_clock_breakdown", False)
+    # DeepSpeed's throughput timer (on by default, synchronized) waits for the device at the start
+    # and end of every micro-batch's forward-to-step; nothing here reads it (the job times its steps).
+    ds.setdefault("timers", {}).setdefault("throughput", {}).setdefault("enabled", False)
 
 
 def _frozen(ds: dict) -> dict:
@@ -106,8 +109,13 @@ def _frozen(ds: dict) -> dict:
 
 
 def _student_stage(ds: dict, cfg: RunConfig, source: str) -> int:
-    """The student's ZeRO stage: the JSON's, or ``parallel.student_zero_stage`` where it says "auto"."""
+    """The student's ZeRO stage: the JSON's, or ``parallel.student_zero_stage`` where it says "auto".
+
+    ``parallel.student_zero_stage: auto`` is the planner's to resolve (``training.auto_stage``, which
+    the job runs first: the planner imports this module). A caller that builds engines from such a
+    config without it (tests, benchmarks) gets what an absent value gives: the JSON's stage, else 3."""
     stage, chosen = ds.get("zero_optimization", {}).get("stage", AUTO), cfg.parallel.student_zero_stage
+    chosen = None if chosen == AUTO else chosen
     if stage == AUTO:
         return 3 if chosen is None else chosen
     if stage not in (0, 1, 2, 3):
@@ -159,11 +167,12 @@ def _torch_adamw(params: dict, *, universal: bool) -> None:
     that checkpoint's ``step`` on the host as it is (``ds_to_universal`` loads to CPU; ZeRO's
     universal load assigns it into the optimizer state, past ``load_state_dict``), and the fused
     kernel keeps its steps on the parameters' device; torch's default foreach update takes a host
-    step. On CPU the update is unchanged (torch's default)."""
+    step. On CPU torch's fused kernel too: its default there is a Python loop of about ten ops per
+    parameter tensor (foreach is CUDA-only), which is most of a ZeRO-0 step on a small model."""
     from model_parallel.devices import accelerator_kind
 
     params.setdefault("torch_adam", True)
-    if params["torch_adam"] and accelerator_kind() == "cuda" and not universal and not params.get("foreach"):
+    if params["torch_adam"] and accelerator_kind() in ("cuda", "cpu") and not universal and not params.get("foreach"):
         params.setdefault("fused", True)
 
 
