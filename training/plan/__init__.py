@@ -28,7 +28,7 @@ figure in ``loss.registry``; a new per-family rule in ``training.models``.
 """
 
 from training.plan.compare import Plan, job_cluster, job_plan, plan
-from training.plan.estimates import ASSUMPTIONS, HEADROOM, Estimate, estimate
+from training.plan.estimates import ASSUMPTIONS, HEADROOM, Estimate, estimate, fastest_stage
 from training.plan.inputs import GB, Cluster, Job, Layout, job_from_config
 from training.plan.layouts import candidate_layouts, configured_layout, deepspeed_settings, layout_problem
 from training.plan.memory import (CUDA_CONTEXT_GB, MEMORY_TERMS, NCCL_GB_PER_COMMUNICATOR, activation_bytes,
@@ -36,12 +36,13 @@ from training.plan.memory import (CUDA_CONTEXT_GB, MEMORY_TERMS, NCCL_GB_PER_COM
                                   teacher_forward_bytes)
 from training.plan.report import describe
 from training.plan.shape import MODELS_DIR, ModelShape, UnknownArchitecture, model_shape
-from training.plan.timing import step_seconds
+from training.plan.timing import FIXED_COSTS, FixedCosts, fixed_events, fixed_seconds, step_seconds
 from training.plan.traffic import TRAFFIC_KINDS, traffic_per_step
 
-__all__ = ["ASSUMPTIONS", "CUDA_CONTEXT_GB", "Cluster", "Estimate", "GB", "HEADROOM", "Job", "Layout", "MEMORY_TERMS",
-           "MODELS_DIR", "ModelShape", "NCCL_GB_PER_COMMUNICATOR", "Plan", "TRAFFIC_KINDS", "UnknownArchitecture",
-           "activation_bytes", "candidate_layouts", "configured_layout", "deepspeed_settings", "describe", "estimate",
+__all__ = ["ASSUMPTIONS", "CUDA_CONTEXT_GB", "Cluster", "Estimate", "FIXED_COSTS", "FixedCosts", "GB", "HEADROOM",
+           "Job", "Layout", "MEMORY_TERMS", "MODELS_DIR", "ModelShape", "NCCL_GB_PER_COMMUNICATOR", "Plan",
+           "TRAFFIC_KINDS", "UnknownArchitecture", "activation_bytes", "candidate_layouts", "configured_layout",
+           "deepspeed_settings", "describe", "estimate", "fastest_stage", "fixed_events", "fixed_seconds",
            "job_cluster", "job_from_config", "job_plan", "layer_saved_bytes", "layout_problem", "logits_bytes",
            "memory_per_gpu", "model_shape", "plan", "runtime_reserve", "step_seconds", "teacher_forward_bytes",
            "traffic_per_step"]

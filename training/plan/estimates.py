@@ -2,13 +2,13 @@
 :mod:`~training.plan.traffic`, :mod:`~training.plan.timing`) and whether it fits, with the
 assumptions every figure rests on (:data:`ASSUMPTIONS`)."""
 
-from dataclasses import dataclass
-from typing import Dict, Optional
+from dataclasses import dataclass, replace
+from typing import Dict, Iterable, Optional
 
 from training.plan.inputs import GB, Cluster, Job, Layout
 from training.plan.memory import (CUDA_CONTEXT_GB, NCCL_CHANNELS, NCCL_GB_PER_COMMUNICATOR, memory_per_gpu,
                                   runtime_reserve)
-from training.plan.timing import step_seconds
+from training.plan.timing import FIXED_COSTS, step_seconds
 from training.plan.traffic import traffic_per_step
 
 # A layout fits when its planned peak and that reserve leave this share of the GPU free: room for
@@ -26,6 +26,9 @@ ASSUMPTIONS = (
     f"a layout fits when its peak (and on CUDA the context and NCCL buffers) leaves {HEADROOM:.0%} of the "
     f"GPU free, for allocator fragmentation and what the plan does not count",
     "compute at the given achieved dense throughput for every matmul, attention included",
+    "fixed per-step costs: collectives x latency + ops that scale with the parameter tensors x launch "
+    "overhead + host syncs + ZeRO-3's module hooks, counted per layout (training.plan.timing.fixed_events) "
+    "and priced per device type (FIXED_COSTS: CUDA from published figures, CPU measured on gloo)",
     "AutoTP shards the decoder layers' linear layers and the LM head; embeddings and norms are replicated; "
     "a tied head with a scaled embedding (Gemma-2) is untied at tensor_parallel > 1",
     "activations: what autograd saves for backward per decoder layer and token, by the model's own ops "
@@ -87,7 +90,20 @@ def estimate(job: Job, layout: Layout, cluster: Cluster, *, device_type: str = "
     dp = cluster.world_size // layout.tensor_parallel
     moved = traffic_per_step(job, layout, cluster)
     result = Estimate(layout=layout, memory=memory_per_gpu(job, layout, cluster, device_type=device_type),
-                      traffic=moved, seconds=step_seconds(job, layout, cluster, moved),
+                      traffic=moved, seconds=step_seconds(job, layout, cluster, moved, device_type=device_type),
                       reserve=runtime_reserve(layout.tensor_parallel, dp) if device_type == "cuda" else 0.0)
     result.rejected = _memory_problem(result, cluster)
     return result
+
+
+def fastest_stage(job: Job, layout: Layout, cluster: Cluster, stages: Iterable[int], *,
+                  device_type: str = "cuda") -> Optional[Estimate]:
+    """The estimate of ``layout`` at the student ZeRO stage, of ``stages``, that fits and is planned
+    fastest (ties, within 0.1%, to the lower stage), or None where none fits. ``device_type`` picks
+    the fixed costs (:data:`~training.plan.timing.FIXED_COSTS`)."""
+    if device_type not in FIXED_COSTS:
+        raise ValueError(f"no fixed costs for device type {device_type!r}; known: {', '.join(FIXED_COSTS)}")
+    fitting = [e for e in (estimate(job, replace(layout, student_zero_stage=s), cluster, device_type=device_type)
+                           for s in stages) if e.fits]
+    return min(fitting, key=lambda e: (round(e.step_time_s / min(x.step_time_s for x in fitting), 3),
+                                       e.layout.student_zero_stage), default=None)

@@ -1,11 +1,17 @@
-"""The time model: seconds per optimizer step of compute and of each traffic kind, without overlap
-(an upper bound). Compute runs at the cluster's achieved dense throughput; each kind's bytes go on
-the wire with its ring algorithm's factor (:data:`WIRE_FACTORS`) over its link (:data:`TP_KINDS` on
-NVLink, the rest on the data-parallel link)."""
+"""The time model: seconds per optimizer step of compute, of each traffic kind and of the step's
+fixed costs, without overlap (an upper bound). Compute runs at the cluster's achieved dense
+throughput; each kind's bytes go on the wire with its ring algorithm's factor (:func:`wire_factors`)
+over its link (:data:`TP_KINDS` on NVLink, the rest on the data-parallel link); ``fixed`` counts the
+events whose cost does not scale with bytes or FLOPs (:func:`fixed_events`) at a per-device price
+each (:data:`FIXED_COSTS`). Without it ZeRO stages 0-2 move the same bytes and tie, and a small job,
+whose step is mostly such events, is planned as if it were free."""
 
+import math
+from dataclasses import dataclass
 from typing import Dict
 
 from training.plan.inputs import GB, Cluster, Job, Layout
+from training.plan.memory import ds_bucket
 from training.plan.traffic import TRAFFIC_KINDS
 
 # Collectives inside a tensor-parallel group, which sits inside a node.
@@ -33,9 +39,11 @@ def flops_per_token(job: Job, layout: Layout) -> float:
     return flops
 
 
-def step_seconds(job: Job, layout: Layout, cluster: Cluster, traffic: Dict[str, float]) -> Dict[str, float]:
-    """Seconds per step: ``compute`` and one entry per traffic kind (``traffic`` in bytes handed in).
-    A data-parallel collective that crosses nodes shares the node's InfiniBand among its GPUs."""
+def step_seconds(job: Job, layout: Layout, cluster: Cluster, traffic: Dict[str, float], *,
+                 device_type: str = "cuda") -> Dict[str, float]:
+    """Seconds per step: ``compute``, one entry per traffic kind (``traffic`` in bytes handed in) and
+    ``fixed`` (:func:`fixed_seconds` on ``device_type``). A data-parallel collective that crosses
+    nodes shares the node's InfiniBand among its GPUs."""
     tp = layout.tensor_parallel
     dp = cluster.world_size // tp
     tokens = layout.micro_batch_size * job.seq_len
@@ -45,4 +53,113 @@ def step_seconds(job: Job, layout: Layout, cluster: Cluster, traffic: Dict[str, 
     for kind in TRAFFIC_KINDS:
         bandwidth = cluster.nvlink_gbps * GB if kind in TP_KINDS else dp_bandwidth
         result[kind] = traffic[kind] * wire[kind] / bandwidth
+    result["fixed"] = fixed_seconds(job, layout, cluster, device_type)
     return result
+
+
+@dataclass(frozen=True)
+class FixedCosts:
+    """Seconds per fixed event on one device type."""
+
+    collective_s: float
+    """One small collective's latency (its bytes are timed by the traffic kinds)."""
+    op_s: float
+    """One tensor op's launch and dispatch overhead (a kernel launch on a GPU)."""
+    host_sync_s: float
+    """One wait of the host for the device (none on CPU: the host is the device)."""
+    hook_s: float
+    """One ZeRO-3 module hook (Python: the parameter coordinator's fetch, release and trace)."""
+
+
+FIXED_COSTS = {
+    # ESTIMATES from published figures, not measured here (no GPU): NCCL's small-message all-reduce
+    # latency within a node (nccl-tests, H100/A100 NVLink: 10-20 us), a CUDA kernel launch with
+    # PyTorch's dispatch (5-10 us), a device synchronisation round trip (~20 us); a ZeRO-3 hook is
+    # host Python, priced as on the CPU.
+    "cuda": FixedCosts(collective_s=15e-6, op_s=5e-6, host_sync_s=20e-6, hook_s=30e-6),
+    # MEASURED on this 2-core CPU machine, shared with other jobs (2 processes, gloo): a 4-byte
+    # all-reduce 150-210 us at best, 310-420 us median; an in-place add on 64 floats 2 us at best,
+    # 3-9 us median; a ZeRO-3 hook: an estimate (Python, tens of us per call).
+    "cpu": FixedCosts(collective_s=2e-4, op_s=5e-6, host_sync_s=0.0, hook_s=30e-6),
+}
+
+# DeepSpeed 0.19.8's stage-0 all-reduce bucket (engine.py MEMORY_OPT_ALLREDUCE_SIZE), in elements.
+STAGE0_BUCKET = 5e8
+# Ops per parameter tensor per stage-0 step: DeepSpeed's unflatten of the all-reduced flat buffer, a
+# view and a copy back into each gradient. GuardedAdamW's norm, clip and fused update are multi-tensor
+# ops (``_foreach_norm``, ``_foreach_mul_``, ``_fused_adamw_``: one call each, on CPU too; held by
+# tests/test_zero_stage_auto.py).
+STAGE0_OPS_PER_TENSOR = 2
+# Ops per step whatever the tensor count: a flat partition's norm, clip and fused update (ZeRO 1-3),
+# stage 0's flatten, all-reduce scaling and fused update.
+FLAT_STEP_OPS = 10
+
+
+def hooked_modules(job: Job) -> int:
+    """The student's modules ZeRO-3 hooks (an estimate): one per parameter tensor (bias-free
+    linears, norms, embedding, head) and the containers: each layer, its attention and MLP, and
+    four at the top (model, decoder, rotary embedding, causal-LM wrapper)."""
+    return len(job.student.tensors) + 3 * job.student.layers + 4
+
+
+def _zero_collectives(job: Job, layout: Layout, cluster: Cluster) -> float:
+    """The student's ZeRO collectives per step: stage 0 one all-reduce per 5e8 elements; 1 and 2
+    one reduce per ``reduce_bucket_size`` (stage 2 every micro-batch), one gather of the updated
+    partitions per ``allgather_bucket_size`` and the norm's and overflow's all-reduces; stage 3
+    every micro-batch a gather per module above the persistence threshold in forward and again in
+    backward, and a reduce-scatter per bucket."""
+    stage, accum = layout.student_zero_stage, layout.grad_accum
+    elements = job.student.per_rank(layout.tensor_parallel)
+    if stage == 0:
+        return math.ceil(elements / STAGE0_BUCKET)
+    reduces = math.ceil(elements / ds_bucket(job.ds, "reduce_bucket_size", 5e8))
+    if stage == 3:
+        persistence = ds_bucket(job.ds, "stage3_param_persistence_threshold", 1e5)
+        gathered = sum(1 for n, _ in job.student.tensors if n > persistence) if cluster.world_size > 1 else 0
+        return accum * (2 * gathered + reduces) + 2
+    gathers = math.ceil(elements / ds_bucket(job.ds, "allgather_bucket_size", 5e8))
+    return (accum if stage == 2 else 1) * reduces + gathers + 2
+
+
+def _other_collectives(job: Job, layout: Layout, cluster: Cluster) -> float:
+    """Collectives of every stage per step: the global token count; at TP > 1 AutoTP's all-reduces
+    (:func:`training.plan.traffic.traffic_per_step`'s ``tp_allreduce``, by count) and the loss
+    exchange per micro-batch; a ``zero3`` teacher's gathers per micro-batch."""
+    count, tp, model = 1.0, layout.tensor_parallel, job.student
+    if tp > 1:
+        per_layer = model.row_parallel + model.column_parallel + (
+            model.row_parallel - 1 if layout.activation_checkpointing else 0)
+        per_micro = model.layers * per_layer + 1 + 1  # the head's input gradient, the loss exchange
+        if job.teacher:
+            per_micro += job.teacher.layers * job.teacher.row_parallel
+        count += layout.grad_accum * per_micro
+    if job.teacher and layout.teacher_placement == "zero3" and cluster.world_size > 1:
+        persistence = ds_bucket(job.ds, "stage3_param_persistence_threshold", 1e5)
+        count += layout.grad_accum * sum(1 for n, _ in job.teacher.tensors if n > persistence)
+    return count
+
+
+def fixed_events(job: Job, layout: Layout, cluster: Cluster) -> Dict[str, float]:
+    """Per optimizer step and GPU, the events :data:`FIXED_COSTS` prices, counted from the layout:
+    ``collectives`` (:func:`_zero_collectives` + :func:`_other_collectives`); ``ops`` that scale with
+    the parameter tensors P (stage 0: :data:`STAGE0_OPS_PER_TENSOR` x P; stages 1-2 copy each
+    gradient into a flat bucket at each reduce, stage 3 every micro-batch; then
+    :data:`FLAT_STEP_OPS`); ``host_syncs`` (one per step: the step decision, GuardedAdamW's or
+    ZeRO's overflow check); ``hooks``: ZeRO-3's four per hooked module per micro-batch
+    (:func:`hooked_modules`). What every stage does alike per token (the models' own ops) is not
+    counted: it does not change which layout wins."""
+    stage, accum, tensors = layout.student_zero_stage, layout.grad_accum, len(job.student.tensors)
+    if stage == 0:
+        ops = STAGE0_OPS_PER_TENSOR * tensors + FLAT_STEP_OPS
+    else:
+        ops = (accum if stage >= 2 else 1) * tensors + FLAT_STEP_OPS
+    return {"collectives": _zero_collectives(job, layout, cluster) + _other_collectives(job, layout, cluster),
+            "ops": float(ops), "host_syncs": 1.0,
+            "hooks": float(4 * accum * hooked_modules(job) if stage == 3 else 0)}
+
+
+def fixed_seconds(job: Job, layout: Layout, cluster: Cluster, device_type: str = "cuda") -> float:
+    """:func:`fixed_events` priced at :data:`FIXED_COSTS` for ``device_type`` (``cuda`` or ``cpu``)."""
+    costs, events = FIXED_COSTS[device_type], fixed_events(job, layout, cluster)
+    return (events["collectives"] * costs.collective_s + events["ops"] * costs.op_s +
+            events["host_syncs"] * costs.host_sync_s + events["hooks"] * costs.hook_s)
