@@ -108,10 +108,13 @@ class ParallelConfig:
     """Collective timeout: a rank waiting longer for a dead peer fails instead of hanging."""
     deepspeed_config: str = "ds_configs/zero3_tp.json"
     """DeepSpeed JSON (ZeRO + AutoTP); values this config owns are filled in."""
-    student_zero_stage: Optional[int] = None
+    student_zero_stage: Union[Literal["auto"], int, None] = None
     """The student's ZeRO stage (0, 1, 2 or 3) where the DeepSpeed JSON's ``zero_optimization.stage``
     is ``"auto"`` or absent (then 3); a JSON stage that differs is refused. 0 is DeepSpeed's plain
-    data parallelism (every rank holds the whole optimizer state; fp32 at ``tensor_parallel`` 1 only)."""
+    data parallelism (every rank holds the whole optimizer state; fp32 at ``tensor_parallel`` 1 only).
+    ``auto``: the job takes the planner's fastest stage that fits for its own layout (the JSON's
+    stage where it sets one; the checkpoint's on a resume) and prints the choice
+    (:func:`training.auto_stage.resolve_auto_stage`)."""
     teacher_placement: Literal["resident", "zero3"] = "resident"
     """``resident``: each rank keeps its tensor-parallel shard of the frozen teacher whole for the
     whole run (ZeRO stage 0 + AutoTP), so its forward moves no parameter bytes, only the TP
@@ -190,8 +193,9 @@ def _check_section_values(cfg: "RunConfig") -> None:
                        "eval.every": cfg.eval.every, "eval.max_batches": cfg.eval.max_batches}.items():
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value!r}")
-    if cfg.parallel.student_zero_stage not in (None, 0, 1, 2, 3):
-        raise ConfigError(f"parallel.student_zero_stage: must be 0, 1, 2 or 3, got {cfg.parallel.student_zero_stage!r}")
+    if cfg.parallel.student_zero_stage not in (None, "auto", 0, 1, 2, 3):
+        raise ConfigError(f"parallel.student_zero_stage: must be 0, 1, 2, 3 or auto, got "
+                          f"{cfg.parallel.student_zero_stage!r}")
     if not 0 <= cfg.loss.ce_weight <= 1:
         raise ConfigError(f"loss.ce_weight: must be in [0, 1], got {cfg.loss.ce_weight!r}")
     if cfg.train.min_lr > cfg.train.lr:

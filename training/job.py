@@ -15,6 +15,7 @@ from core.errors import ConfigError, TrainingStopped
 from data.loader import Collator, GlobalBatchSampler, eval_batches, load_prepared
 from model_parallel.distributed import accelerator_device
 from training import checkpoint, faults, resume
+from training.auto_stage import resolve_auto_stage
 from training.config import RunConfig, to_dict
 from training.data import ensure_prepared
 from training.deepspeed_config import build_deepspeed_configs, resolve_student_stage
@@ -106,6 +107,10 @@ def run(cfg: RunConfig) -> dict:
     world_size, bf16 = dist.get_world_size(), use_bf16(cfg.train.dtype)
     train_dir = ensure_prepared(cfg, cfg.data.train, "train")
     eval_dir = ensure_prepared(cfg, cfg.data.eval, "eval") if cfg.data.eval else None
+    # parallel.student_zero_stage: auto becomes a stage here, once, before anything reads it.
+    cfg, stage_line = resolve_auto_stage(cfg, world_size=world_size, bf16=bf16, device=accelerator_device())
+    if stage_line and dist.get_rank() == 0:
+        print(stage_line, file=sys.stderr)
     # Before any model is built, so a bad checkpoint fails fast.
     plan = resume.plan_resume(cfg, world_size, resolve_student_stage(cfg))
     planned_gb = _planned_peak_gb(cfg, world_size, bf16)
