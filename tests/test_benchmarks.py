@@ -76,18 +76,20 @@ NUMBER = r"(-?\d+\.\d+)"
 
 @pytest.mark.e2e
 def test_distill_benchmark_times_the_wide_pair_by_part_with_its_peak_memory():
-    """One round of one step on 2 ranks, micro-batch 1 x 16: a baseline row and a job row whose
-    tokens/s and s/step agree with the tokens of a step, every part of the step timed (a part at 0
-    would mean the step no longer calls what the split wraps), and L as the wide pair's logits."""
+    """One round of one step on one rank, micro-batch 1 x 16, the fused head on: a baseline row and a
+    job row whose tokens/s and s/step agree with the tokens of a step, every part of the step timed
+    (a part at 0 would mean the step no longer calls what the split wraps: loss/head is the fused
+    objective, run inside the student's forward), and L as the wide pair's logits."""
     lines = _run("benchmarks/distill.py", "--pair", "wide", "--tp", "1", "--stage", "1", "--placement", "resident",
-                 "--rounds", "1", "--steps", "1", "--warmup", "1", "--micro-batch", "1", "--seq-len", "16")
+                 "--fused", "on", "--ranks", "1", "--rounds", "1", "--steps", "1", "--warmup", "1", "--micro-batch", "1",
+                 "--seq-len", "16")
     assert any(line.startswith("wide pair: teacher 256 x 4 layers -> student 128 x 2, V 16,384 (bpe tokenizer)")
                for line in lines)  # the ranks' libraries print to stdout too
-    job = "job: TP 1 x DP 2, teacher resident, student ZeRO-1"
+    job = "job: TP 1 x DP 1, teacher resident, student ZeRO-1, fused head on"
     assert any(line.startswith("  baseline: Trainer + DDP") for line in lines)
     table, split, memory = [line for line in lines if line.startswith(f"  {job}")]  # in that order
     seconds, tokens_per_s = map(float, re.search(rf"{job}\s+{NUMBER}\s+(\d+)\s+{NUMBER}", table).groups()[:2])
-    assert tokens_per_s * seconds == pytest.approx(1 * 16 * 2, rel=0.02)  # micro-batch x sequence x ranks
+    assert tokens_per_s * seconds == pytest.approx(1 * 16 * 1, rel=0.02)  # micro-batch x sequence x ranks
     parts = [float(value) for value in re.findall(NUMBER, split)]
     assert len(parts) == len(PARTS) + 1 and all(part > 0 for part in parts[:-1])
     assert sum(parts) == pytest.approx(seconds, abs=6e-4)  # other = the step minus the parts
@@ -95,3 +97,19 @@ def test_distill_benchmark_times_the_wide_pair_by_part_with_its_peak_memory():
     assert any(line.startswith("peak memory per rank") and f"L = {logits_gb:.4f} GB" in line for line in lines)
     peak_gb, peak_l = map(float, re.search(rf"{NUMBER} GB\s+{NUMBER} L", memory).groups())
     assert peak_gb > 0 and peak_l == pytest.approx(peak_gb / logits_gb, rel=0.01)
+
+
+@pytest.mark.e2e
+def test_logits_memory_benchmark_sets_the_fused_head_side_by_side():
+    """Both ``loss.fused_head`` values on one rank, V 8,192, micro-batch 2 x 256 (the head's weight
+    0.125 L): the unfused step holds at least the student's logits (1 L) at its peak, the fused one
+    less than the unfused one, for both batch kinds."""
+    lines = _run("benchmarks/logits_memory.py", "--vocab", "8192", "--micro-batch", "2", "--seq-len", "256",
+                 "--fused", "both")
+    assert any(line.startswith("logits path, micro-batch 2 x 256, V 8192 (L = 16.8 MB, fp32)") for line in lines)
+    header = [line for line in lines if line.startswith("  batches")][0]
+    assert header.split() == ["batches", "unfused", "fused"]
+    for kind in ("pre-training", "SFT, half the positions masked"):
+        row = [line for line in lines if line.startswith(f"  {kind} ")][0]
+        unfused, fused = map(float, re.findall(rf"{NUMBER} L", row))
+        assert unfused >= 1.0 and fused < unfused, row
