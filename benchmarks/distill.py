@@ -21,9 +21,10 @@ after the same warm-up and counts the same tokens: every input token of the glob
   plain forward KL over the whole vocabulary (``kl_div(log_softmax)``), AdamW;
 - **the job's layouts**: ``training.step.train_step`` (the job's own step: tail-aware divergence
   K 10, beta 2) for each tensor-parallel size x ``parallel.teacher_placement`` x student ZeRO stage
-  (``parallel.student_zero_stage``; stage 0 at TP 1 only, ``zero3`` placement with stage 3 only) x
-  ``loss.fused_head`` where ``--fused`` is given (``off``, ``on`` or ``both``, printed side by side;
-  not given: the key is not set). Each job side runs as the job does: ``training.memory.PeakMemory``
+  (``parallel.student_zero_stage``: stage 0 at TP 1 only, a ``zero3`` teacher with stage 3 only;
+  ``auto`` resolved as the job resolves it, and the stage it took printed) x ``loss.fused_head``
+  where ``--fused`` is given (``off``, ``on`` or ``both``, printed side by side; not given: the key
+  is not set). Each job side runs as the job does: ``training.memory.PeakMemory``
   is made before the models are built, which on CPU also fixes glibc's mmap threshold at 64 KiB.
 
 For every job side a step's time is split by part (rank 0's wall clock around the engines' calls,
@@ -106,6 +107,10 @@ def _job_worker(rank, world_size, work, args, side: Side):
     from training.step import train_step
 
     cfg = _job_config(work, args, side)
+    if side.stage == "auto":  # the job resolves it before building anything; so does this side
+        from training.auto_stage import resolve_auto_stage
+
+        cfg, _ = resolve_auto_stage(cfg, world_size=world_size, bf16=False, device=accelerator_device())
     micro = cfg.train.micro_batch_size
     memory = PeakMemory(accelerator_device())  # as the job makes it: before the models
     engines = build_engines(**engine_sources(cfg), ds_configs=build_deepspeed_configs(cfg, world_size, False),
@@ -130,7 +135,7 @@ def _job_worker(rank, world_size, work, args, side: Side):
     if engines.teacher is not None:
         engines.teacher.destroy()
     return {"tokens_per_s": tokens / seconds, "split": split, "seconds_per_step": seconds / args.steps,
-            "peak_gb": peak_gb, "L_gb": logits_bytes / 1e9}
+            "peak_gb": peak_gb, "L_gb": logits_bytes / 1e9, "stage": cfg.parallel.student_zero_stage}
 
 
 def _split_timings(engines):
@@ -295,6 +300,9 @@ def _report(args, runs: dict, baseline: str) -> None:
               f"{median([r['tokens_per_s'] for r in results]):>9.0f}  {median(ratios[name]):>10.2f}  "
               f"{min(ratios[name]):>5.2f}-{max(ratios[name]):<5.2f}")
     jobs = {name: results for name, results in runs.items() if name != baseline}
+    for name, results in jobs.items():
+        if "ZeRO-auto" in name:
+            print(f"  {name}: auto took ZeRO-{'/'.join(str(s) for s in sorted({r['stage'] for r in results}))}")
     print("where a job step goes (s, medians over rounds; other = the step minus the parts):")
     print(f"  {'side':<{width}}  " + "  ".join(f"{part:>15}" for part in PARTS + ("other",)))
     for name, results in jobs.items():

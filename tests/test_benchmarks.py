@@ -76,18 +76,20 @@ NUMBER = r"(-?\d+\.\d+)"
 
 @pytest.mark.e2e
 def test_distill_benchmark_times_the_wide_pair_by_part_with_its_peak_memory():
-    """One round of one step on one rank, micro-batch 1 x 16, the fused head on: a baseline row and a
-    job row whose tokens/s and s/step agree with the tokens of a step, every part of the step timed
-    (a part at 0 would mean the step no longer calls what the split wraps: loss/head is the fused
-    objective, run inside the student's forward), and L as the wide pair's logits."""
-    lines = _run("benchmarks/distill.py", "--pair", "wide", "--tp", "1", "--stage", "1", "--placement", "resident",
-                 "--fused", "on", "--ranks", "1", "--rounds", "1", "--steps", "1", "--warmup", "1", "--micro-batch", "1",
-                 "--seq-len", "16")
+    """One round of one step on one rank, micro-batch 1 x 16, ``student_zero_stage: auto``, the fused
+    head on: a baseline row, the stage auto took, a job row whose tokens/s and s/step agree with the
+    tokens of a step, every part of the step timed (a part at 0 would mean the step no longer calls
+    what the split wraps: loss/head is the fused objective, run inside the student's forward), and
+    L as the wide pair's logits."""
+    lines = _run("benchmarks/distill.py", "--pair", "wide", "--tp", "1", "--stage", "auto", "--placement", "resident",
+                 "--fused", "on", "--ranks", "1", "--rounds", "1", "--steps", "1", "--warmup", "1",
+                 "--micro-batch", "1", "--seq-len", "16")
     assert any(line.startswith("wide pair: teacher 256 x 4 layers -> student 128 x 2, V 16,384 (bpe tokenizer)")
                for line in lines)  # the ranks' libraries print to stdout too
-    job = "job: TP 1 x DP 1, teacher resident, student ZeRO-1, fused head on"
+    job = "job: TP 1 x DP 1, teacher resident, student ZeRO-auto, fused head on"
     assert any(line.startswith("  baseline: Trainer + DDP") for line in lines)
-    table, split, memory = [line for line in lines if line.startswith(f"  {job}")]  # in that order
+    table, took, split, memory = [line for line in lines if line.startswith(f"  {job}")]  # in that order
+    assert re.fullmatch(rf"  {job}: auto took ZeRO-[0123]", took)  # resolved as the job resolves it
     seconds, tokens_per_s = map(float, re.search(rf"{job}\s+{NUMBER}\s+(\d+)\s+{NUMBER}", table).groups()[:2])
     assert tokens_per_s * seconds == pytest.approx(1 * 16 * 1, rel=0.02)  # micro-batch x sequence x ranks
     parts = [float(value) for value in re.findall(NUMBER, split)]
