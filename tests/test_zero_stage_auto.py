@@ -108,10 +108,13 @@ def test_fixed_events_count_what_each_stage_does():
     accumulating = replace(layout, student_zero_stage=2, grad_accum=4)
     assert fixed_events(job, accumulating, cluster)["collectives"] == events[2]["collectives"] + 3
     assert events[3]["hooks"] > 0 == events[1]["hooks"]
+    # Stage 3 without persistent tensors: a gather per tensor in forward and in backward, one
+    # reduce-scatter, the norm's all-reduce and the token count; with them (the demo student's are
+    # all under 1e5 elements), one gather per persistent tensor after the step instead.
     gathering = replace(job, ds={**job.ds, "stage3_param_persistence_threshold": 0})
     stage3 = replace(layout, student_zero_stage=3)
-    assert (fixed_events(gathering, stage3, cluster)["collectives"] - fixed_events(job, stage3, cluster)["collectives"]
-            == 2 * (tensors - sum(1 for n, _ in job.student.tensors if n > 1e5)))
+    assert fixed_events(gathering, stage3, cluster)["collectives"] == 2 * tensors + 1 + 1 + 1
+    assert fixed_events(job, stage3, cluster)["collectives"] == tensors + 1 + 1 + 1
     for stage in range(4):
         assert fixed_seconds(job, replace(layout, student_zero_stage=stage), cluster, "cpu") > \
             fixed_seconds(job, replace(layout, student_zero_stage=stage), cluster, "cuda")
@@ -186,3 +189,54 @@ def test_the_config_key_takes_auto():
     # Unresolved (a caller that builds engines without the job): as if absent.
     assert build_deepspeed_configs(_config("parallel.student_zero_stage=auto"), world_size=2,
                                    bf16=False).student_stage == 3
+
+
+def _counted_step_rank(rank, world_size):
+    """Each rank: the demo student as the job builds its DeepSpeed engine at stages 0-3 (TP 1, one
+    micro-batch), two warm-up steps (ZeRO-3 records and checks its module trace across ranks over
+    the first two), then the collectives of one step, counted by comm_counter."""
+    import deepspeed
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from model_parallel.testing.comm_counter import count_collective_bytes
+
+    counts = {}
+    for stage in range(4):
+        cfg = _config(f"parallel.student_zero_stage={stage}", "train.micro_batch_size=2", "train.grad_accum=1")
+        config = build_deepspeed_configs(cfg, world_size=world_size, bf16=False).student
+        config.pop("tensor_parallel")  # TP 1: no AutoTP
+        optimizer = None
+        if stage == 0:
+            config, optimizer = plain_data_parallel(config)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(
+            os.path.join(ROOT, "launch/configs/models/demo_student.json")))
+        engine, *_ = deepspeed.initialize(model=model, config=config, optimizer=optimizer,
+                                          model_parameters=list(model.parameters()))
+        ids = torch.randint(4, 1000, (2, 16), generator=torch.Generator().manual_seed(rank))
+        for step in range(3):
+            with count_collective_bytes() as counted:
+                engine.backward(engine(input_ids=ids, labels=ids).loss)
+                engine.step()
+        counts[stage] = dict(counted.calls)
+        engine.destroy()
+    return counts
+
+
+@pytest.mark.e2e
+def test_zero_collectives_per_step_are_the_counted_ones():
+    """The planner's ZeRO collectives per step (:func:`training.plan.timing.fixed_events` less the
+    job's token count) against DeepSpeed's own calls on 2 ranks, for stages 0-3."""
+    from model_parallel.spawn import run_on_ranks
+    from training.plan.timing import _zero_collectives
+
+    counted = run_on_ranks(2, _counted_step_rank, deepspeed=True, timeout=600)[0]
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        job, layout = _job("train.micro_batch_size=2", "train.grad_accum=1")
+    finally:
+        os.chdir(cwd)
+    cluster = Cluster(nodes=1, gpus_per_node=2)
+    planned = {stage: _zero_collectives(job, replace(layout, student_zero_stage=stage), cluster) for stage in range(4)}
+    assert {stage: sum(calls.values()) for stage, calls in counted.items()} == planned, counted

@@ -103,11 +103,13 @@ def hooked_modules(job: Job) -> int:
 
 
 def _zero_collectives(job: Job, layout: Layout, cluster: Cluster) -> float:
-    """The student's ZeRO collectives per step: stage 0 one all-reduce per 5e8 elements; 1 and 2
-    one reduce per ``reduce_bucket_size`` (stage 2 every micro-batch), one gather of the updated
-    partitions per ``allgather_bucket_size`` and the norm's and overflow's all-reduces; stage 3
-    every micro-batch a gather per module above the persistence threshold in forward and again in
-    backward, and a reduce-scatter per bucket."""
+    """The student's ZeRO collectives per step, as DeepSpeed 0.19.8 issues them in a steady step
+    (counted on 2 gloo ranks by tests/test_zero_stage_auto.py): stage 0 one all-reduce per 5e8
+    elements; 1 and 2 one reduce per ``reduce_bucket_size`` (stage 2 every micro-batch), one gather
+    of the updated partitions per ``allgather_bucket_size`` and the norm's all-reduce; stage 3 every
+    micro-batch a gather per module above the persistence threshold in forward and again in
+    backward and a reduce-scatter per bucket, then the norm's all-reduce and, after the step, one
+    gather per persistent tensor (their updated partitions: DeepSpeed gathers them one by one)."""
     stage, accum = layout.student_zero_stage, layout.grad_accum
     elements = job.student.per_rank(layout.tensor_parallel)
     if stage == 0:
@@ -115,10 +117,11 @@ def _zero_collectives(job: Job, layout: Layout, cluster: Cluster) -> float:
     reduces = math.ceil(elements / ds_bucket(job.ds, "reduce_bucket_size", 5e8))
     if stage == 3:
         persistence = ds_bucket(job.ds, "stage3_param_persistence_threshold", 1e5)
-        gathered = sum(1 for n, _ in job.student.tensors if n > persistence) if cluster.world_size > 1 else 0
-        return accum * (2 * gathered + reduces) + 2
+        persistent = sum(1 for n, _ in job.student.tensors if n <= persistence)
+        gathered = len(job.student.tensors) - persistent if cluster.world_size > 1 else 0
+        return accum * (2 * gathered + reduces) + 1 + (persistent if cluster.world_size > 1 else 0)
     gathers = math.ceil(elements / ds_bucket(job.ds, "allgather_bucket_size", 5e8))
-    return (accum if stage == 2 else 1) * reduces + gathers + 2
+    return (accum if stage == 2 else 1) * reduces + gathers + 1
 
 
 def _other_collectives(job: Job, layout: Layout, cluster: Cluster) -> float:
