@@ -35,14 +35,15 @@ def test_the_planner_imports_no_private_name_from_another_package():
 
 
 def test_the_planner_reads_loss_and_family_rules_from_their_rooms():
-    """Not ``loss.tail`` (its chunk sizes and exchange are ``loss.registry``'s answers), and no
+    """Not ``loss.tail`` (its chunk sizes and exchange are ``loss.registry``'s answers; the fused
+    path's chunk rows and buffers are ``loss.fused``'s own formulas), and no
     family matched by class name (``training.models.family`` says which layers and norms): no
     family or module-kind name compared, or passed to ``startswith`` / ``endswith``."""
     found = []
     for path, tree in _modules():
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("loss.") \
-                    and node.module != "loss.registry":
+                    and node.module not in ("loss.registry", "loss.fused"):
                 found.append(f"{path}:{node.lineno} imports {node.module}")
             found += [f"{path}:{node.lineno} matches {value!r}" for value in _matched_strings(node)
                       if any(name in value.lower() for name in _FAMILY_NAMES)]

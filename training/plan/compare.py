@@ -25,6 +25,8 @@ class Plan:
     """Where nothing fits: the fewest nodes of these GPUs on which something would."""
     deepspeed: Dict[str, object] = field(default_factory=dict)
     """:func:`~training.plan.layouts.deepspeed_settings` for ``shown``."""
+    fused_head: bool = False
+    """The logits term is the fused head's (:attr:`~training.plan.inputs.Job.fused_head`)."""
 
     def to_json(self) -> dict:
         shown = self.shown
@@ -34,7 +36,7 @@ class Plan:
                 "step_time_s": shown.step_time_s,
                 "seconds": shown.seconds, "bottleneck": shown.bottleneck, "fits": shown.fits,
                 "layout": shown.layout.as_config(), "set_arguments": shown.layout.set_arguments(),
-                "deepspeed": self.deepspeed,
+                "deepspeed": self.deepspeed, "fused_head": self.fused_head,
                 "recommended": self.chosen.layout.as_config() if self.chosen else None,
                 "smallest_cluster": asdict(self.smallest_cluster) if self.smallest_cluster else None,
                 "layouts": [{"layout": e.layout.as_config(), "peak_memory_bytes": e.peak_memory_bytes,
@@ -52,11 +54,10 @@ def _fastest(estimates: List[Estimate]) -> Optional[Estimate]:
                                        e.layout.activation_checkpointing, e.layout.student_zero_stage))
 
 
-def plan(cfg, cluster: Cluster, *, as_configured: bool = False, bf16: Optional[bool] = None,
-         device_type: str = "cuda") -> Plan:
-    """Compare every layout of ``cfg`` on ``cluster``; ``shown`` is the fastest that fits, or the
-    config's own with ``as_configured`` (or where nothing fits). Raises ConfigError naming the key
-    when the config's own layout cannot run on ``cluster`` at all."""
+def _compare(cfg, cluster: Cluster, *, bf16: Optional[bool], device_type: str):
+    """``(job_for_tp, own layout, estimates, fastest that fits or None)`` of every candidate layout of
+    ``cfg`` on ``cluster``. Raises ConfigError naming the key when the config's own layout cannot
+    run on ``cluster`` at all."""
     jobs = {}
 
     def job_for_tp(tp):
@@ -77,23 +78,33 @@ def plan(cfg, cluster: Cluster, *, as_configured: bool = False, bf16: Optional[b
                                       {"compute": 0.0}, rejected=problem))
         else:
             estimates.append(estimate(job, layout, cluster, device_type=device_type))
-    chosen = _fastest(estimates)
+    return job_for_tp, own, estimates, _fastest(estimates)
+
+
+def plan(cfg, cluster: Cluster, *, as_configured: bool = False, bf16: Optional[bool] = None,
+         device_type: str = "cuda") -> Plan:
+    """Compare every layout of ``cfg`` on ``cluster``; ``shown`` is the fastest that fits, or the
+    config's own with ``as_configured`` (or where nothing fits). Raises ConfigError naming the key
+    when the config's own layout cannot run on ``cluster`` at all."""
+    job_for_tp, own, estimates, chosen = _compare(cfg, cluster, bf16=bf16, device_type=device_type)
     own_estimate = estimate(job_for_tp(own.tensor_parallel), own, cluster, device_type=device_type)
     shown = own_estimate if as_configured or chosen is None else chosen
     smallest = None
     if chosen is None:
         smallest = _smallest_cluster(cfg, cluster, bf16=bf16, device_type=device_type)
+    shown_job = job_for_tp(shown.layout.tensor_parallel)
     return Plan(cluster=cluster, estimates=estimates, chosen=chosen, shown=shown, smallest_cluster=smallest,
-                deepspeed=deepspeed_settings(job_for_tp(shown.layout.tensor_parallel), shown.layout))
+                deepspeed=deepspeed_settings(shown_job, shown.layout), fused_head=shown_job.fused_head)
 
 
 def _smallest_cluster(cfg, cluster: Cluster, **options) -> Optional[Cluster]:
     """The fewest nodes (up to 64) of ``cluster``'s GPUs on which some layout of ``cfg`` fits (the
-    global batch, micro-batch x grad_accum x data-parallel ranks, grows with the cluster)."""
+    global batch, micro-batch x grad_accum x data-parallel ranks, grows with the cluster). Each
+    size is compared once (a size where nothing fits does not search again)."""
     for nodes in range(cluster.nodes + 1, 65):
         bigger = replace(cluster, nodes=nodes)
         try:
-            if plan(cfg, bigger, **options).chosen is not None:
+            if _compare(cfg, bigger, **options)[3] is not None:
                 return bigger
         except ConfigError:
             continue
@@ -133,4 +144,5 @@ def job_plan(cfg, *, world_size: int, bf16: bool, device) -> Plan:
     if problem:
         raise ConfigError(problem)
     own = estimate(job, layout, cluster, device_type=torch.device(device).type)
-    return Plan(cluster=cluster, estimates=[own], chosen=own if own.fits else None, shown=own)
+    return Plan(cluster=cluster, estimates=[own], chosen=own if own.fits else None, shown=own,
+                fused_head=job.fused_head)

@@ -69,6 +69,8 @@ class Job:
     loss_kind: str
     ds: Dict = field(default_factory=dict)
     """The DeepSpeed JSON's ``zero_optimization`` section (bucket sizes, persistence)."""
+    fused_head: bool = False
+    """The loss applies both output layers itself, in chunks (``loss.fused_head``, :func:`fused_head`)."""
 
 
 def _seq_len(cfg) -> int:
@@ -78,6 +80,15 @@ def _seq_len(cfg) -> int:
         with open(manifest) as handle:
             return int(json.load(handle).get("seq_len", cfg.data.seq_len))
     return cfg.data.seq_len
+
+
+def fused_head(setting, shapes) -> bool:
+    """Whether the job takes the fused head, as ``training.fused_head.install`` decides it:
+    ``loss.fused_head`` true (the job refuses to start where it cannot run), false, or ``auto``: on
+    where every model's family supports it (:attr:`ModelShape.fused_head`)."""
+    if isinstance(setting, bool):
+        return setting
+    return all(shape.fused_head for shape in shapes)
 
 
 def job_from_config(cfg, *, world_size: int, tp: Optional[int] = None, bf16: Optional[bool] = None) -> Job:
@@ -96,4 +107,5 @@ def job_from_config(cfg, *, world_size: int, tp: Optional[int] = None, bf16: Opt
     ds = read_deepspeed_json(cfg.parallel.deepspeed_config).get("zero_optimization", {})
     return Job(teacher=shapes.get("teacher"), student=shapes["student"], seq_len=_seq_len(cfg),
                global_batch=global_batch_size(cfg.train.micro_batch_size, cfg.train.grad_accum, max(config_dp, 1)),
-               weight_bytes=2 if bf16 else 4, top_k=cfg.loss.top_k, loss_kind=cfg.loss.kind, ds=ds)
+               weight_bytes=2 if bf16 else 4, top_k=cfg.loss.top_k, loss_kind=cfg.loss.kind, ds=ds,
+               fused_head=fused_head(cfg.loss.fused_head, shapes.values()))

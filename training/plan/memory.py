@@ -3,8 +3,9 @@
 A new memory term is one key in :data:`MEMORY_TERMS` and one function here that :func:`memory` calls;
 ``describe`` and the JSON list every key."""
 
-from typing import Dict
+from typing import Dict, Optional
 
+from loss.fused import buffer_bytes, chunk_rows
 from loss.registry import divergence
 from training.plan.inputs import GB, Cluster, Job, Layout
 from training.plan.shape import ModelShape
@@ -95,8 +96,8 @@ def teacher_forward_bytes(model: ModelShape, tokens: int, seq: int, tp: int, w: 
 
 def logits_bytes(model: ModelShape, tokens: int, vocab_local: int, w: int, *, device_type: str = "cuda",
                  loss_kind: str = "tail") -> float:
-    """The peak of the logits path (heads, loss, backward to the student's last hidden state) in
-    units of L, one ``[tokens, V_local]`` tensor of ``w`` bytes: the student's logits and the
+    """The peak of the unfused logits path (heads, loss, backward to the student's last hidden state)
+    in units of L, one ``[tokens, V_local]`` tensor of ``w`` bytes: the student's logits and the
     teacher's (donated to the student's gradient) 2 L, with the loss's fp32 row-chunk buffers
     (``loss.registry``'s ``buffer_bytes`` for ``loss_kind``); with a final soft-capping (Gemma-2)
     the student's saved ``tanh`` output (1 L) and, in its backward, the gradient through the
@@ -106,6 +107,75 @@ def logits_bytes(model: ModelShape, tokens: int, vocab_local: int, w: int, *, de
     if model.final_softcap:
         return 3 * logits + max(buffers, 2 * logits)
     return 2 * logits + buffers
+
+
+# Per token, the fused path's detached per-token outputs (about a dozen fp32 and int64 ``[tokens]``
+# tensors, held per chunk and then concatenated) and its exchange payloads: small beside the rest.
+FUSED_PER_TOKEN_BYTES = 256
+
+
+def _fused_chunk_moments(tokens: int, vocab_local: int, hidden: int, w: int, *, softcap: bool, teacher: bool,
+                         device_type: str) -> float:
+    """Bytes of the fused forward's moments that :func:`loss.fused.buffer_bytes` does not bound (its
+    fp32 accumulators ``4 (V_local + tokens) H`` excluded), the largest of, with ``C`` one chunk's
+    logits and ``t`` 1 with a teacher:
+
+    - with a soft-cap, at the next chunk's heads: the last teacher ``tanh`` output still held, and
+      each head's matmul, ``tanh`` and logits (3 (1 + t) w C);
+    - with a soft-cap, at its derivative: the chunk's gradient (in the teacher's donated logits),
+      the ``tanh`` outputs and, below fp32, fp32 copies of the gradient and the ``tanh`` and
+      ``1 - tanh²`` ((2 + t) w C + 12 C; in fp32 the copies are the tensors themselves, (3 + t) w C);
+    - below fp32, at the weight-gradient accumulation: the chunk's gradient (and the held teacher
+      ``tanh``) beside the chunk's ``[V_local, H]`` product in the weights' dtype and its fp32 copy.
+    """
+    chunk, held = chunk_rows(tokens, vocab_local, device_type) * vocab_local, int(softcap and teacher)
+    moments = [0.0]
+    if softcap:
+        moments += [3 * (1 + int(teacher)) * w * chunk, (2 + held) * w * chunk + 12 * chunk if w != 4 else
+                    (3 + held) * w * chunk]
+    if w != 4:
+        moments.append((1 + held) * w * chunk + (w + 4) * vocab_local * hidden)
+    return max(moments)
+
+
+def fused_logits_bytes(student: ModelShape, teacher: Optional[ModelShape], tokens: int, vocab_local: int, w: int, *,
+                       device_type: str = "cuda", loss_kind: str = "tail", teacher_head_gathered: bool = False) -> float:
+    """The peak of the fused logits path (``loss.fused``: both output layers applied inside the loss,
+    a chunk of rows at a time; nothing ``[tokens, V_local]``), the largest of its moments:
+
+    - forward: :func:`loss.fused.buffer_bytes` (one chunk's logits of both heads and the student's
+      gradient, the soft-cap's ``tanh``, the kind's temporaries on the chunk, the fp32 head-weight
+      gradient ``[V_local, H]`` and hidden-state gradient ``[tokens, H]``), or where larger the
+      accumulators and the moments of :func:`_fused_chunk_moments`; plus the teacher's final hidden
+      rows ``[tokens, H_t]`` (kept instead of its logits), for a ``zero3`` teacher
+      (``teacher_head_gathered``) its head's slice ``[V_local, H_t]`` gathered for the call, and
+      :data:`FUSED_PER_TOKEN_BYTES` per token;
+    - backward, below fp32: the fp32 gradients cast to the weights' dtype for autograd, the hidden
+      state's first (``w·tokens·H`` beside both fp32 ones), then the weight's (``w·V_local·H``
+      beside the fp32 weight gradient and the cast hidden one).
+    """
+    hidden, softcap = student.hidden, student.final_softcap
+    accumulators = 4 * (vocab_local + tokens) * hidden
+    forward = max(buffer_bytes(tokens, vocab_local, hidden, w, device_type, kind=loss_kind, softcap=softcap),
+                  accumulators + _fused_chunk_moments(tokens, vocab_local, hidden, w, softcap=softcap,
+                                                       teacher=teacher is not None, device_type=device_type))
+    forward += FUSED_PER_TOKEN_BYTES * tokens
+    if teacher is not None:
+        forward += w * tokens * teacher.hidden + (w * vocab_local * teacher.hidden if teacher_head_gathered else 0)
+    backward = 0.0
+    if w != 4:
+        backward = 4 * vocab_local * hidden + w * tokens * hidden + max(4 * tokens * hidden, w * vocab_local * hidden)
+    return max(forward, backward)
+
+
+def _logits(job: Job, layout: Layout, tokens: int, dp: int, device_type: str) -> float:
+    """The logits term of the path the job takes (:attr:`Job.fused_head`)."""
+    vocab_local, w = job.student.vocab // layout.tensor_parallel, job.weight_bytes
+    if job.fused_head:
+        gathered = job.teacher is not None and layout.teacher_placement == "zero3" and dp > 1
+        return fused_logits_bytes(job.student, job.teacher, tokens, vocab_local, w, device_type=device_type,
+                                  loss_kind=job.loss_kind, teacher_head_gathered=gathered)
+    return logits_bytes(job.student, tokens, vocab_local, w, device_type=device_type, loss_kind=job.loss_kind)
 
 
 def runtime_reserve(tp: int, dp: int) -> float:
@@ -178,7 +248,6 @@ def memory_per_gpu(job: Job, layout: Layout, cluster: Cluster, *, device_type: s
     result["activations"] = activation_bytes(job.student, tokens, job.seq_len, tp, w, layout.activation_checkpointing)
     if job.teacher:
         result["activations"] += teacher_forward_bytes(job.teacher, tokens, job.seq_len, tp, w)
-    result["logits"] = logits_bytes(job.student, tokens, job.student.vocab // tp, w, device_type=device_type,
-                                    loss_kind=job.loss_kind)
+    result["logits"] = _logits(job, layout, tokens, dp, device_type)
     result["comm_buffers"] = _comm_buffers(job, layout, cluster, states)
     return result

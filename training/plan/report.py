@@ -33,6 +33,8 @@ def _figure_lines(result: Plan) -> List[str]:
     cluster, shown = result.cluster, result.shown
     lines = [f"  memory per GPU: {_gb(shown.peak_memory_bytes)} of {cluster.gpu_memory_gb:g} GB"]
     lines += [f"    {term:<24} {_gb(value)}" for term, value in shown.memory.items()]
+    lines.append("    logits path: " + ("fused head (loss.fused_head): chunks of rows, no [tokens, vocab] tensor"
+                                      if result.fused_head else "unfused: both models' [tokens, vocab] logits"))
     if shown.reserve:
         free = cluster.gpu_memory_gb * GB - shown.peak_memory_bytes - shown.reserve
         lines.append(f"    and outside it: CUDA context and NCCL buffers {_gb(shown.reserve)}; "

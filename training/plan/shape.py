@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 
 from core.errors import ConfigError
-from training.models import aligned_vocab_size, family, tied_head, unties_head
+from training.models import aligned_vocab_size, family, fused_head_problem, tied_head, unties_head
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODELS_DIR = os.path.join(_ROOT, "launch", "configs", "models")
@@ -68,6 +68,9 @@ class ModelShape:
     ``fc2(act(fc1(x)))`` (2)."""
     mask_kinds: int = 1
     """Distinct ``[seq, seq]`` masks an eager forward builds (2 with sliding-window layers)."""
+    fused_head: bool = False
+    """The loss may apply the model's output layer itself, in chunks (``loss.fused_head: auto`` turns
+    it on: :func:`training.models.fused_head_problem` finds nothing on the model as transformers builds it)."""
 
     @property
     def eager_attention(self) -> bool:
@@ -224,4 +227,5 @@ def model_shape(source: str, *, vocab: int, tp: int, attn_implementation: str = 
                       softcap=rules.attention_softcap(config) is not None,
                       final_softcap=rules.final_logit_softcap(config) is not None,
                       gated_mlp="gate_proj" in linears or sum(name in _MLP_LINEARS for name in linears) >= 3,
-                      mask_kinds=max(len(set(getattr(text, "layer_types", None) or [])), 1))
+                      mask_kinds=max(len(set(getattr(text, "layer_types", None) or [])), 1),
+                      fused_head=fused_head_problem(model) is None)

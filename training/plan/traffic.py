@@ -51,14 +51,16 @@ def _teacher_gather(job: Job, layout: Layout, cluster: Cluster) -> float:
 
 def _tp_allreduce(job: Job, layout: Layout) -> float:
     """AutoTP's all-reduces per step. Forward: one per row-parallel linear; backward: one per
-    column-parallel linear and one for the vocabulary-parallel head's input; checkpointed
-    recomputation repeats the forward's but the last (autograd's early stop: nothing after it is
-    saved). The teacher's no-grad forward: its row-parallel linears."""
+    column-parallel linear and one for the vocabulary-parallel head's input (at the positions with
+    a target; the fused head's is fp32: ``loss.fused`` sums its hidden-state gradient in fp32);
+    checkpointed recomputation repeats the forward's but the last (autograd's early stop: nothing
+    after it is saved). The teacher's no-grad forward: its row-parallel linears."""
     model, w, micro = job.student, job.weight_bytes, layout.micro_batch_size
     tokens = micro * job.seq_len
     per_layer = model.row_parallel + model.column_parallel + (
         model.row_parallel - 1 if layout.activation_checkpointing else 0)
-    per_micro = w * model.hidden * (tokens * model.layers * per_layer + micro * (job.seq_len - 1))
+    head = (4 if job.fused_head else w) * model.hidden * micro * (job.seq_len - 1)
+    per_micro = w * model.hidden * tokens * model.layers * per_layer + head
     if job.teacher:
         per_micro += w * tokens * job.teacher.layers * job.teacher.row_parallel * job.teacher.hidden
     return layout.grad_accum * per_micro
