@@ -463,7 +463,9 @@ def test_killing_a_rank_mid_training_fails_fast_and_resume_finishes(straight, as
     returncode, elapsed, leftovers = _kill_when_held(config, tmp_path, 1, "step 3")
     assert returncode != 0 and elapsed < 60 and not leftovers
     assert _shm_buffers() <= buffers_before  # nothing of the killed job left in /dev/shm either
-    _launch(config, 2)
+    resumed = _launch(config, 2)
+    # loss.fused_head auto: this run and the straight one apply the heads inside the loss; resumed, bitwise the same.
+    assert "fused head: on" in resumed.stderr
     assert _losses(out) == _losses(straight)
     # checkpoint.every 2, keep 2: only the last two complete tags remain.
     tags = sorted(t for t in os.listdir(os.path.join(out, "checkpoints")) if t.startswith("step_"))
