@@ -107,6 +107,30 @@ def test_known_families_are_fused_and_others_are_told_why():
     assert fused_head_problem(biased).endswith("its output layer has a bias")
 
 
+def test_fused_head_true_is_refused_by_name_where_it_cannot_run(capsys):
+    """``true`` names why (another family; DeepCompile, which bypasses the head's module call);
+    ``auto`` takes the unfused path there and says why once."""
+    from transformers import GPT2Config
+
+    from training.fused_head import install
+
+    def engine(model, deepcompile=False):
+        return SimpleNamespace(module=model, is_deepcompile_enabled=lambda: deepcompile, is_compiled=False)
+
+    gpt2 = _model(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2))
+    with pytest.raises(ConfigError, match=r"loss.fused_head: true, but the fused head cannot run here \(teacher: "
+                                          r"GPT2LMHeadModel .*family 'generic'"):
+        install(engine(_model(llama(64))), engine(gpt2), True)
+    with pytest.raises(ConfigError, match=r"\(student: DeepSpeed's DeepCompile"):
+        install(engine(_model(llama(64)), deepcompile=True), None, True)
+    assert install(engine(_model(llama(64)), deepcompile=True), None, "auto") is None
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "fused head: off (student: DeepSpeed's DeepCompile (compile.deepcompile) replaces the module calls the fused "
+        "head runs in)"]
+    assert install(engine(_model(llama(64))), None, False) is None
+    assert install(engine(_model(llama(64))), None, "auto") is not None
+
+
 def test_the_final_softcap_is_restored_after_an_error():
     from training.models import without_final_softcap
 

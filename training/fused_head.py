@@ -177,7 +177,7 @@ def install(student, teacher, setting) -> Optional[FusedHeads]:
     if reason and setting is True:
         raise ConfigError(f"loss.fused_head: true, but the fused head cannot run here ({reason}); "
                           f"set loss.fused_head: auto or false")
-    if dist.get_rank() == 0:
+    if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"fused head: off ({reason})" if reason else "fused head: on (output layers applied inside the loss, "
               "in token chunks)", file=sys.stderr)
     return None if reason else FusedHeads(student, teacher)
