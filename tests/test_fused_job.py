@@ -279,12 +279,15 @@ def _engine_rank(rank, world_size, config_path, cases):
 
 
 _GEMMA = ["student.config={gemma_student}", "teacher.path={gemma_teacher}"]
-# ZeRO 0-3 at TP 1 x DP 2 and ZeRO 1 and 3 at TP 2, each family in both; recomputation in one.
+# ZeRO 0-3 at TP 1 x DP 2 and ZeRO 1 and 3 at TP 2, each family in both; recomputation and a zero3
+# teacher (its head gathered around the fused call) in one.
 _TP1_CASES = [("zero0_llama", ["parallel.student_zero_stage=0"]), ("zero1_llama", ["parallel.student_zero_stage=1"]),
               ("zero2_gemma2", ["parallel.student_zero_stage=2", *_GEMMA]),
               ("zero3_gemma2", ["parallel.student_zero_stage=3", *_GEMMA])]
 _TP2_CASES = [("zero1_gemma2", ["parallel.student_zero_stage=1", *_GEMMA]),
-              ("zero3_llama_recompute", ["parallel.student_zero_stage=3", "train.activation_checkpointing=true"])]
+              ("zero3_llama_recompute_zero3_teacher",
+               ["parallel.student_zero_stage=3", "parallel.teacher_placement=zero3",
+                "train.activation_checkpointing=true"])]
 
 @pytest.fixture(scope="module")
 def engine_runs(tmp_path_factory, tokenizer_dir, tokenizer):
@@ -354,8 +357,12 @@ def test_fused_evaluation_gives_the_unfused_metrics(engine_runs):
             close = pytest.approx(value, abs=TOLERANCE) if "ece" in name else pytest.approx(value, rel=TOLERANCE)
             assert fused["scalars"][name] == close, (where, name)
         for kind in ("full", "top1"):
-            counts_u, counts_f = unfused["bins"][kind][0], fused["bins"][kind][0]
+            counts_u, confidence_u, hits_u = unfused["bins"][kind]
+            counts_f, confidence_f, hits_f = fused["bins"][kind]
             assert sum(abs(a - b) for a, b in zip(counts_u, counts_f)) <= 4, (where, kind)
+            assert sum(abs(a - b) for a, b in zip(hits_u, hits_f)) <= 4, (where, kind)
+            for a, b in zip(confidence_u, confidence_f):  # a pair that changes bins carries its confidence (< 1)
+                assert abs(a - b) <= TOLERANCE * abs(a) + 4, (where, kind)
 
 
 # ---------------------------------------------------------------------------------------------
