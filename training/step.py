@@ -5,6 +5,12 @@ objective on the valid next-token positions only (labels != -100, shifted by one
 The loss is a mean over the valid tokens of the *global* batch (all micro-batches, all data-parallel
 ranks), so it does not depend on how the batch is split.
 
+Two paths compute the same micro-batch: the unfused one (the reference) takes each model's logit
+slices ``[n, V_local]`` and the objective on them; with ``engines.fused`` (``loss.fused_head``) both
+models are called through their fused heads (``training.fused_head``): the student's head returns
+the summed objective itself (``loss.fused``), and evaluation takes its metrics chunk by chunk, so
+no ``[n, V_local]`` logits outlive a chunk.
+
 Device discipline (DESIGN.md §6): each batch is moved once onto the engine's device; every tensor
 made here lives there; sums stay on the device. The global token count is all-reduced while the
 first micro-batch's forwards run. The step adds no host sync of its own: whether the optimizer step
