@@ -9,7 +9,7 @@ once (``model_parallel.testing.memory_counter.LiveBytes``: deterministic, exclud
 optimizer state made before it), for pre-training batches (every position has a target) and for SFT-like
 batches (the first half of every row masked with -100). 1 process, TP 1, fp32, one step after a
 warm-up step, ZeRO-3 with 1e6-element communication buckets. ``--fused`` sets ``loss.fused_head``
-(``off``: false, ``on``: true, ``both``: each, side by side, on the same ranks one after the other);
+(``off``: false, ``on``: true, ``both``: each, side by side, each in a fresh process);
 not given, the key is left at the config's value.
 """
 
@@ -26,15 +26,8 @@ from benchmarks.demo_pair import FUSED, fused_override, refused_overrides, save_
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _worker(rank, world_size, work, args):
-    """``{fused value: {batch kind: peak in L}}`` and L in bytes, for each ``loss.fused_head`` asked."""
-    peaks, logits_bytes = {}, None
-    for fused in FUSED[args.fused]:
-        peaks[fused], logits_bytes = _peaks(work, args, fused)
-    return {"peaks": peaks, "L": logits_bytes}
-
-
-def _peaks(work, args, fused):
+def _worker(rank, world_size, work, args, fused):
+    """``({batch kind: peak in L}, L in bytes)`` of one ``loss.fused_head`` value (None: unset)."""
     import torch
 
     from model_parallel.testing.memory_counter import LiveBytes
@@ -48,7 +41,8 @@ def _peaks(work, args, fused):
         f"train.micro_batch_size={args.micro_batch}", "train.grad_accum=1", "parallel.tensor_parallel=1",
         f"data.train={work}", f"output_dir={work}/out", f"parallel.deepspeed_config={work}/ds.json"]
         + fused_override(fused))
-    engines = build_engines(**engine_sources(cfg), ds_configs=build_deepspeed_configs(cfg, 1, False), bf16=False)
+    engines = build_engines(**engine_sources(cfg), ds_configs=build_deepspeed_configs(cfg, world_size, False),
+                            bf16=False)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(4, 1000, (args.micro_batch, args.seq_len), generator=generator)
     sft = ids.clone()
@@ -61,8 +55,6 @@ def _peaks(work, args, fused):
         with LiveBytes() as counted:
             train_step(engines, cfg.loss, [batch])
         peaks[name] = counted.peak_bytes / logits_bytes
-    engines.student.destroy()
-    engines.teacher.destroy()
     return peaks, logits_bytes
 
 
@@ -96,13 +88,15 @@ def main():
                                              "stage3_prefetch_bucket_size": 1000000}}, out)
         save_random_teacher(f"{work}/teacher", config(2), tokens=1024)
         config(2).to_json_file(f"{work}/student.json")
-        result = run_on_ranks(1, _worker, work, args, deepspeed=True, timeout=1800)[0]
+        peaks = {}
+        for fused in FUSED[args.fused]:  # a fresh process each: nothing of one side is left for the next
+            peaks[fused], logits_bytes = run_on_ranks(1, _worker, work, args, fused, deepspeed=True, timeout=1800)[0]
     print(f"logits path, micro-batch {args.micro_batch} x {args.seq_len}, V {args.vocab} "
-          f"(L = {result['L'] / 1e6:.1f} MB, fp32), 1 process, TP 1")
+          f"(L = {logits_bytes / 1e6:.1f} MB, fp32), 1 process, TP 1")
     columns = {None: "peak", False: "unfused", True: "fused"}
-    print(f"  {'batches':<32} " + " ".join(f"{columns[fused]:>8}" for fused in result["peaks"]))
-    for name in next(iter(result["peaks"].values())):
-        print(f"  {name:<32} " + " ".join(f"{peaks[name]:>6.2f} L" for peaks in result["peaks"].values()))
+    print(f"  {'batches':<32} " + " ".join(f"{columns[fused]:>8}" for fused in peaks))
+    for name in next(iter(peaks.values())):
+        print(f"  {name:<32} " + " ".join(f"{side[name]:>6.2f} L" for side in peaks.values()))
 
 
 if __name__ == "__main__":
