@@ -21,6 +21,10 @@ import torch
 import torch.multiprocessing as mp
 
 
+# Seconds the other ranks get to finish once one rank has failed or every rank has saved its result.
+_GRACE_S = 30
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (for a local rendezvous)."""
     with socket.socket() as sock:
@@ -51,6 +55,7 @@ def _rank_main(rank, world_size, port, use_deepspeed, backend, out_dir, fn, args
         _save(out_dir, rank, {"result": fn(rank, world_size, *args)})
     except BaseException:
         _save(out_dir, rank, {"error": traceback.format_exc()})
+        open(os.path.join(out_dir, f"rank{rank}.failed"), "w").close()  # the parent stops waiting for the others
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -86,16 +91,27 @@ def run_on_ranks(world_size, fn, *args, deepspeed=False, timeout=120):
         deadline = time.monotonic() + timeout
         processes = context.processes
         try:
-            # Every rank is waited for on its own: one rank's exit must not kill the others (torch's
-            # join() terminates the rest as soon as one fails).
+            # Every rank is waited for on its own: a rank that saved its result and then died in
+            # teardown must not kill the others before they save theirs (torch's join() would).
+            # Once a rank has failed, or every rank has saved, the rest get a short grace period
+            # (a rank blocked in teardown on a dead peer would otherwise hold the parent until the deadline).
+            settled = False  # a rank failed, or every rank saved: the rest only get the grace period
             while any(p.is_alive() for p in processes):
                 if time.monotonic() > deadline:
+                    if settled:
+                        break
                     raise TimeoutError(f"{world_size} ranks did not finish within {timeout}s (a hang?)")
-                wait([p.sentinel for p in processes if p.is_alive()], timeout=max(0.1, deadline - time.monotonic()))
+                failed = any(p.exitcode not in (None, 0) or os.path.exists(os.path.join(out_dir, f"rank{r}.failed"))
+                             for r, p in enumerate(processes))
+                if not settled and (failed or all(
+                        os.path.exists(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world_size))):
+                    settled, deadline = True, min(deadline, time.monotonic() + _GRACE_S)
+                wait([p.sentinel for p in processes if p.is_alive()], timeout=max(0.1, min(1.0, deadline - time.monotonic())))
         finally:
             for process in processes:
                 if process.is_alive():
                     process.kill()
+                    process.join()
         outputs = [_load(out_dir, rank, process.exitcode) for rank, process in enumerate(processes)]
     errors = [f"rank {rank}:\n{out['error']}" for rank, out in enumerate(outputs) if "error" in out]
     if errors:
