@@ -6,7 +6,9 @@ L = one ``[micro-batch x sequence x V_local]`` logits tensor in the model dtype 
 counted). The pair has a large vocabulary and a tiny body (hidden 64, 2 layers), so the logits
 dominate what a step allocates; the peak is the live tensor bytes the step's own tensors hold at
 once (``model_parallel.testing.memory_counter.LiveBytes``: deterministic, excludes parameters and
-optimizer state made before it), for pre-training batches (every position has a target) and for SFT-like
+optimizer state made before it), and within it the largest single tensor alive at that peak and,
+for the fused head, the peak of the fused loss call itself (the rest of a fused step's peak is
+ZeRO-3's own gradient buffers, which scale with the parameters, not the tokens), for pre-training batches (every position has a target) and for SFT-like
 batches (the first half of every row masked with -100). 1 process, TP 1, fp32, one step after a
 warm-up step, ZeRO-3 with 1e6-element communication buckets. ``--fused`` sets ``loss.fused_head``
 (``off``: false, ``on``: true, ``both``: each, side by side, each in a fresh process);
@@ -14,6 +16,7 @@ not given, the key is left at the config's value.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -24,6 +27,48 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.demo_pair import FUSED, fused_override, refused_overrides, save_random_teacher  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _peak_counter():
+    from model_parallel.testing.memory_counter import LiveBytes
+
+    class Peak(LiveBytes):
+        """LiveBytes that also keeps the largest single storage alive at its peak."""
+
+        largest_at_peak = 0
+
+        def _track(self, tensor):
+            before = self.peak_bytes
+            super()._track(tensor)
+            if self.peak_bytes > before:
+                self.largest_at_peak = max(self._tracked.values())
+
+    return Peak
+
+
+def _Peak():
+    return _peak_counter()()
+
+
+@contextlib.contextmanager
+def _fused_call_peak():
+    """``{"peak": bytes}``: the most the fused loss call itself (``loss.fused``'s chunk loop: both
+    heads' chunks, the divergence on them, the gradient accumulators) held at once, where it ran."""
+    import loss.fused
+
+    inside, original = {}, loss.fused._forward_chunks
+
+    def counted(*args, **kwargs):
+        with _Peak() as call:
+            result = original(*args, **kwargs)
+        inside["peak"] = max(inside.get("peak", 0), call.peak_bytes)
+        return result
+
+    loss.fused._forward_chunks = counted
+    try:
+        yield inside
+    finally:
+        loss.fused._forward_chunks = original
 
 
 def _worker(rank, world_size, work, args, fused):
@@ -52,9 +97,10 @@ def _worker(rank, world_size, work, args, fused):
     for name, labels in (("pre-training", ids.clone()), ("SFT, half the positions masked", sft)):
         batch = {"input_ids": ids, "labels": labels}
         train_step(engines, cfg.loss, [batch])  # warm-up
-        with LiveBytes() as counted:
+        with _Peak() as counted, _fused_call_peak() as inside:
             train_step(engines, cfg.loss, [batch])
-        peaks[name] = counted.peak_bytes / logits_bytes
+        peaks[name] = {"step": counted.peak_bytes / logits_bytes, "largest": counted.largest_at_peak / logits_bytes,
+                       "loss call": inside["peak"] / logits_bytes if "peak" in inside else None}
     return peaks, logits_bytes
 
 
@@ -93,11 +139,16 @@ def main():
             peaks[fused], logits_bytes = run_on_ranks(1, _worker, work, args, fused, deepspeed=True, timeout=1800)[0]
     print(f"logits path, micro-batch {args.micro_batch} x {args.seq_len}, V {args.vocab} "
           f"(L = {logits_bytes / 1e6:.1f} MB, fp32), 1 process, TP 1")
-    columns = {None: "peak", False: "unfused", True: "fused"}
-    print(f"  {'batches':<32} " + " ".join(f"{columns[fused]:>8}" for fused in peaks))
-    for name in next(iter(peaks.values())):
-        print(f"  {name:<32} " + " ".join(f"{side[name]:>6.2f} L" for side in peaks.values()))
-
+    columns = {None: "config's", False: "unfused", True: "fused"}
+    for part, title in (("step", "the step's peak"), ("largest", "the largest tensor alive at that peak"),
+                        ("loss call", "the fused loss call's own peak (chunks, divergence, gradient accumulators)")):
+        sides = {fused: side for fused, side in peaks.items() if next(iter(side.values()))[part] is not None}
+        if not sides:
+            continue
+        print(f"  {title}")
+        print(f"    {'batches':<32} " + " ".join(f"{columns[fused]:>8}" for fused in sides))
+        for name in next(iter(sides.values())):
+            print(f"    {name:<32} " + " ".join(f"{side[name][part]:>6.2f} L" for side in sides.values()))
 
 if __name__ == "__main__":
     main()

@@ -109,9 +109,19 @@ def test_logits_memory_benchmark_sets_the_fused_head_side_by_side():
     lines = _run("benchmarks/logits_memory.py", "--vocab", "8192", "--micro-batch", "2", "--seq-len", "256",
                  "--fused", "both")
     assert any(line.startswith("logits path, micro-batch 2 x 256, V 8192 (L = 16.8 MB, fp32)") for line in lines)
-    header = [line for line in lines if line.startswith("  batches")][0]
-    assert header.split() == ["batches", "unfused", "fused"]
+    headers = [i for i, line in enumerate(lines) if line.startswith("    batches")]
+    assert [lines[i - 1].strip().split(" (")[0] for i in headers] == [
+        "the step's peak", "the largest tensor alive at that peak", "the fused loss call's own peak"]
+    assert lines[headers[0]].split() == ["batches", "unfused", "fused"] and lines[headers[2]].split() == ["batches", "fused"]
+
+    def row(table, kind):
+        line = [line for line in lines[headers[table]:] if line.startswith(f"    {kind} ")][0]
+        return list(map(float, re.findall(rf"{NUMBER} L", line)))
+
     for kind in ("pre-training", "SFT, half the positions masked"):
-        row = [line for line in lines if line.startswith(f"  {kind} ")][0]
-        unfused, fused = map(float, re.findall(rf"{NUMBER} L", row))
-        assert unfused >= 1.0 and fused < unfused, row
+        (unfused, fused), (largest_unfused, largest_fused), (call,) = row(0, kind), row(1, kind), row(2, kind)
+        assert unfused >= 1.0 and fused < unfused, kind
+        # Unfused: a [tokens, V] logits tensor (or its SFT half) is alive at the peak; fused: nothing
+        # of that size (here ZeRO-3's flat gradient buffer, 0.27 L, is the largest).
+        assert largest_unfused >= 0.5 and largest_fused < largest_unfused, kind
+        assert 0 < call <= fused, kind

@@ -214,6 +214,7 @@ def _optimizer_steps(engine):
 
 def _step_rank(rank, world_size, config_path):
     """Runs on each of 2 ranks: a warm-up step, then one counted step; returns the counter's events."""
+    import loss.fused
     import loss.tail
     from data.loader import Collator, load_prepared
     from training.config import load_config
@@ -226,8 +227,10 @@ def _step_rank(rank, world_size, config_path):
                             bf16=False)
     dataset, _ = load_prepared(cfg.data.train)
     collator = Collator(engines.tokenizer.pad_token_id)
-    # Row chunks of 8 rows: a sync per chunk would show several times per micro-batch.
+    # Row chunks of 8 rows (the fused head's, and the divergence's inside them): a sync per chunk
+    # would show several times per micro-batch.
     loss.tail.CHUNK_NUMEL = loss.tail.CPU_CHUNK_NUMEL = 8 * (engines.vocab_size // 2)
+    loss.fused.CHUNK_NUMEL = loss.fused.CPU_CHUNK_NUMEL = 8 * (engines.vocab_size // 2)
     train_step(engines, cfg.loss, _sft_micro_batches(dataset, collator))  # warm-up: one-time checks and state
     micro_batches = [tag_host(batch) for batch in _sft_micro_batches(dataset, collator)]
     for step in _optimizer_steps(engines.student):

@@ -31,7 +31,9 @@ STEPS = 3
 # 2 ranks: TP 2 has data parallel 1, so ZeRO splits nothing across ranks there. WORLD = 4 (TP 2 x DP 2,
 # where ZeRO-3 partitions the tied weight over 2 ranks) passes as well: 45-55 s here.
 WORLD = 2
-LAYOUTS = (("tp1", 1, 1), ("tp2_zero1", 2, 1), ("tp2_zero3", 2, 3))  # (name, tensor_parallel, student ZeRO stage)
+# (name, tensor_parallel, student ZeRO stage, loss.fused_head): the unfused path at TP 1 is the reference;
+# TP 2 runs it unfused (AutoTP's tied vocabulary-parallel head as is) and fused (loss.fused on the shared slice).
+LAYOUTS = (("tp1", 1, 1, False), ("tp2_zero1", 2, 1, False), ("tp2_zero3", 2, 3, True))
 
 
 def _tied_qwen2(hidden):
@@ -57,7 +59,7 @@ def _gathered(model) -> dict:
     return out
 
 
-def _layout(rank, world_size, config_path, tp, stage, ids, batches):
+def _layout(rank, world_size, config_path, tp, stage, fused, ids, batches):
     from deepspeed.utils import safe_get_full_grad
 
     from training.checkpoint import head_record
@@ -69,11 +71,11 @@ def _layout(rank, world_size, config_path, tp, stage, ids, batches):
 
     dp = world_size // tp
     cfg = load_config(config_path, [f"parallel.tensor_parallel={tp}", f"parallel.student_zero_stage={stage}",
-                                    f"train.micro_batch_size={BATCH // dp}"])
+                                    f"train.micro_batch_size={BATCH // dp}", f"loss.fused_head={str(fused).lower()}"])
     engines = build_engines(**engine_sources(cfg), ds_configs=build_deepspeed_configs(cfg, world_size, False),
                             bf16=False)
     student, model = engines.student, engines.student.module
-    out = {"start": engines.vocab_start, "tp_rank": rank % tp}  # DeepSpeed's mesh: (data, tensor) parallel
+    out = {"start": engines.vocab_start, "tp_rank": rank % tp, "fused": engines.fused is not None}  # DeepSpeed's mesh: (data, tensor) parallel
     with torch.no_grad():
         out["logits"] = {name: engine(input_ids=ids, use_cache=False).logits
                          for name, engine in (("student", student), ("teacher", engines.teacher))}
@@ -111,8 +113,8 @@ def _rank(rank, world_size, config_path, student_dir, teacher_dir):
     with torch.no_grad():
         out = {"one_device": {name: model(input_ids=ids).logits for name, model in models.items()},
                "initial": {name: param.detach().clone() for name, param in models["student"].named_parameters()}}
-    for name, tp, stage in LAYOUTS:
-        out[name] = _layout(rank, world_size, config_path, tp, stage, ids, batches)
+    for name, tp, stage, fused in LAYOUTS:
+        out[name] = _layout(rank, world_size, config_path, tp, stage, fused, ids, batches)
     return out
 
 
@@ -142,15 +144,16 @@ def _shard(full, shard, tp_rank):
 
 def _tp2_layouts(runs):
     """(rank's TP 1 result, its TP 2 result, the TP 2 layout's name) for every rank and TP 2 layout."""
-    return [(run["tp1"], run[name], name) for run in runs for name, tp, _ in LAYOUTS if tp == 2]
+    return [(run["tp1"], run[name], name) for run in runs for name, tp, _, _ in LAYOUTS if tp == 2]
 
 
 def test_autotp_shares_the_plain_embedding_with_the_vocabulary_parallel_head(runs):
     """One Parameter, before and after the steps: the embedding is AutoTP's vocabulary-parallel copy
     of the head's slice, the optimizer updates it once, and the checkpoint records the head as tied."""
     for run in runs:
-        for name, tp, _ in LAYOUTS:
+        for name, tp, _, fused in LAYOUTS:
             out = run[name]
+            assert out["fused"] == fused, name  # the path the layout names was the one taken
             assert out["tied"], name  # embedding.weight *is* head.weight
             assert out["classes"] == (("Embedding", "Linear") if tp == 1 else
                                       ("VocabParallelEmbedding", "VocabParallelLinear")), name

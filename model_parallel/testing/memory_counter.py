@@ -40,7 +40,12 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # A view or in-place result shares an input's storage: not a new allocation (a parameter's
+        # ``.t()`` inside a matmul would otherwise count the parameter, made before the block).
+        inputs = {value.untyped_storage()._cdata for value in tree_flatten((args, kwargs))[0]
+                  if isinstance(value, torch.Tensor) and value.device.type != "meta"}
         for value in tree_flatten(out)[0]:
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and (value.device.type == "meta" or
+                                                    value.untyped_storage()._cdata not in inputs):
                 self._track(value)
         return out
