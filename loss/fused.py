@@ -21,6 +21,7 @@ host sync) instead of DeepSpeed's op, which validates its bounds with a host rea
 per chunk, that would be a host sync per chunk.
 """
 
+import functools
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, Optional, Tuple
 
@@ -202,11 +203,27 @@ def _chunk_objective(call: _Call, student, teacher, targets, token_beta):
     return {name: value.detach() for name, value in out.items()}, grad
 
 
+@functools.lru_cache(maxsize=None)
+def _has_mixed_gemm(device_type: str) -> bool:
+    """Whether ``device_type`` registers GEMMs taking bf16/fp16 and writing fp32 (torch >= 2.8 on CUDA;
+    not on CPU): asked of the dispatcher, not by trying one (a GEMM can fail for other reasons)."""
+    try:
+        key = torch._C._dispatch_key_for_device(device_type)
+        return all(torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+                   for op in ("aten::mm.dtype", "aten::addmm.dtype", "aten::addmm.dtype_out"))
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _accumulate(accumulator: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor) -> None:
     """``accumulator += mat1 @ mat2`` in the accumulator's fp32 (a low-precision running sum would
-    drop later chunks' contributions)."""
+    drop later chunks' contributions). bf16 inputs: in place through an fp32-output GEMM where the
+    device has one (CUDA), else the product in the inputs' dtype and its fp32 copy (CPU: two
+    ``[V_local, H]`` transients per chunk, which the planner counts)."""
     if mat1.dtype == accumulator.dtype:
         accumulator.addmm_(mat1, mat2)
+    elif _has_mixed_gemm(accumulator.device.type):
+        torch.addmm(accumulator, mat1, mat2, out_dtype=accumulator.dtype, out=accumulator)
     else:
         accumulator.add_(torch.mm(mat1, mat2).float())
 

@@ -126,7 +126,9 @@ def _fused_chunk_moments(tokens: int, vocab_local: int, hidden: int, w: int, *, 
       the ``tanh`` outputs and, below fp32, fp32 copies of the gradient and the ``tanh`` and
       ``1 - tanh²`` ((2 + t) w C + 12 C; in fp32 the copies are the tensors themselves, (3 + t) w C);
     - below fp32, at the weight-gradient accumulation: the chunk's gradient (and the held teacher
-      ``tanh``) beside the chunk's ``[V_local, H]`` product in the weights' dtype and its fp32 copy.
+      ``tanh``) beside the chunk's ``[V_local, H]`` product in the weights' dtype and its fp32 copy,
+      except on CUDA, where ``loss.fused`` accumulates through an fp32-output GEMM in place (torch >=
+      2.8's ``addmm(out_dtype=float32)``; assumed present, as it is from sm80 on: an ESTIMATE).
     """
     chunk, held = chunk_rows(tokens, vocab_local, device_type) * vocab_local, int(softcap and teacher)
     moments = [0.0]
@@ -134,7 +136,8 @@ def _fused_chunk_moments(tokens: int, vocab_local: int, hidden: int, w: int, *, 
         moments += [3 * (1 + int(teacher)) * w * chunk, (2 + held) * w * chunk + 12 * chunk if w != 4 else
                     (3 + held) * w * chunk]
     if w != 4:
-        moments.append((1 + held) * w * chunk + (w + 4) * vocab_local * hidden)
+        product = 0 if device_type == "cuda" else (w + 4) * vocab_local * hidden
+        moments.append((1 + held) * w * chunk + product)
     return max(moments)
 
 
