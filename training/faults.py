@@ -4,8 +4,9 @@
   rank has written its checkpoint shards, ``saving step_<N>``) the rank writes the event to
   ``DIR/rank<R>`` and waits for ``DIR/rank<R>.reply``, which it removes before going on. A test
   thereby stops a rank at an exact point (and kills it there) without sleeping or polling logs.
-- ``DISTILL_FAULTS_NAN_TEACHER=RANK:STEP``: that rank's teacher logits are NaN at that step (the
-  teacher engine is wrapped once at start-up; the step's code is untouched).
+- ``DISTILL_FAULTS_NAN_TEACHER=RANK:STEP``: that rank's teacher logits are NaN at that step (a hook
+  on the teacher's output layer, installed once at start-up, makes its input NaN; the step's code is
+  untouched, fused head or not).
 """
 
 import os
@@ -39,24 +40,23 @@ def point(event: str) -> None:
     os.remove(reply)
 
 
-class _PoisonedTeacher:
-    """The teacher engine, whose logits are NaN on ``rank`` at optimizer step ``step``."""
+def _poison_teacher_head(engines, rank: int, step: int):
+    """A forward pre-hook on the teacher's output layer: its input (the final hidden states) is NaN on
+    ``rank`` at optimizer step ``step``, so its logits are NaN on either path (the fused head makes
+    them inside the loss from those rows; the unfused head makes them whole)."""
+    student = engines.student
 
-    def __init__(self, engine, student, rank: int, step: int):
-        self.engine, self.student, self.rank, self.step = engine, student, rank, step
+    def hook(module, args):
+        if dist.get_rank() == rank and student.global_steps + 1 == step:
+            return (args[0].detach().clone().fill_(float("nan")),) + tuple(args[1:])
+        return None
 
-    def __call__(self, *args, **kwargs):
-        out = self.engine(*args, **kwargs)
-        if dist.get_rank() == self.rank and self.student.global_steps + 1 == self.step:
-            out.logits.fill_(float("nan"))
-        return out
-
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
+    head = getattr(engines.teacher, "module", engines.teacher).get_output_embeddings()
+    return head.register_forward_pre_hook(hook)
 
 
 def install(engines) -> None:
-    """Wrap ``engines.teacher`` as ``DISTILL_FAULTS_NAN_TEACHER`` asks (nothing when it is unset)."""
+    """Poison the teacher as ``DISTILL_FAULTS_NAN_TEACHER`` asks (nothing when it is unset)."""
     if _NAN_TEACHER and engines.teacher is not None:
         rank, step = (int(part) for part in _NAN_TEACHER.split(":"))
-        engines.teacher = _PoisonedTeacher(engines.teacher, engines.student, rank, step)
+        _poison_teacher_head(engines, rank, step)
