@@ -94,9 +94,13 @@ def _head_logits(hidden: torch.Tensor, layer: OutputLayer, first_pad: int):
     return logits, squashed
 
 
-def _non_finite(*logits) -> torch.Tensor:
-    """0-dim bool: NaN or +inf in any of ``logits`` (-inf is padding), from each chunk's fp32 sum."""
-    sums = torch.stack([x.sum(dtype=torch.float32) for x in logits if x is not None])
+def non_finite(*logits) -> torch.Tensor:
+    """0-dim bool on the logits' device: NaN or +inf in any of ``logits`` (None skipped; -inf is padding).
+
+    From each tensor's fp32 sum, so no ``[n, V_local]`` mask is made: NaN, or +inf meeting -inf
+    padding, gives NaN; +inf alone gives +inf; finite logits and -inf padding give a finite sum or
+    -inf. The unfused step checks whole slices with it, the fused path each chunk."""
+    sums = torch.stack([x.detach().sum(dtype=torch.float32) for x in logits if x is not None])
     return (torch.isnan(sums) | torch.isposinf(sums)).any()
 
 
@@ -246,7 +250,7 @@ def _forward_chunks(call: _Call, student_hidden: torch.Tensor):
         teacher = None
         if call.teacher is not None:
             teacher, _ = _head_logits(call.teacher_hidden[rows], call.teacher, call.first_pad)
-        bad |= _non_finite(student, teacher)
+        bad |= non_finite(student, teacher)
         out, grad = _chunk_objective(call, student, teacher, call.targets[rows],
                                      None if token_beta is None else token_beta[rows])
         for name, value in out.items():

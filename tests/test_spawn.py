@@ -50,12 +50,12 @@ def _stuck_worker(rank, world_size, mode):
     return rank
 
 
-def test_a_rank_stuck_after_its_result_or_beside_a_failed_peer_is_not_waited_for():
+def test_a_rank_stuck_after_its_result_or_beside_a_failed_peer_is_not_waited_for(monkeypatch):
     import time
 
     import model_parallel.spawn as spawn
 
-    spawn._GRACE_S = 2
+    monkeypatch.setattr(spawn, "_GRACE_S", 2)
     start = time.monotonic()
     with pytest.warns(UserWarning, match="rank 1 saved its result, then exited with code -9"):
         assert run_on_ranks(2, _stuck_worker, "stuck_after_result", timeout=600) == [0, 1]

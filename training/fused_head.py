@@ -127,7 +127,7 @@ class FusedHeads:
             student = OutputLayer(weight=head.weight, bias=head.bias, softcap=self._student_softcap)
             request.total, request.out = request.compute(_rows(hidden, request.select), student,
                                                          request.teacher_rows, teacher)
-        return request.total if request.total is not None else _empty_slice(hidden)
+        return request.total
 
     def _teacher_forward(self, original, head, hidden):
         request = self._request

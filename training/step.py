@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from core.tokens import IGNORE_INDEX
 from data.loader import to_device
-from loss.fused import fused_objective, logit_chunks
+from loss.fused import fused_objective, logit_chunks, non_finite
 from loss.metrics import EvalResult, EvalSums, objective_metrics
 from loss.objective import OUTPUTS, distillation_objective
 from model_parallel import all_reduce_sum, gather_rows, global_argmax, start_all_reduce_sum
@@ -162,7 +162,7 @@ def _unfused_micro_batch(engines, loss_cfg, batch, where: _Positions):
     slices = _slices(engines, batch, where)
     # Which rank's own logits went bad: the loss itself is non-finite on every rank of the
     # tensor-parallel group once the statistics are exchanged.
-    bad = _non_finite(*slices[:2])
+    bad = non_finite(*slices[:2])
     # The teacher's logits are not read after backward, which may take their storage; the student's
     # live on in the graph until backward only.
     out = _objective(engines, loss_cfg, *slices, num_rows=batch["input_ids"].shape[0], donate_teacher=True)
@@ -207,15 +207,6 @@ def _known_metrics(loss_cfg, out) -> dict:
     """The evaluation metrics the objective already computed (``out``, :func:`_objective`'s), with
     the metric's constant β (:func:`loss.metrics.objective_metrics`)."""
     return objective_metrics(out, kind=loss_cfg.kind, beta=loss_cfg.beta, temperature=loss_cfg.temperature)
-
-
-def _non_finite(*logits) -> torch.Tensor:
-    """0-dim bool on the logits' device: NaN or +inf in any of ``logits`` (-inf is padding).
-
-    From each tensor's sum, so no ``[n, V_local]`` mask is made: NaN, or +inf meeting -inf padding,
-    gives NaN; +inf alone gives +inf; finite logits and -inf padding give a finite sum or -inf."""
-    sums = torch.stack([x.detach().sum(dtype=torch.float32) for x in logits if x is not None])  # fp32 accumulation
-    return (torch.isnan(sums) | torch.isposinf(sums)).any()
 
 
 @dataclass
