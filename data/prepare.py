@@ -13,6 +13,8 @@ dropped. ``--pack`` fills rows of at most L tokens with whole examples, in order
 
 DIR is written atomically and loads with ``datasets.load_from_disk(DIR)``; ``DIR/manifest.json``
 records the tokenizer (name and vocabulary fingerprint), format, seq_len and counts.
+``DIR/token_counts.npy`` holds each token id's occurrences over the prepared rows (every block token
+for ``text``, the trained ``labels`` tokens for ``sft``; :mod:`data.token_counts`).
 """
 
 import argparse
@@ -29,6 +31,7 @@ from core.files import atomic_directory
 from core.tokens import IGNORE_INDEX
 from data.manifest import tokenizer_summary, write_manifest
 from data.sources import Fields, load_records
+from data.token_counts import COUNTED_COLUMN, count_tokens, write_token_counts
 
 
 
@@ -145,6 +148,8 @@ def prepare(tokenizer_name: str, inputs, out_dir: str, *, fmt: str, seq_len: int
                 prepared = kept.cast(features)
             counts.update(examples=len(kept), rows=len(prepared))
         prepared.save_to_disk(staging)
+        column = COUNTED_COLUMN[fmt]
+        token_counts = write_token_counts(staging, count_tokens(prepared, column, len(tokenizer)), column)
         write_manifest(staging, {
             "created_by": "data.prepare",
             "format": fmt,
@@ -153,6 +158,7 @@ def prepare(tokenizer_name: str, inputs, out_dir: str, *, fmt: str, seq_len: int
             "inputs": list(inputs),
             "tokenizer": tokenizer_summary(tokenizer),
             "counts": counts,
+            "token_counts": token_counts,
         })
     return counts
 

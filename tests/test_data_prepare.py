@@ -1,5 +1,6 @@
 """Demo data, tokenizer training and data.prepare, checked against independent counts."""
 
+import collections
 import json
 import os
 import re
@@ -7,6 +8,7 @@ import subprocess
 import sys
 
 import datasets
+import numpy as np
 import pytest
 
 from core.cli import run_main
@@ -15,6 +17,7 @@ from data.loader import load_prepared
 from data.prepare import main as prepare_main
 from data.prepare import prepare
 from data.synthetic import generate
+from data.token_counts import TOKEN_COUNTS, read_token_counts
 from data.tokenizer import main as tokenizer_main
 
 
@@ -84,6 +87,18 @@ def test_text_blocks_account_for_every_token(tokenizer_dir, tokenizer, demo_dir,
     flat = [token for block in blocks["input_ids"] for token in block]
     assert flat == stream[:len(flat)]  # nothing lost, duplicated or reordered
     assert all(len(block) == 96 for block in blocks["input_ids"])
+    _assert_counts_are(tmp_path / "out", manifest, collections.Counter(flat), len(tokenizer), "input_ids")
+
+
+def _assert_counts_are(directory, manifest, expected: collections.Counter, vocab_size, column):
+    """The stored token counts equal ``expected`` and the manifest records them; data without the
+    file (prepared before it existed) is counted alike on reading."""
+    counts = np.load(directory / TOKEN_COUNTS)
+    assert counts.shape == (vocab_size,) and counts.dtype == np.int64
+    assert {token: int(n) for token, n in enumerate(counts) if n} == dict(expected)
+    assert manifest["token_counts"] == {"file": TOKEN_COUNTS, "column": column, "total": sum(expected.values())}
+    os.remove(directory / TOKEN_COUNTS)
+    np.testing.assert_array_equal(read_token_counts(str(directory), manifest), counts)
 
 
 def _write_jsonl(path, rows):
@@ -94,14 +109,17 @@ def _write_jsonl(path, rows):
 def test_sft_labels_cover_exactly_response_and_eos(tokenizer_dir, tokenizer, demo_dir, tmp_path):
     path = str(demo_dir / "sft/eval.jsonl")
     counts = prepare(str(tokenizer_dir), [path], str(tmp_path / "out"), fmt="sft", seq_len=512)
-    rows, _ = load_prepared(str(tmp_path / "out"))
+    rows, manifest = load_prepared(str(tmp_path / "out"))
     examples = [json.loads(line) for line in _lines(path)]
     assert counts["examples"] == len(rows) == len(examples) and counts["truncated"] == counts["dropped"] == 0
+    trained = collections.Counter()
     for row, example in zip(rows, examples):
         prompt = tokenizer.encode(example["prompt"], add_special_tokens=False)
         response = tokenizer.encode(example["response"], add_special_tokens=False) + [tokenizer.eos_token_id]
         assert row["input_ids"] == prompt + response
         assert row["labels"] == [-100] * len(prompt) + response
+        trained.update(response)
+    _assert_counts_are(tmp_path / "out", manifest, trained, len(tokenizer), "labels")  # the prompts are not trained
 
 
 def test_sft_truncates_prompts_from_the_left_or_drops(tokenizer_dir, tokenizer, tmp_path):
