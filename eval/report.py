@@ -45,7 +45,7 @@ def read_run(run_dir: str) -> dict:
 
 
 def markdown_table(runs) -> str:
-    """One row per run: its name, loss kind, K and β (for a kind that uses them, else –), then
+    """One row per run: its name, loss kind, K and β (each for a kind that uses it, else –), then
     :data:`TABLE_METRICS`' final values."""
     from loss.registry import LOSSES
 
@@ -54,8 +54,9 @@ def markdown_table(runs) -> str:
     for run in runs:
         loss = run["config"].get("loss", {})
         kind = loss.get("kind", "?")
-        uses_top_k = kind in LOSSES and LOSSES[kind].uses_top_k
-        cells = [run["name"], kind] + [str(loss.get(key, "")) if uses_top_k else "–" for key in ("top_k", "beta")]
+        entry = LOSSES.get(kind)
+        cells = [run["name"], kind] + [str(loss.get(key, "")) if entry and getattr(entry, uses) else "–"
+                                       for key, uses in (("top_k", "uses_top_k"), ("beta", "uses_beta"))]
         cells += [f"{run['final'][m]:.4f}" if m in run["final"] else "–" for m in TABLE_METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -176,7 +176,7 @@ def _token_beta(call: _Call, tokens: int, device) -> Optional[torch.Tensor]:
     """β per token for ``beta_mode`` ``sequence`` (:func:`loss.objective.sequence_beta`), which needs
     every token's teacher tail mass before any chunk's gradient: a teacher-only pass over the chunks
     (one more teacher head matmul and one exchange per chunk). None for a constant β."""
-    if call.beta_mode != "sequence" or not divergence(call.kind).uses_top_k:
+    if call.beta_mode != "sequence" or not divergence(call.kind).uses_beta:
         return None
     masses = []
     for rows in call.rows(tokens, device):

@@ -43,8 +43,11 @@ class Divergence:
     add ``student_top1`` / ``teacher_top1`` (global argmax ids) where its own pass gives them for
     free. None: no divergence (cross-entropy only)."""
     uses_top_k: bool = False
-    """Whether ``loss.top_k``, ``loss.beta`` and ``loss.beta_mode`` apply (reports show K and β, and
-    the sweep varies them, for such kinds only)."""
+    """Whether ``loss.top_k`` applies (reports show K, and the sweep varies it, for such kinds only)."""
+    uses_beta: bool = False
+    """Whether ``loss.beta`` and ``loss.beta_mode`` apply (reports show β, the sweep varies β and the
+    β mode, and the fused head runs its teacher-only pass for ``beta_mode: sequence``, for such kinds
+    only); the others ignore both keys."""
     outputs: Tuple[str, ...] = ()
     """The per-token float32 tensors ``compute`` returns besides ``kd``; the step logs their means."""
     metrics: Callable[[Dict, float], Dict] = _no_metrics
@@ -66,7 +69,7 @@ class Divergence:
     def exchange_numbers(self, top_k: int, vocab: int) -> int:
         """fp32 numbers a training step exchanges across the tensor-parallel group per position with
         a target (the planner's loss traffic): the divergence's own statistics and both models'
-        argmax for the top-1 agreement metric. ``tail``: ``5 + 3K`` (both argmaxes ride along; 2
+        argmax for the top-1 agreement metric. ``tail`` and ``topk_bucket`` (one pass): ``5 + 3K`` (both argmaxes ride along; 2
         more for the teacher's at K = 0); the others: the two argmaxes, 2 numbers each."""
         return self.exchange(top_k, vocab)
 
@@ -78,7 +81,7 @@ class Divergence:
         return self.buffers(tokens, vocab_local, w, device_type)
 
 
-def _tail(student, teacher, *, top_k, beta_for, temperature, tp_group, shard, donate_teacher) -> Dict:
+def _tail_pass(student, teacher, *, top_k, temperature, tp_group, shard, donate_teacher) -> Tuple[Dict, TailParts]:
     parts, top1 = tail_divergence_parts(student, teacher, top_k=top_k, temperature=temperature, tp_group=tp_group,
                                         shard=shard, donate_teacher=donate_teacher, return_top1=True)
     out = parts._asdict()
@@ -86,7 +89,26 @@ def _tail(student, teacher, *, top_k, beta_for, temperature, tp_group, shard, do
     out["student_top1"] = top1.student
     if top1.teacher is not None:
         out["teacher_top1"] = top1.teacher
+    return out, parts
+
+
+def _tail(student, teacher, *, top_k, beta_for, temperature, tp_group, shard, donate_teacher) -> Dict:
+    out, parts = _tail_pass(student, teacher, top_k=top_k, temperature=temperature, tp_group=tp_group, shard=shard,
+                            donate_teacher=donate_teacher)
     out["kd"] = parts.divergence(beta_for(parts.teacher_tail_mass))
+    return out
+
+
+def _topk_bucket(student, teacher, *, top_k, beta_for, temperature, tp_group, shard, donate_teacher) -> Dict:
+    # β = 0 exactly: D = KL(p̂‖q̂), the (K+1)-category head of the tail divergence's own pass, taken
+    # as it is (not head + 0·tail, which is NaN where the tail KL is infinite). ``beta_for`` is never
+    # called: loss.beta and loss.beta_mode change nothing. The pass still computes tail_kl (logged,
+    # and the evaluation's tail_divergence at its own β reads it); backward gets a zero gradient for
+    # it, which adds exactly zero to the student's gradient (a cheaper pass would skip it: the
+    # teacher's tail exp in backward, the tail's mean log-ratio in forward).
+    out, parts = _tail_pass(student, teacher, top_k=top_k, temperature=temperature, tp_group=tp_group, shard=shard,
+                            donate_teacher=donate_teacher)
+    out["kd"] = parts.head_kl
     return out
 
 
@@ -111,6 +133,10 @@ def _kd_is(metric: str) -> Callable[[Dict, float], Dict]:
 
 LOSSES: Dict[str, Divergence] = {entry.name: entry for entry in (
     Divergence("tail", "tail-aware divergence KL(p̂‖q̂) + β·KL(p̃‖q̃) over the teacher's top-K (ours)", _tail,
+               uses_top_k=True, uses_beta=True, outputs=TailParts._fields, metrics=_tail_metrics,
+               compare_temperatures=True, exchange=tail.exchange_numbers),
+    Divergence("topk_bucket", "top-K-plus-one-bucket KL(p̂‖q̂): the tail divergence at β = 0 (`loss.beta` "
+               "ignored); the baseline Model-Optimizer, Megatron, TRL and DistillKit ship", _topk_bucket,
                uses_top_k=True, outputs=TailParts._fields, metrics=_tail_metrics, compare_temperatures=True,
                exchange=tail.exchange_numbers),
     Divergence("kl", "forward KL(p‖q), DeepSpeed's vocab_parallel_kl_div", _kl(forward_kl),

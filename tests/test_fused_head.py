@@ -85,6 +85,8 @@ SETTINGS = [
     dict(kind="tail", top_k=VOCAB, beta=1.0, temperature=1.0),
     dict(kind="tail", top_k=3, beta=1.5, beta_mode="sequence", temperature=2.0),
     dict(kind="tail", top_k=7, beta=1.0, temperature=1.0, ce_weight=0.3),
+    # β and β mode are ignored (β = 0): no teacher-only pass for the sequence mode.
+    dict(kind="topk_bucket", top_k=7, beta=2.0, beta_mode="sequence", temperature=2.0),
     dict(kind="kl", top_k=7, beta=1.0, temperature=2.0),
     dict(kind="reverse_kl", top_k=7, beta=1.0, temperature=1.0, ce_weight=0.5),
     dict(kind="ce", top_k=7, beta=1.0),

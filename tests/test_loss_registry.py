@@ -8,6 +8,7 @@ from loss import combine, tail_divergence
 from loss.metrics import objective_metrics
 from loss.objective import OUTPUTS, distillation_objective
 from loss.registry import BASELINE, LOSSES
+from tests.reference import top_k_mask
 
 
 @pytest.mark.parametrize("top_k, vocab, expected", [
@@ -19,6 +20,7 @@ from loss.registry import BASELINE, LOSSES
 ])
 def test_tail_exchange_is_five_statistics_and_three_numbers_per_candidate(top_k, vocab, expected):
     assert LOSSES["tail"].exchange_numbers(top_k, vocab) == expected
+    assert LOSSES["topk_bucket"].exchange_numbers(top_k, vocab) == expected  # the same pass
 
 
 @pytest.mark.parametrize("kind", ["kl", "reverse_kl", "ce"])
@@ -65,8 +67,57 @@ def test_the_tail_outputs_assemble_the_divergence_as_the_public_op_does():
     assert torch.equal(LOSSES["tail"].metrics(out, 2.0)["tail_divergence"], public)
 
 
+def _one_bucket_reference(student, teacher, top_k, temperature):
+    """KL between the teacher's K+1 categories (p at its top-K ids, then 1 − their sum) and the
+    student's at the same ids, in float64 from those K+1 probabilities alone."""
+    p = torch.softmax(teacher.double() / temperature, -1)
+    q = torch.softmax(student.double() / temperature, -1)
+    top = top_k_mask(teacher, top_k)
+    p_top = p[top].view(p.shape[0], -1)
+    q_top = q[top].view(q.shape[0], -1)
+    p_cat = torch.cat([p_top, 1 - p_top.sum(-1, keepdim=True)], -1)
+    q_cat = torch.cat([q_top, 1 - q_top.sum(-1, keepdim=True)], -1)
+    return (p_cat * (p_cat.log() - q_cat.log())).sum(-1)
+
+
+@pytest.mark.parametrize("top_k, temperature", [(1, 1.0), (4, 2.0), (12, 0.7)])
+def test_topk_bucket_is_the_one_bucket_kl_and_ignores_beta(top_k, temperature):
+    student, teacher = _pair(rows=6, vocab=40)
+    student.requires_grad_(True)
+    reference_student = student.detach().double().requires_grad_(True)
+    expected = _one_bucket_reference(reference_student, teacher, top_k, temperature)
+    weights = torch.linspace(0.5, 1.5, 6, dtype=torch.float64)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), reference_student)
+
+    def no_beta(mass):
+        raise AssertionError("topk_bucket must not ask for β")
+
+    out = LOSSES["topk_bucket"].compute(student, teacher, top_k=top_k, beta_for=no_beta, temperature=temperature,
+                                        tp_group=None, shard=None, donate_teacher=False)
+    (grad,) = torch.autograd.grad((out["kd"] * weights.float()).sum(), student)
+    # fp32 arithmetic against a float64 reference: relative error at fp32 rounding of O(V) sums.
+    torch.testing.assert_close(out["kd"].double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-6)
+    # The objective with any β and either β mode gives the same loss: β is not read.
+    labels = torch.arange(6)
+    losses = [distillation_objective(student, teacher, labels, kind="topk_bucket", top_k=top_k, beta=beta,
+                                     beta_mode=mode, temperature=temperature, sequence_ids=torch.tensor([0] * 3 + [1] * 3),
+                                     num_sequences=2)["loss"] for beta, mode in ((0.0, "constant"), (5.0, "sequence"))]
+    assert torch.equal(losses[0], losses[1])
+    torch.testing.assert_close(losses[0].double(), temperature**2 * expected, rtol=1e-5, atol=1e-6)
+
+
+def test_topk_bucket_is_tail_at_beta_zero_where_the_tail_kl_is_finite():
+    student, teacher = _pair()
+    bucket = LOSSES["topk_bucket"].compute(student, teacher, top_k=4, beta_for=None, temperature=1.0,
+                                           tp_group=None, shard=None, donate_teacher=False)
+    assert torch.equal(bucket["kd"], tail_divergence(student, teacher, top_k=4, beta=0.0))
+    assert LOSSES["topk_bucket"].uses_top_k and not LOSSES["topk_bucket"].uses_beta and LOSSES["tail"].uses_beta
+
+
 @pytest.mark.parametrize("kind, metrics", [
     ("tail", {"tail_divergence", "teacher_tail_mass", "student_tail_mass"}),
+    ("topk_bucket", {"tail_divergence", "teacher_tail_mass", "student_tail_mass"}),
     ("kl", {"forward_kl"}),
     ("reverse_kl", {"reverse_kl"}),
     ("ce", set()),

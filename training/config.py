@@ -60,11 +60,11 @@ class DataConfig:
 @dataclass
 class LossConfig:
     kind: str = "tail"
-    """One of :data:`loss.registry.LOSSES` (tail, kl, reverse_kl, ce)."""
+    """One of :data:`loss.registry.LOSSES` (tail, topk_bucket, kl, reverse_kl, ce)."""
     top_k: int = 10
-    """K, for kind tail."""
+    """K, for kinds tail and topk_bucket."""
     beta: float = 2.0
-    """Tail weight β, for kind tail."""
+    """Tail weight β, for kind tail (topk_bucket is β = 0 and ignores it)."""
     beta_mode: Literal["constant", "sequence"] = "constant"
     """``sequence``: β_t = β · P_tail,t / mean of P_tail over the sequence's valid tokens."""
     temperature: float = 1.0
