@@ -5,6 +5,9 @@
 Writes ``DIR/report.md`` (one row per run: loss kind, K, β, final eval metrics), one PNG per metric
 with the runs' curves overlaid (``DIR/<metric>.png``, train and eval scalars), and a reliability
 diagram of each run's last evaluation (``DIR/reliability.png``, from ``eval_bins.json``).
+
+:func:`write_sweep_report` writes ``eval.sweep``'s report from its summary (means, spreads, paired
+differences against kl and, with several teachers, :func:`teacher_comparison`).
 """
 
 import argparse
@@ -126,6 +129,135 @@ def write_report(run_dirs, out_dir: str) -> dict:
     plots = _plot_curves(runs, out_dir)
     reliability = _plot_reliability(runs, out_dir)
     return {"table": table, "plots": plots, "reliability": reliability}
+
+
+# ---------------------------------------------------------------------------------------------
+# eval.sweep's report: summary.json's numbers as tables and plots
+
+
+def mean_std(values):
+    """Mean and standard deviation (ddof 1; None for one value) of a list; (None, None) if empty."""
+    import numpy as np
+
+    if not values:
+        return None, None
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
+def finite_or_none(value):
+    return None if value is None or value != value else float(value)
+
+
+def teacher_comparison(settings, metrics) -> list:
+    """Whether a setting's paired difference against kl changes with the teacher, from summary.json's
+    ``settings`` (entries with a ``teacher``): for each setting name trained with more than one
+    teacher and each of ``metrics`` that every one of its teachers has a ``vs_kl`` for, each
+    teacher's difference (mean, spread, p-value) and, for each teacher after the first, the change
+    ``d_T(s) − d_first(s)`` of the per-seed differences, paired by seed (a seed's students start
+    from the same weights and see the same batches under either teacher): its mean ± spread and
+    ``scipy.stats.ttest_rel``'s p-value (None under 2 common seeds)."""
+    from scipy.stats import ttest_rel
+
+    by_name = {}
+    for entry in settings:
+        if entry.get("teacher") is not None:
+            by_name.setdefault(entry["name"], []).append(entry)
+    rows = []
+    for name, entries in by_name.items():
+        for metric in metrics if len(entries) > 1 else ():
+            diffs = [(entry["metrics"].get(metric) or {}).get("vs_kl") for entry in entries]
+            if any(diff is None for diff in diffs):
+                continue
+            first = dict(zip(diffs[0]["seeds"], diffs[0]["values"]))
+            row = {"setting": name, "metric": metric, "first": entries[0]["teacher"],
+                   "teachers": {entry["teacher"]: {key: diff[key] for key in ("mean", "std", "p_value")}
+                                for entry, diff in zip(entries, diffs)}, "changes": {}}
+            for entry, diff in zip(entries[1:], diffs[1:]):
+                common = [seed for seed in diff["seeds"] if seed in first]
+                ours = [value for seed, value in zip(diff["seeds"], diff["values"]) if seed in first]
+                theirs = [first[seed] for seed in common]
+                mean, std = mean_std([a - b for a, b in zip(ours, theirs)])
+                p_value = finite_or_none(ttest_rel(ours, theirs).pvalue) if len(common) > 1 else None
+                row["changes"][entry["teacher"]] = {"mean": mean, "std": std, "p_value": p_value, "seeds": common}
+            rows.append(row)
+    return rows
+
+
+def _cell(stats) -> str:
+    if stats is None or stats.get("mean") is None:
+        return "–"
+    return f"{stats['mean']:.4g}" + (f" ± {stats['std']:.2g}" if stats["std"] is not None else "")
+
+
+def _difference(stats) -> str:
+    if not stats or stats.get("mean") is None:
+        return "–"
+    spread = f" ± {stats['std']:.2g}" if stats["std"] is not None else ""
+    p = f" (p {stats['p_value']:.3g})" if stats["p_value"] is not None else ""
+    return f"{stats['mean']:+.3g}{spread}{p}"
+
+
+def _label(setting) -> str:
+    return f"{setting['teacher']}/{setting['name']}" if setting.get("teacher") else setting["name"]
+
+
+def _teacher_section(rows) -> list:
+    """report.md's lines on :func:`teacher_comparison`'s rows (none without them)."""
+    if not rows:
+        return []
+    teachers = list(rows[0]["teachers"])
+    lines = ["## Does setting − kl change with the teacher?", "",
+             f"Per teacher, the paired difference setting − kl (that teacher's kl, same seed) as above; *change*: "
+             f"the difference under each later teacher minus under {rows[0]['first']}, paired by seed (a seed's "
+             "students start from the same weights and see the same batches under either teacher), mean ± spread "
+             "and `scipy.stats.ttest_rel` p-value: a small p says the gap to kl depends on the teacher.", "",
+             "| setting | metric | " + " | ".join(f"{t}: − kl" for t in teachers) + " | " +
+             " | ".join(f"change {t}" for t in teachers[1:]) + " |",
+             "| --- | --- |" + " ---: |" * (2 * len(teachers) - 1)]
+    for row in rows:
+        cells = [_difference(row["teachers"].get(t)) for t in teachers]
+        cells += [_difference(row["changes"].get(t)) for t in teachers[1:]]
+        lines.append(f"| {row['setting']} | {row['metric']} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _plot_sweep_metric(out_dir: str, metric: str, named) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(max(4.0, 0.7 * len(named) + 1.5), 3.2))
+    axis.bar(range(len(named)), [s["metrics"][metric]["mean"] for s in named],
+             yerr=[s["metrics"][metric]["std"] or 0.0 for s in named], capsize=3)
+    axis.set_xticks(range(len(named)), [_label(s) for s in named], rotation=45, ha="right", fontsize=7)
+    axis.set_ylabel(metric)
+    figure.tight_layout()
+    figure.savefig(os.path.join(out_dir, f"{metric}.png"), dpi=100)
+    plt.close(figure)
+
+
+def write_sweep_report(out_dir: str, summary: dict, metrics, seeds, command: str) -> None:
+    """``report.md`` (a table per metric, then the teacher comparison where there is one) and
+    ``<metric>.png`` (means with standard deviations) from ``eval.sweep``'s summary."""
+    present = [m for m in metrics if any(m in s["metrics"] for s in summary["settings"])]
+    lines = ["# Sweep report", "", f"Reproduce: `{command}`", "",
+             f"Mean ± standard deviation (ddof 1) over seeds {', '.join(map(str, seeds))}; *vs kl*: the paired "
+             "difference setting − kl (same seed and teacher, temperature 1), its mean ± spread and the paired t-test "
+             "p-value (`scipy.stats.ttest_rel`).", ""]
+    for metric in present:
+        lines += [f"## {metric}", "", "| setting | runs | mean ± std | vs kl |", "| --- | ---: | ---: | ---: |"]
+        for setting in summary["settings"]:
+            stats = setting["metrics"].get(metric)
+            lines.append(f"| {_label(setting)} | {len(stats['values']) if stats else 0} | {_cell(stats)} | "
+                         f"{_difference(stats['vs_kl'] if stats else None)} |")
+        lines += ["", f"![{metric}]({metric}.png)", ""]
+        _plot_sweep_metric(out_dir, metric, [s for s in summary["settings"] if metric in s["metrics"]])
+    lines += _teacher_section(summary.get("teacher_comparison", []))
+    if summary["failed"]:
+        lines += ["## Failed runs", ""] + [f"- {f['setting']} seed {f['seed']}: {f['error']}" for f in summary["failed"]]
+    with open(os.path.join(out_dir, "report.md"), "w") as handle:
+        handle.write("\n".join(lines) + "\n")
 
 
 def main(argv=None) -> int:

@@ -1,41 +1,52 @@
-"""The paper's comparison in one command: train a student per loss × hyper-parameters × seed, evaluate
-every one against the same teacher, and report means, spreads and paired tests against KL.
+"""The paper's comparison in one command: train a student per loss × hyper-parameters × seed (× teacher),
+evaluate every one against its teacher, and report means, spreads and paired tests against KL.
 
-    python -m eval.sweep --config launch/configs/demo_distill.yaml --losses ce,kl,reverse_kl,tail \\
-        --top-k 5,10 --beta 1,2 --temperature 1 --seeds 0,1,2 --out DIR [--set key=value]... \\
-        [--launcher-args "--num_gpus 2"] [--math-data SFT_EVAL.jsonl] [--quick]
+    python -m eval.sweep --config launch/configs/demo_distill.yaml --losses ce,kl,reverse_kl,tail,topk_bucket \\
+        --top-k 5,10 --beta 1,2 [--beta-mode constant,sequence] --temperature 1 --seeds 0,1,2 --out DIR \\
+        [--teachers NAME=PATH,...] [--set key=value]... [--launcher-args "--num_gpus 2"] \\
+        [--math-data SFT_EVAL.jsonl] [--quick]
 
-Settings: ``ce`` and ``reverse_kl`` once per seed, ``kl-t<T>`` per temperature, ``tail-k<K>-b<B>-t<T>``
-per K × β × temperature; ``--top-k 5,10,20,50,100`` is the paper's K ablation. Each run trains with
-the deepspeed launcher (``--launcher-args`` go to it: a hostfile runs the sweep on a cluster) into
-``DIR/<setting>/seed<S>``, the sweep owning ``output_dir`` and ``seed`` (every other key: the config
-and ``--set``, the same for every run), then ``eval.evaluate`` scores its exported student against
-the config's teacher on the config's eval data (``--math-data`` adds ``math_accuracy``), with the
-metric's K and β the config's. Writes ``DIR/summary.json``, ``DIR/report.md`` and a plot per metric.
+Settings: ``ce`` and ``reverse_kl`` once per seed, ``kl-t<T>`` per temperature, ``topk_bucket-k<K>-t<T>``
+per K × temperature, ``tail-k<K>-b<B>-t<T>`` per K × β × temperature, and with ``--beta-mode`` per β
+mode too (``sequence`` ones named ``...-seq``; without it, the config's mode and no suffix);
+``--top-k 5,10,20,50,100`` is the paper's K ablation. :data:`SWEEP_ONLY` names settings that are no
+registry kind (a kind trained on other inputs). Each run trains with the deepspeed launcher
+(``--launcher-args`` go to it: a hostfile runs the sweep on a cluster) into ``DIR/<setting>/seed<S>``
+(``DIR/<teacher>/<setting>/seed<S>`` with ``--teachers``, each teacher distilled into the same
+students), the sweep owning ``output_dir``, ``seed``, the ``loss.*`` keys it varies and, with
+``--teachers``, ``teacher.path`` (every other key: the config and ``--set``, the same for every
+run); then ``eval.evaluate`` scores its exported student against its teacher on the config's eval
+data (``--math-data`` adds ``math_accuracy``), with the metric's K and β the config's. Writes
+``DIR/summary.json``, ``DIR/report.md`` (``eval.report.write_sweep_report``) and a plot per metric.
 
 Restartable: a run whose evaluation and export exist is skipped; an interrupted one resumes from
 its checkpoint. A failed run is reported with its log's last error and the others go on (exit 1).
-``--quick``: its own tiny teacher and data, kl and tail, one seed, a few steps (a test runs it).
+``--quick``: its own tiny teacher and data, a few steps (a test runs it); it fills in kl and tail, K 5,
+β 2 and seed 0 where ``--losses``, ``--top-k``, ``--beta`` or ``--seeds`` are not given.
 """
 
 import argparse
 import itertools
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional
 
 from core.cli import run_main
 from core.errors import ConfigError
+from eval.report import finite_or_none, mean_std, teacher_comparison, write_sweep_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ("nll", "perplexity", "forward_kl", "top1_agreement", "full_ece", "top1_ece", "math_accuracy")
 """Reported per setting, named as eval.evaluate writes them (math_accuracy where --math-data is given)."""
 _OWNED = ("output_dir", "seed", "loss.kind", "loss.top_k", "loss.beta", "loss.temperature")
+"""Config keys the sweep always sets; ``loss.beta_mode`` and ``teacher.path`` too where ``--beta-mode``
+and ``--teachers`` are given."""
 
 
 def _number(value: float) -> str:
@@ -46,6 +57,32 @@ _AXES = {"top_k": ("k", str), "beta": ("b", _number), "temperature": ("t", _numb
 """The ``loss.*`` keys a setting may set, each with the tag and format that name it in the setting's name."""
 
 
+class Teacher(NamedTuple):
+    """One teacher of ``--teachers``: its name (a directory level of the sweep) and model path."""
+
+    name: str
+    path: str
+
+
+@dataclass(frozen=True)
+class SweepOnly:
+    """A setting of the comparison that is no registry loss kind: a registry kind trained on other
+    inputs (``miniplm``: ``ce`` on a selected corpus). Named ``--losses`` values, trained once per
+    seed and teacher, never with K, β or temperature."""
+
+    kind: str
+    """The registry ``loss.kind`` its runs train with."""
+    summary: str
+    """One line for ``--help``."""
+    overrides: Callable[[argparse.Namespace, Optional[Teacher]], List[str]]
+    """``(args, teacher) -> ["key=value", ...]``: what a run sets besides ``loss.kind`` (e.g.
+    ``data.train``), for its teacher (None: the config's)."""
+
+
+SWEEP_ONLY: Dict[str, SweepOnly] = {}
+"""The sweep-only settings by ``--losses`` name."""
+
+
 @dataclass(frozen=True)
 class Setting:
     """One loss kind and the ``loss.*`` values the sweep sets for it (None: the config's)."""
@@ -54,6 +91,11 @@ class Setting:
     top_k: Optional[int] = None
     beta: Optional[float] = None
     temperature: Optional[float] = None
+    beta_mode: Optional[str] = None
+    teacher: Optional[Teacher] = None
+    """None: the config's ``teacher.path``, and the sweep's directory has no teacher level."""
+    sweep_only: Optional[str] = None
+    """The :data:`SWEEP_ONLY` name this setting trains (as ``kind``), else None."""
 
     def _swept(self):
         """``(key, value)`` of each value the sweep sets, in :data:`_AXES`' order."""
@@ -61,26 +103,44 @@ class Setting:
 
     @property
     def name(self) -> str:
-        """The kind, then each value set, tagged: ``tail-k5-b2-t1``, ``kl-t1``, ``ce``."""
-        return "-".join([self.kind] + [_AXES[key][0] + _AXES[key][1](value) for key, value in self._swept()])
+        """The kind, then each value set, tagged, and ``-seq`` for β mode sequence: ``tail-k5-b2-t1``,
+        ``tail-k5-b2-t1-seq``, ``kl-t1``, ``ce``, ``miniplm``."""
+        tags = [_AXES[key][0] + _AXES[key][1](value) for key, value in self._swept()]
+        return "-".join([self.sweep_only or self.kind] + tags + (["seq"] if self.beta_mode == "sequence" else []))
 
-    def overrides(self) -> List[str]:
-        return [f"loss.kind={self.kind}"] + [f"loss.{key}={value}" for key, value in self._swept()]
+    @property
+    def path(self) -> str:
+        """Its directory under the sweep's: ``<setting>``, or ``<teacher>/<setting>`` with ``--teachers``."""
+        return os.path.join(self.teacher.name, self.name) if self.teacher else self.name
+
+    def overrides(self, args: Optional[argparse.Namespace] = None) -> List[str]:
+        """Its ``--set`` items; ``args`` (the sweep's) for a sweep-only setting's own."""
+        out = [f"loss.kind={self.kind}"] + [f"loss.{key}={value}" for key, value in self._swept()]
+        out += [f"loss.beta_mode={self.beta_mode}"] if self.beta_mode else []
+        out += [f"teacher.path={self.teacher.path}"] if self.teacher else []
+        return out + (SWEEP_ONLY[self.sweep_only].overrides(args, self.teacher) if self.sweep_only else [])
 
 
-def settings(losses, top_ks, betas, temperatures) -> List[Setting]:
-    """Every combination the sweep trains, in a stable order: per kind, K × β where it uses them and
-    × temperature where the comparison varies it (:data:`loss.registry.LOSSES`), else once."""
+def settings(losses, top_ks, betas, temperatures, beta_modes=None, teachers=None) -> List[Setting]:
+    """Every combination the sweep trains, in a stable order: per teacher (``teachers``; None: the
+    config's), per kind, K where it uses it, β × β mode (``beta_modes``; None: the config's) where it
+    uses them and × temperature where the comparison varies it (:data:`loss.registry.LOSSES`), else
+    once; a :data:`SWEEP_ONLY` name once."""
     from loss.registry import LOSSES
 
     out = []
-    for kind in losses:
+    for teacher, kind in itertools.product(teachers or [None], losses):
+        if kind in SWEEP_ONLY:
+            out.append(Setting(SWEEP_ONLY[kind].kind, teacher=teacher, sweep_only=kind))
+            continue
         if kind not in LOSSES:
-            raise ConfigError(f"--losses: unknown {kind!r}; expected some of {', '.join(LOSSES)}")
-        axes = {"top_k": top_ks, "beta": betas} if LOSSES[kind].uses_top_k else {}
-        if LOSSES[kind].compare_temperatures:
-            axes["temperature"] = temperatures
-        out += [Setting(kind, **dict(zip(axes, values))) for values in itertools.product(*axes.values())]
+            raise ConfigError(f"--losses: unknown {kind!r}; expected some of {', '.join([*LOSSES, *SWEEP_ONLY])}")
+        entry = LOSSES[kind]
+        axes = {"top_k": top_ks} if entry.uses_top_k else {}
+        axes.update({"beta": betas} if entry.uses_beta else {})
+        axes.update({"temperature": temperatures} if entry.compare_temperatures else {})
+        axes.update({"beta_mode": beta_modes} if entry.uses_beta and beta_modes else {})
+        out += [Setting(kind, teacher=teacher, **dict(zip(axes, values))) for values in itertools.product(*axes.values())]
     return out
 
 
@@ -134,13 +194,14 @@ def train_and_evaluate(run_dir: str, args, setting: Setting, seed: int, cfg) -> 
     """Train (resuming where a checkpoint exists) and evaluate one run; the error, or None."""
     os.makedirs(run_dir, exist_ok=True)
     log = os.path.join(run_dir, "sweep.log")
-    overrides = args.overrides + setting.overrides() + [f"output_dir={run_dir}", f"seed={seed}"]
+    overrides = args.overrides + setting.overrides(args) + [f"output_dir={run_dir}", f"seed={seed}"]
     command = _distill_command(args.launcher_args, args.config, overrides)
     env = {**os.environ, "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore::FutureWarning")}
     if _run_logged(command, log, env) != 0 or not os.path.isfile(os.path.join(run_dir, "student", "config.json")):
         return f"training failed: {_last_error(log)}"
+    teacher = setting.teacher.path if setting.teacher else cfg.teacher.path
     evaluate = [sys.executable, "-m", "eval.evaluate", "--model", os.path.join(run_dir, "student"), "--teacher",
-                cfg.teacher.path, "--data", args.eval_data, "--out", os.path.join(run_dir, "eval.json.partial"),
+                teacher, "--data", args.eval_data, "--out", os.path.join(run_dir, "eval.json.partial"),
                 "--top-k", str(cfg.loss.top_k), "--beta", str(cfg.loss.beta), "--max-batches", str(args.eval_batches)]
     if args.math_data:
         evaluate += ["--math-data", args.math_data, "--math-examples", str(args.math_examples),
@@ -157,24 +218,24 @@ def _duration(seconds: float) -> str:
 
 
 def run_sweep(args, cfg, grid: List[Setting]) -> dict:
-    """Train and evaluate every (setting, seed) not done yet; ``{(name, seed): error}`` of failures."""
+    """Train and evaluate every (setting, seed) not done yet; ``{(setting.path, seed): error}`` of failures."""
     runs = [(setting, seed) for setting in grid for seed in args.seeds]
     failures, durations, started = {}, [], time.monotonic()
     for index, (setting, seed) in enumerate(runs, start=1):
-        run_dir = os.path.join(args.out, setting.name, f"seed{seed}")
+        run_dir = os.path.join(args.out, setting.path, f"seed{seed}")
         if _done(run_dir):
-            print(f"sweep: run {index}/{len(runs)} {setting.name} seed {seed}: done already, skipped", file=sys.stderr)
+            print(f"sweep: run {index}/{len(runs)} {setting.path} seed {seed}: done already, skipped", file=sys.stderr)
             continue
         left = len(runs) - index + 1
         eta = f", about {_duration(left * sum(durations) / len(durations))} left" if durations else ""
-        print(f"sweep: run {index}/{len(runs)} {setting.name} seed {seed} (elapsed "
+        print(f"sweep: run {index}/{len(runs)} {setting.path} seed {seed} (elapsed "
               f"{_duration(time.monotonic() - started)}{eta})", file=sys.stderr, flush=True)
         began = time.monotonic()
         error = train_and_evaluate(run_dir, args, setting, seed, cfg)
         durations.append(time.monotonic() - began)
         if error:
-            failures[(setting.name, seed)] = error
-            print(f"sweep: run {index}/{len(runs)} {setting.name} seed {seed} FAILED: {error} "
+            failures[(setting.path, seed)] = error
+            print(f"sweep: run {index}/{len(runs)} {setting.path} seed {seed} FAILED: {error} "
                   f"(log: {os.path.join(run_dir, 'sweep.log')})", file=sys.stderr, flush=True)
     return failures
 
@@ -183,105 +244,64 @@ def run_sweep(args, cfg, grid: List[Setting]) -> dict:
 # Reporting
 
 
-def _mean_std(values):
-    import numpy as np
+def _read_results(out_dir: str, grid: List[Setting], seeds: List[int]) -> dict:
+    """``{(setting.path, seed): metrics}`` of every run whose eval.json exists."""
+    results = {}
+    for setting, seed in itertools.product(grid, seeds):
+        path = os.path.join(out_dir, setting.path, f"seed{seed}", "eval.json")
+        if os.path.isfile(path):
+            with open(path) as handle:
+                results[(setting.path, seed)] = json.load(handle)["metrics"]
+    return results
 
-    if not values:
-        return None, None
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None
 
-
-def _finite_or_none(value):
-    return None if value is None or value != value else float(value)
-
-
-def summarise(out_dir: str, grid: List[Setting], seeds: List[int], failures: dict) -> dict:
-    """``summary.json``'s content from the runs' eval.json files (failed or missing runs left out)."""
+def _versus(ours: dict, theirs: dict) -> Optional[dict]:
+    """The paired difference ours − theirs over the seeds both have (``{seed: value}`` each), or None
+    under 2 seeds: mean, spread, ``ttest_rel``'s p-value and the per-seed differences."""
     from scipy.stats import ttest_rel
 
-    results = {}
-    for setting in grid:
-        for seed in seeds:
-            path = os.path.join(out_dir, setting.name, f"seed{seed}", "eval.json")
-            if os.path.isfile(path):
-                with open(path) as handle:
-                    results[(setting.name, seed)] = json.load(handle)["metrics"]
-    from loss.registry import BASELINE
+    paired = sorted(set(ours) & set(theirs))
+    if len(paired) < 2:
+        return None
+    a, b = [ours[seed] for seed in paired], [theirs[seed] for seed in paired]
+    mean, std = mean_std([x - y for x, y in zip(a, b)])
+    return {"mean": mean, "std": std, "p_value": finite_or_none(ttest_rel(a, b).pvalue), "seeds": paired,
+            "values": [x - y for x, y in zip(a, b)]}
 
-    reference = next((s for s in grid if s.kind == BASELINE and s.temperature == 1.0), None)
-    summary = {"settings": [], "failed": [{"setting": name, "seed": seed, "error": error}
-                                          for (name, seed), error in sorted(failures.items())]}
+
+def summarise(out_dir: str, grid: List[Setting], seeds: List[int], failures: dict, beta_mode: str = "constant") -> dict:
+    """``summary.json``'s content from the runs' eval.json files (failed or missing runs left out).
+    ``beta_mode``: the config's, reported for the settings that use β and do not set it."""
+    from loss.registry import BASELINE, LOSSES
+
+    results = _read_results(out_dir, grid, seeds)
+    references = {s.teacher: s for s in reversed(grid)
+                  if s.kind == BASELINE and s.temperature == 1.0 and s.sweep_only is None}
+    summary = {"settings": [], "failed": [{"setting": path, "seed": seed, "error": error}
+                                          for (path, seed), error in sorted(failures.items())]}
     for setting in grid:
-        done = [seed for seed in seeds if (setting.name, seed) in results]
+        done = [seed for seed in seeds if (setting.path, seed) in results]
+        uses_beta = setting.sweep_only is None and LOSSES[setting.kind].uses_beta
         entry = {"name": setting.name, "kind": setting.kind, "top_k": setting.top_k, "beta": setting.beta,
-                 "temperature": setting.temperature,
-                 "runs": [os.path.join(setting.name, f"seed{seed}") for seed in done], "metrics": {}}
+                 "temperature": setting.temperature, "beta_mode": setting.beta_mode or (beta_mode if uses_beta else None),
+                 "teacher": setting.teacher.name if setting.teacher else None,
+                 "runs": [os.path.join(setting.path, f"seed{seed}") for seed in done], "seeds": done, "metrics": {}}
+        reference = references.get(setting.teacher)
         for metric in METRICS:
-            values = [results[(setting.name, seed)][metric] for seed in done if metric in results[(setting.name, seed)]]
+            values = {seed: results[(setting.path, seed)][metric] for seed in done
+                      if metric in results[(setting.path, seed)]}
             if not values:
                 continue
-            mean, std = _mean_std(values)
+            mean, std = mean_std(list(values.values()))
             vs_kl = None
             if reference is not None and setting != reference:
-                paired = [seed for seed in done if metric in results.get((reference.name, seed), {})]
-                if len(paired) >= 2:
-                    ours = [results[(setting.name, seed)][metric] for seed in paired]
-                    theirs = [results[(reference.name, seed)][metric] for seed in paired]
-                    diff_mean, diff_std = _mean_std([a - b for a, b in zip(ours, theirs)])
-                    vs_kl = {"mean": diff_mean, "std": diff_std,
-                             "p_value": _finite_or_none(ttest_rel(ours, theirs).pvalue)}
-            entry["metrics"][metric] = {"mean": mean, "std": std, "values": values, "vs_kl": vs_kl}
+                theirs = {seed: metrics[metric] for (path, seed), metrics in results.items()
+                          if path == reference.path and metric in metrics}
+                vs_kl = _versus(values, theirs)
+            entry["metrics"][metric] = {"mean": mean, "std": std, "values": list(values.values()), "vs_kl": vs_kl}
         summary["settings"].append(entry)
+    summary["teacher_comparison"] = teacher_comparison(summary["settings"], METRICS)
     return summary
-
-
-def _cell(stats) -> str:
-    if stats is None:
-        return "–"
-    return f"{stats['mean']:.4g}" + (f" ± {stats['std']:.2g}" if stats["std"] is not None else "")
-
-
-def _vs_cell(stats) -> str:
-    vs = stats["vs_kl"] if stats else None
-    if not vs:
-        return "–"
-    spread = f" ± {vs['std']:.2g}" if vs["std"] is not None else ""
-    p = f" (p {vs['p_value']:.3g})" if vs["p_value"] is not None else ""
-    return f"{vs['mean']:+.3g}{spread}{p}"
-
-
-def write_report(out_dir: str, summary: dict, seeds: List[int], command: str) -> None:
-    """``report.md`` (a table per metric) and ``<metric>.png`` (means with standard deviations)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = [m for m in METRICS if any(m in s["metrics"] for s in summary["settings"])]
-    lines = ["# Sweep report", "", f"Reproduce: `{command}`", "",
-             f"Mean ± standard deviation (ddof 1) over seeds {', '.join(map(str, seeds))}; *vs kl*: the paired "
-             "difference setting − kl (same seed, temperature 1), its mean ± spread and the paired t-test p-value "
-             "(`scipy.stats.ttest_rel`).", ""]
-    for metric in metrics:
-        lines += [f"## {metric}", "", "| setting | runs | mean ± std | vs kl |", "| --- | ---: | ---: | ---: |"]
-        for setting in summary["settings"]:
-            stats = setting["metrics"].get(metric)
-            lines.append(f"| {setting['name']} | {len(stats['values']) if stats else 0} | {_cell(stats)} | "
-                         f"{_vs_cell(stats)} |")
-        lines += ["", f"![{metric}]({metric}.png)", ""]
-        named = [s for s in summary["settings"] if metric in s["metrics"]]
-        figure, axis = plt.subplots(figsize=(max(4.0, 0.7 * len(named) + 1.5), 3.2))
-        axis.bar(range(len(named)), [s["metrics"][metric]["mean"] for s in named],
-                 yerr=[s["metrics"][metric]["std"] or 0.0 for s in named], capsize=3)
-        axis.set_xticks(range(len(named)), [s["name"] for s in named], rotation=45, ha="right", fontsize=7)
-        axis.set_ylabel(metric)
-        figure.tight_layout()
-        figure.savefig(os.path.join(out_dir, f"{metric}.png"), dpi=100)
-        plt.close(figure)
-    if summary["failed"]:
-        lines += ["## Failed runs", ""] + [f"- {f['setting']} seed {f['seed']}: {f['error']}" for f in summary["failed"]]
-    with open(os.path.join(out_dir, "report.md"), "w") as handle:
-        handle.write("\n".join(lines) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,17 +342,54 @@ def _quick_assets(out_dir: str, launcher_args: str) -> List[str]:
             "logging.every=4"]
 
 
+def _teachers(text: str) -> List[Teacher]:
+    teachers = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, path = item.partition("=")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not path or name in [t.name for t in teachers]:
+            raise argparse.ArgumentTypeError(f"expected NAME=PATH,... with distinct names of letters, digits, "
+                                             f"'_', '.' or '-', got {item!r}")
+        teachers.append(Teacher(name, path))
+    return teachers
+
+
+_GRID_DEFAULTS = {"top_k": [5, 10], "beta": [1.0, 2.0], "seeds": [0, 1, 2]}
+"""What a grid argument not given is, besides ``--losses`` (every registry kind)."""
+_QUICK = {"losses": ["kl", "tail"], "top_k": [5], "beta": [2.0], "seeds": [0]}
+"""What ``--quick`` fills in for a grid argument not given."""
+
+
+def resolve_grid(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill each grid argument the command line left out (None): :data:`_QUICK`'s with ``--quick``,
+    else :data:`_GRID_DEFAULTS`' (``--losses``: every registry kind). Given ones are kept, ``--quick``
+    or not."""
+    from loss.registry import LOSSES
+
+    defaults = _QUICK if args.quick else {"losses": sorted(LOSSES), **_GRID_DEFAULTS}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, list(value))
+    return args
+
+
 def build_parser() -> argparse.ArgumentParser:
     from loss.registry import LOSSES
 
     parser = argparse.ArgumentParser(prog="python -m eval.sweep", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="base run config (YAML)")
-    parser.add_argument("--losses", type=_csv(str), default=sorted(LOSSES),
-                        help=f"loss kinds, comma-separated (default: all, {','.join(sorted(LOSSES))})")
-    parser.add_argument("--top-k", type=_csv(int), default=[5, 10], help="K values for tail")
-    parser.add_argument("--beta", type=_csv(float), default=[1.0, 2.0], help="β values for tail")
-    parser.add_argument("--temperature", type=_csv(float), default=[1.0], help="temperatures for kl and tail")
-    parser.add_argument("--seeds", type=_csv(int), default=[0, 1, 2])
+    parser.add_argument("--losses", type=_csv(str),
+                        help=f"loss kinds, comma-separated (default: all registry kinds, {','.join(sorted(LOSSES))})"
+                             + "".join(f"; {name}: {entry.summary}" for name, entry in SWEEP_ONLY.items()))
+    parser.add_argument("--top-k", type=_csv(int), help="K values for the kinds that use K (default 5,10)")
+    parser.add_argument("--beta", type=_csv(float), help="β values for the kinds that use β (default 1,2)")
+    parser.add_argument("--beta-mode", type=_csv(str),
+                        help="β modes for the kinds that use β, e.g. constant,sequence (default: the config's; "
+                             "sequence settings are named ...-seq)")
+    parser.add_argument("--temperature", type=_csv(float), default=[1.0], help="temperatures for kl, tail, topk_bucket")
+    parser.add_argument("--seeds", type=_csv(int), help="default 0,1,2")
+    parser.add_argument("--teachers", type=_teachers, metavar="NAME=PATH,...",
+                        help="teachers, each distilled into the same students: runs go to DIR/<NAME>/<setting>/seed<S> "
+                             "(default: the config's teacher.path, runs in DIR/<setting>/seed<S>)")
     parser.add_argument("--out", required=True, help="the sweep's directory")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key in every run (repeatable)")
@@ -340,33 +397,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--math-data", help="JSONL word problems: adds math_accuracy to every evaluation")
     parser.add_argument("--math-examples", type=int, default=50)
     parser.add_argument("--eval-batches", type=int, default=0, help="evaluation batches per rank (0: all)")
-    parser.add_argument("--quick", action="store_true", help="tiny teacher and data, kl and tail, one seed")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny teacher and data, a few steps; fills --losses kl,tail, --top-k 5, --beta 2 and "
+                             "--seeds 0 where not given")
     return parser
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Refuse ``--set`` of a key the sweep sets and an unknown β mode, naming them."""
+    owned = _OWNED + (("loss.beta_mode",) if args.beta_mode else ()) + (("teacher.path",) if args.teachers else ())
     for override in args.overrides:
-        if override.split("=", 1)[0].strip() in _OWNED:
+        if override.split("=", 1)[0].strip() in owned:
             raise ConfigError(f"--set {override}: the sweep sets {override.split('=', 1)[0]} itself")
+    for mode in args.beta_mode or ():
+        if mode not in ("constant", "sequence"):
+            raise ConfigError(f"--beta-mode: unknown {mode!r}; expected some of constant, sequence")
+
+
+def main(argv=None) -> int:
+    args = resolve_grid(build_parser().parse_args(argv))
+    _check_arguments(args)
     os.makedirs(args.out, exist_ok=True)
     if args.quick:
         args.overrides = _quick_assets(args.out, args.launcher_args) + args.overrides
-        args.losses, args.top_k, args.beta, args.seeds = ["kl", "tail"], args.top_k[:1], args.beta[-1:], args.seeds[:1]
     from training.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    if cfg.teacher.path is None or cfg.data.eval is None:
-        raise ConfigError("teacher.path and data.eval: the sweep evaluates every student against the teacher on "
-                          "data.eval; set both")
+    if (cfg.teacher.path is None and not args.teachers) or cfg.data.eval is None:
+        raise ConfigError("teacher.path (or --teachers) and data.eval: the sweep evaluates every student against its "
+                          "teacher on data.eval; set both")
     args.eval_data = cfg.data.eval
-    grid = settings(args.losses, args.top_k, args.beta, args.temperature)
+    grid = settings(args.losses, args.top_k, args.beta, args.temperature, args.beta_mode, args.teachers)
     failures = run_sweep(args, cfg, grid)
-    summary = summarise(args.out, grid, args.seeds, failures)
+    summary = summarise(args.out, grid, args.seeds, failures, cfg.loss.beta_mode)
     with open(os.path.join(args.out, "summary.json"), "w") as handle:
         json.dump(summary, handle, indent=1)
-    write_report(args.out, summary, args.seeds, "python -m eval.sweep " + shlex.join(argv if argv is not None
-                                                                                     else sys.argv[1:]))
+    command = "python -m eval.sweep " + shlex.join(argv if argv is not None else sys.argv[1:])
+    write_sweep_report(args.out, summary, METRICS, args.seeds, command)
     print(f"sweep: {len(args.seeds) * len(grid) - len(failures)} of {len(args.seeds) * len(grid)} runs evaluated; "
           f"{os.path.join(args.out, 'report.md')}, {os.path.join(args.out, 'summary.json')}", file=sys.stderr)
     return 1 if failures else 0

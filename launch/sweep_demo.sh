@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# The paper's comparison at demo scale, both of its settings, with the default grid of eval.sweep
-# (ce, kl, reverse_kl, tail K 5/10 x beta 1/2; seeds 0, 1, 2), teachers included:
+# The paper's comparison at demo scale, both of its settings, teachers included (seeds 0, 1, 2):
 #   bash launch/sweep_demo.sh [OUT]          (default runs/sweep; see the README for the time it takes)
-# 1. pre-training distillation: the demo teacher (demo_teacher.yaml) into fresh students on the demo
-#    corpus (demo_distill.yaml);
+# 1. pre-training distillation: two teachers, the demo teacher (demo_teacher.yaml) and one with four
+#    times its non-embedding parameters trained the same way (demo_teacher_large.yaml), each into
+#    fresh students on the demo corpus (demo_distill.yaml): $PRETRAIN_LOSSES, K 10, beta 1, beta mode
+#    constant and sequence (ce, kl-t1, tail-k10-b1-t1, tail-k10-b1-t1-seq, topk_bucket-k10-t1 per
+#    teacher; a reduced grid, so that the whole script stays under an hour on 2 CPU cores);
 # 2. supervised maths distillation: the demo teacher fine-tuned on the word problems
 #    (demo_sft_teacher.yaml; its math accuracy is printed), distilled into students that all start
 #    from the same pre-trained student (the demo's, demo_distill.yaml) on the word problems with the
-#    prompt tokens masked (demo_sft_distill.yaml), evaluated with math accuracy too.
+#    prompt tokens masked (demo_sft_distill.yaml), evaluated with math accuracy too: $SFT_LOSSES, K 10,
+#    beta 1 and 2 (ce, kl-t1, reverse_kl, tail-k10-b1-t1, tail-k10-b2-t1, topk_bucket-k10-t1).
 # Restartable: what exists is reused (teachers, students, runs). Extra arguments go to both sweeps.
 # DRY_RUN=1 prints the commands instead of running them.
 set -euo pipefail
@@ -38,14 +41,21 @@ train() {  # train CONFIG OUTPUT_DIR: unless OUTPUT_DIR/student exists
   run deepspeed --num_gpus "$NUM_PROCS" --module launch.distill --config "$1" "${FAST[@]}"
 }
 train launch/configs/demo_teacher.yaml "$DEMO/teacher"
+train launch/configs/demo_teacher_large.yaml "$DEMO/teacher_large"
 train launch/configs/demo_distill.yaml "$DEMO/distill"
 train launch/configs/demo_sft_teacher.yaml "$DEMO/sft_teacher"
 run python -m eval.math --model "$DEMO/sft_teacher/student" --data "$DEMO/data/sft/eval.jsonl" --max-examples 100 \
   --max-new-tokens 64 | sed 's/^/math accuracy of the SFT teacher: /'
 
+# The settings of each sweep (eval.sweep --losses: registry kinds and sweep-only settings).
+PRETRAIN_LOSSES=ce,kl,tail,topk_bucket
+SFT_LOSSES=ce,kl,reverse_kl,tail,topk_bucket
 run python -m eval.sweep --config launch/configs/demo_distill.yaml --out "$OUT/pretrain" "${FAST[@]}" \
+  --teachers "demo=$DEMO/teacher/student,large=$DEMO/teacher_large/student" --losses "$PRETRAIN_LOSSES" \
+  --top-k 10 --beta 1 --beta-mode constant,sequence --seeds 0,1,2 \
   --set train.max_steps=150 --set eval.every=0 --eval-batches 16 --launcher-args "--num_gpus $NUM_PROCS" "$@"
 run python -m eval.sweep --config launch/configs/demo_sft_distill.yaml --out "$OUT/sft" "${FAST[@]}" \
+  --losses "$SFT_LOSSES" --top-k 10 --beta 1,2 --seeds 0,1,2 \
   --math-data "$DEMO/data/sft/eval.jsonl" --math-examples 50 --eval-batches 16 \
   --launcher-args "--num_gpus $NUM_PROCS" "$@"
 echo "Reports: $OUT/pretrain/report.md and $OUT/sft/report.md"

@@ -167,8 +167,8 @@ def test_identity_holds_what_a_resume_must_match(base):
     assert "parallel.teacher_placement" not in keys
 
 
-@pytest.mark.parametrize("name, world_size", [("demo_teacher", 2), ("demo_distill", 2), ("demo_sft_teacher", 2),
-                                              ("demo_sft_distill", 2), ("gemma2_9b_to_1b", 16)])
+@pytest.mark.parametrize("name, world_size", [("demo_teacher", 2), ("demo_teacher_large", 2), ("demo_distill", 2),
+                                              ("demo_sft_teacher", 2), ("demo_sft_distill", 2), ("gemma2_9b_to_1b", 16)])
 def test_shipped_configs_are_valid(name, world_size):
     """Each shipped YAML loads and completes its DeepSpeed JSON: the run config's values, read here
     from the files themselves, land in DeepSpeed's keys, and the JSON's own settings survive."""

@@ -136,13 +136,15 @@ def test_the_metrics_each_kind_hands_to_the_evaluation(kind, metrics):
 def test_the_sweep_grid_and_names_per_kind():
     from eval.sweep import settings
 
-    grid = settings(["ce", "kl", "reverse_kl", "tail"], [5, 10], [1.0, 2.0], [1.0, 2.5])
+    grid = settings(["ce", "kl", "reverse_kl", "tail", "topk_bucket"], [5, 10], [1.0, 2.0], [1.0, 2.5])
     assert [s.name for s in grid] == ["ce", "kl-t1", "kl-t2.5", "reverse_kl"] + [
-        f"tail-k{k}-b{b}-t{t}" for k in (5, 10) for b in (1, 2) for t in (1, 2.5)]
+        f"tail-k{k}-b{b}-t{t}" for k in (5, 10) for b in (1, 2) for t in (1, 2.5)] + [
+        f"topk_bucket-k{k}-t{t}" for k in (5, 10) for t in (1, 2.5)]
     named = {s.name: s.overrides() for s in grid}
     assert named["ce"] == ["loss.kind=ce"] and named["reverse_kl"] == ["loss.kind=reverse_kl"]
     assert named["kl-t2.5"] == ["loss.kind=kl", "loss.temperature=2.5"]
     assert named["tail-k10-b2-t1"] == ["loss.kind=tail", "loss.top_k=10", "loss.beta=2.0", "loss.temperature=1.0"]
+    assert named["topk_bucket-k5-t2.5"] == ["loss.kind=topk_bucket", "loss.top_k=5", "loss.temperature=2.5"]
     assert BASELINE in LOSSES
 
 
@@ -150,7 +152,8 @@ def test_the_report_shows_k_and_beta_for_kinds_that_use_them():
     from eval.report import markdown_table
 
     runs = [{"name": kind, "final": {}, "config": {"loss": {"kind": kind, "top_k": 7, "beta": 3.0}}}
-            for kind in ("tail", "kl", "unknown")]
+            for kind in ("tail", "kl", "unknown", "topk_bucket")]
     rows = markdown_table(runs).splitlines()[2:]
     assert rows[0].startswith("| tail | tail | 7 | 3.0 |")
     assert rows[1].startswith("| kl | kl | – | – |") and rows[2].startswith("| unknown | unknown | – | – |")
+    assert rows[3].startswith("| topk_bucket | topk_bucket | 7 | – |")  # K applies, β does not
