@@ -1,13 +1,16 @@
 """Evaluate a student (and its agreement with a teacher) on prepared data.
 
-    python -m eval.evaluate --model DIR [--teacher DIR] --data PREPARED_DIR [--out eval.json]
+    python -m eval.evaluate --model DIR [--teacher DIR] --data PREPARED_DIR [--train-data PREPARED_DIR] [--out eval.json]
     deepspeed --num_gpus 2 --module eval.evaluate --model DIR --teacher DIR --data DIR --tensor-parallel 2
 
 Metrics (per valid next-token position, vocabulary-parallel under the launcher): NLL, perplexity,
 top-1 accuracy, Full-ECE and top-1 ECE; with a teacher also forward KL, reverse KL, the tail-aware
 divergence (``--top-k``, ``--beta``), teacher and student tail mass at K, top-1 agreement and the
 teacher's own NLL/perplexity. ``--math-data`` adds greedy-generation accuracy on word problems.
-Prints a table and writes the metrics (and calibration bins) as JSON to ``--out``.
+``--train-data`` (the prepared training corpus, its ``token_counts.npy``) adds the tail metrics: NLL
+by the target token's frequency band (``nll_frequent``, ``nll_middle``, ``nll_rare``; bands from
+:func:`loss.metrics.frequency_bands`, stated under ``bands`` in the JSON), ``full_ece_rare`` and
+``nll_rare_sequences``. Prints a table and writes the metrics (and calibration bins) as JSON to ``--out``.
 """
 
 import argparse
@@ -30,6 +33,19 @@ def print_table(metrics: dict) -> None:
     width = max(len(name) for name in metrics)
     for name, value in metrics.items():
         print(f"{name:<{width}}  {value:.6g}" if isinstance(value, float) else f"{name:<{width}}  {value}")
+
+
+def token_bands(train_data: str, tokenizer):
+    """:class:`loss.metrics.TokenBands` of the prepared training corpus ``train_data``, covering the
+    tokenizer's vocabulary; refuses data of another tokenizer."""
+    from data.manifest import check_tokenizer, read_manifest
+    from data.token_counts import read_token_counts
+    from loss.metrics import frequency_bands
+
+    manifest = read_manifest(train_data)
+    check_tokenizer(train_data, manifest, tokenizer)
+    bands = frequency_bands(read_token_counts(train_data, manifest), vocab_size=len(tokenizer))
+    return bands._replace(summary={"train_data": train_data, **bands.summary})
 
 
 def evaluate_model(args) -> dict:
@@ -55,7 +71,9 @@ def evaluate_model(args) -> dict:
                            collator=Collator(engines.tokenizer.pad_token_id))
     if args.max_batches:
         batches = (batch for _, batch in zip(range(args.max_batches), batches))
-    metrics, bins = evaluate(engines, loss_cfg, batches, n_bins=args.n_bins)
+    bands = token_bands(args.train_data, engines.tokenizer) if args.train_data else None
+    metrics, bins = evaluate(engines, loss_cfg, batches, n_bins=args.n_bins,
+                             bands=None if bands is None else bands.band)
     if args.math_data and dist.get_rank() == 0:
         from transformers import AutoModelForCausalLM
 
@@ -65,7 +83,10 @@ def evaluate_model(args) -> dict:
         math = math_accuracy(model, engines.tokenizer, read_examples(args.math_data, args.math_examples),
                              max_new_tokens=args.max_new_tokens)
         metrics.update({f"math_{key}": value for key, value in math.items()})
-    return {"model": args.model, "teacher": args.teacher, "data": args.data, "metrics": metrics, "bins": bins}
+    result = {"model": args.model, "teacher": args.teacher, "data": args.data, "metrics": metrics, "bins": bins}
+    if bands is not None:
+        result["bands"] = bands.summary
+    return result
 
 
 def main(argv=None) -> int:
@@ -73,6 +94,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", required=True, help="Hugging Face model directory (e.g. an exported student)")
     parser.add_argument("--teacher", help="teacher model directory, for divergences and agreement")
     parser.add_argument("--data", required=True, help="directory written by data.prepare")
+    parser.add_argument("--train-data", help="the prepared training corpus (data.prepare): its token counts "
+                        "define the frequency bands of the tail metrics (default: no tail metrics)")
     parser.add_argument("--tokenizer", help="tokenizer (default: the model's)")
     parser.add_argument("--out", default="eval.json", help="where to write the metrics (default eval.json)")
     parser.add_argument("--batch-size", type=int, default=8)

@@ -21,6 +21,15 @@ from model_parallel import VocabShard, all_reduce_sum, gather_rows, global_argma
 # Rows of softmax probabilities are binned this many logits at a time.
 CHUNK_NUMEL = 1 << 22
 
+BANDS = ("frequent", "middle", "rare")
+"""Frequency bands of target tokens, in :class:`TokenBands`' index order."""
+FREQUENT_SHARE = 0.5
+"""``frequent``: the most frequent tokens that cover the first half of the training occurrences."""
+RARE_SHARE = 0.05
+"""``rare``: tokens all of whose occurrences lie in the last 5% (least frequent first), and unseen ones."""
+RARE_SEQUENCE_SHARE = 0.1
+"""``nll_rare_sequences``: over this share of the evaluated sequences, those richest in rare targets."""
+
 
 def _global_log_normaliser(logits: torch.Tensor, group) -> torch.Tensor:
     local = torch.logsumexp(logits.float(), dim=-1, keepdim=True)  # (n, 1)
@@ -98,6 +107,40 @@ def top1_ece_bins(logits: torch.Tensor, targets: torch.Tensor, *, n_bins: int = 
                         torch.bincount(index, weights=hits, minlength=n_bins)])
 
 
+class TokenBands(NamedTuple):
+    """What :func:`frequency_bands` returns."""
+
+    band: torch.Tensor
+    """``[V]`` int64: each token id's index in :data:`BANDS`."""
+    summary: dict
+    """The thresholds: tokens per band, unseen tokens, the counts at the boundaries, the shares."""
+
+
+def frequency_bands(counts, vocab_size: int = 0) -> TokenBands:
+    """Split the vocabulary by training counts (``[V']`` non-negative; ids up to ``vocab_size`` that
+    ``counts`` does not reach count 0), scale-free: sort ids by count, most frequent first (ties by
+    id); ``frequent`` takes ids while fewer than :data:`FREQUENT_SHARE` of all occurrences precede
+    them, ``rare`` the ids preceded by at least ``1 - RARE_SHARE`` of them (every unseen id
+    among them), ``middle`` the rest. The most frequent id is always ``frequent``."""
+    counts = torch.as_tensor(counts, dtype=torch.float64).flatten()
+    counts = torch.nn.functional.pad(counts, (0, max(0, vocab_size - counts.numel())))
+    total = float(counts.sum())
+    if total <= 0 or bool((counts < 0).any()):
+        raise ValueError(f"frequency_bands: need non-negative counts with a positive total, got total {total:g}")
+    order = torch.sort(counts, descending=True, stable=True).indices
+    before = torch.cumsum(counts[order], 0) - counts[order]  # occurrences of more frequent ids; exact below 2^53
+    ranked = torch.ones_like(order)
+    ranked[before < FREQUENT_SHARE * total] = 0
+    ranked[before >= (1 - RARE_SHARE) * total] = 2
+    band = torch.empty_like(order)
+    band[order] = ranked
+    summary = {f"{name}_tokens": int((band == index).sum()) for index, name in enumerate(BANDS)}
+    summary.update(unseen_tokens=int((counts == 0).sum()), frequent_share=FREQUENT_SHARE, rare_share=RARE_SHARE,
+                   frequent_min_count=int(counts[band == 0].min()), rare_max_count=int(counts[band == 2].max())
+                   if bool((band == 2).any()) else None, training_tokens=int(total))
+    return TokenBands(band, summary)
+
+
 def _exp(value: float) -> float:
     return math.inf if value > 709 else math.exp(value)  # e^709 is the largest finite double
 
@@ -121,10 +164,12 @@ class EvalResult(NamedTuple):
     """What :meth:`EvalSums.reduce` returns."""
 
     scalars: Dict[str, float]
-    """Means over tokens, perplexities, ECEs and the token count."""
+    """Means over tokens, perplexities, ECEs and the token count; with bands also ``nll_<band>``
+    (NaN where the band has no position), ``tokens_<band>``, ``full_ece_rare`` and
+    ``nll_rare_sequences`` (NaN without rare targets) with ``rare_sequences``, how many it averages."""
     bins: Dict[str, List[List[float]]]
-    """The calibration bins for reliability diagrams: ``{"full": ..., "top1": ...}``, each ``[3, n_bins]``
-    (pair count, summed confidence, hits)."""
+    """The calibration bins for reliability diagrams: ``{"full": ..., "top1": ...}`` (and ``"full_rare"``
+    with bands), each ``[3, n_bins]`` (pair count, summed confidence, hits)."""
 
 
 class EvalSums:
@@ -138,15 +183,29 @@ class EvalSums:
     logits' device) until :meth:`reduce` (or :meth:`result`), the one host sync.
     ``shard``: this rank's vocabulary slice, resolved once by the caller (the job's engines); None:
     the layout is checked collectively on every :meth:`add`.
+
+    ``bands`` (:attr:`TokenBands.band`, covering every target id) adds the tail metrics: NLL per
+    band of the target, Full-ECE over the positions whose target is rare (every vocabulary item of
+    those positions) and, where the caller numbers sequences (:meth:`start_batch`, ``sequence_ids``),
+    ``nll_rare_sequences``.
     """
 
     def __init__(self, *, top_k: int, beta: float, n_bins: int = 10, tp_group=None, device="cpu",
-                 shard: Optional[VocabShard] = None):
+                 shard: Optional[VocabShard] = None, bands: Optional[torch.Tensor] = None):
         self.top_k, self.beta, self.n_bins, self.tp_group, self.shard = top_k, beta, n_bins, tp_group, shard
         self.device = torch.device(device)
         self.sums = {}
         self.full_bins = torch.zeros(3, n_bins, dtype=torch.float64, device=self.device)
         self.top1_bins = torch.zeros(3, n_bins, dtype=torch.float64, device=self.device)
+        self.bands = None if bands is None else bands.to(self.device, torch.long)
+        self.rare_bins = torch.zeros(3, n_bins, dtype=torch.float64, device=self.device)
+        self.sequences: List[torch.Tensor] = []  # per batch: [rows, 3] (NLL sum, targets, rare targets)
+
+    def start_batch(self, num_rows: int) -> None:
+        """A batch of ``num_rows`` sequences begins: :meth:`add`'s ``sequence_ids`` (``[n]``, each
+        position's row in ``[0, num_rows)``) refer to it until the next call. Only with ``bands``."""
+        if self.bands is not None:
+            self.sequences.append(torch.zeros(num_rows, 3, dtype=torch.float64, device=self.device))
 
     def add_sum(self, name: str, value: torch.Tensor) -> None:
         """Add ``value`` (summed over its tokens) to the per-token sum ``name``."""
@@ -154,7 +213,7 @@ class EvalSums:
         self.sums[name] = self.sums[name] + total if name in self.sums else total
 
     @torch.no_grad()
-    def add(self, student: torch.Tensor, teacher, targets: torch.Tensor, known=None) -> None:
+    def add(self, student: torch.Tensor, teacher, targets: torch.Tensor, known=None, sequence_ids=None) -> None:
         group, known = self.tp_group, dict(known or {})
         shard = self.shard or resolve_vocab_shard(student.shape[-1], group, caller="EvalSums", device=student.device)
         start = shard.start
@@ -180,6 +239,8 @@ class EvalSums:
         self.add_sum("accuracy", student_top1 == targets)
         self.full_bins += full_ece_bins(student, targets, n_bins=self.n_bins, tp_group=group, shard=shard)
         self.top1_bins += top1_ece_bins(student, targets, n_bins=self.n_bins, tp_group=group, shard=shard)
+        if self.bands is not None:
+            self._add_bands(student, targets, known["nll"], sequence_ids, shard)
         if teacher is None:
             return
         teacher_top1 = value("teacher_top1", lambda: global_argmax(teacher, start, group))
@@ -192,28 +253,77 @@ class EvalSums:
             self.add_sum(name, known[name])
         self.add_sum("top1_agreement", student_top1 == teacher_top1)
 
+    def _add_bands(self, student, targets, nll, sequence_ids, shard) -> None:
+        band = self.bands[targets]  # (n,)
+        nll = nll.detach().double()
+        for index, name in enumerate(BANDS):
+            hit = band == index
+            self.add_sum(f"tokens_{name}", hit)
+            self.add_sum(f"nll_{name}", torch.where(hit, nll, 0.0))
+        rare = band == BANDS.index("rare")
+        # The same Full-ECE with every other position ignored: the same rows on every rank of the group.
+        self.rare_bins += full_ece_bins(student, torch.where(rare, targets, IGNORE_INDEX), n_bins=self.n_bins,
+                                        tp_group=self.tp_group, shard=shard)
+        if sequence_ids is not None:
+            if not self.sequences:
+                raise ValueError("EvalSums.add: sequence_ids given before start_batch")
+            per_token = torch.stack([nll, torch.ones_like(nll), rare.double()], dim=1)  # (n, 3)
+            self.sequences[-1].index_add_(0, sequence_ids, per_token)
+
+    def _rare_sequences(self, dp_group) -> dict:
+        """``nll_rare_sequences``: the token-weighted mean NLL of the :data:`RARE_SEQUENCE_SHARE` of
+        sequences (at least one; those with a target, over ``dp_group``) with the largest share of
+        rare targets (ties: in evaluation order); NaN without any rare target. Two all-gathers."""
+        local = torch.cat(self.sequences) if self.sequences else torch.zeros(0, 3, dtype=torch.float64,
+                                                                               device=self.device)
+        local = local[local[:, 1] > 0]
+        if dp_group is not None and dist.is_initialized() and dist.get_world_size(dp_group) > 1:
+            size = torch.tensor([[float(local.shape[0])]], dtype=torch.float64, device=self.device)
+            sizes = [int(n) for n in gather_rows(size, dp_group)[0, :, 0].tolist()]  # host sync
+            padded = torch.zeros(max(sizes), 3, dtype=torch.float64, device=self.device)
+            padded[:local.shape[0]] = local
+            gathered = gather_rows(padded, dp_group)  # (max(sizes), ranks, 3)
+            local = torch.cat([gathered[:n, rank] for rank, n in enumerate(sizes)])
+        local = local.cpu()
+        if not bool((local[:, 2] > 0).any()):
+            return {"nll_rare_sequences": math.nan, "rare_sequences": 0}
+        count = max(1, math.ceil(RARE_SEQUENCE_SHARE * local.shape[0]))
+        richest = torch.sort(local[:, 2] / local[:, 1], descending=True, stable=True).indices[:count]
+        chosen = local[richest]
+        return {"nll_rare_sequences": float(chosen[:, 0].sum() / chosen[:, 1].sum()), "rare_sequences": count}
+
     def result(self, dp_group=None) -> dict:
         """:meth:`reduce`'s scalars only."""
         return self.reduce(dp_group).scalars
 
     def reduce(self, dp_group=None) -> EvalResult:
         """Means over tokens, perplexity and ECEs, and the calibration bins they come from, summed over
-        ``dp_group`` first (if given): one all-reduce and one host sync. Leaves the sums as they are."""
+        ``dp_group`` first (if given): one all-reduce and one host sync (with bands and numbered
+        sequences, :meth:`_rare_sequences`' two all-gathers and one sync more). Leaves the sums as they are."""
         names = sorted(self.sums)
-        values = [self.sums[name].view(1) for name in names]
-        packed = torch.cat(values + [self.full_bins.view(-1), self.top1_bins.view(-1)])
+        bins = {"full": self.full_bins, "top1": self.top1_bins}
+        if self.bands is not None:
+            bins["full_rare"] = self.rare_bins
+        packed = torch.cat([self.sums[name].view(1) for name in names] + [b.view(-1) for b in bins.values()])
         if dp_group is not None and dist.is_initialized():
             all_reduce_sum(packed, dp_group)
         packed = packed.cpu()  # host sync: the evaluation's results, once
         sums = dict(zip(names, packed[:len(names)].tolist()))
-        full_bins = packed[len(names):len(names) + 3 * self.n_bins].view(3, -1)
-        top1_bins = packed[len(names) + 3 * self.n_bins:].view(3, -1)
+        bins = dict(zip(bins, packed[len(names):].view(len(bins), 3, self.n_bins)))
         tokens = max(sums.pop("tokens", 0.0), 1.0)
-        out = {name: value / tokens for name, value in sums.items()}
+        band_tokens = {name: sums.pop(f"tokens_{name}") for name in BANDS if f"tokens_{name}" in sums}
+        # A band's NLL is a mean over that band's positions; NaN where it has none.
+        out = {name: value / (band_tokens.get(name.removeprefix("nll_"), tokens) or math.nan)
+               for name, value in sums.items()}
         out["perplexity"] = _exp(out.get("nll", float("nan")))
         if "teacher_nll" in out:
             out["teacher_perplexity"] = _exp(out["teacher_nll"])
-        out["full_ece"] = ece_from_bins(full_bins)
-        out["top1_ece"] = ece_from_bins(top1_bins)
+        out["full_ece"] = ece_from_bins(bins["full"])
+        out["top1_ece"] = ece_from_bins(bins["top1"])
+        if self.bands is not None:
+            out["full_ece_rare"] = ece_from_bins(bins["full_rare"]) if band_tokens.get("rare") else math.nan
+            if self.sequences:
+                out.update(self._rare_sequences(dp_group))
+            out.update({f"tokens_{name}": count for name, count in band_tokens.items()})
         out["tokens"] = tokens
-        return EvalResult(out, {"full": full_bins.tolist(), "top1": top1_bins.tolist()})
+        return EvalResult(out, {name: value.tolist() for name, value in bins.items()})

@@ -2,11 +2,12 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 
-from loss.metrics import EvalSums, full_ece, full_ece_bins, top1_ece_bins
+from loss.metrics import EvalSums, frequency_bands, full_ece, full_ece_bins, top1_ece_bins
 from model_parallel.spawn import run_on_ranks
 
 
@@ -76,6 +77,106 @@ def test_reduce_returns_the_bins_it_summed_and_changes_nothing():
     assert not hasattr(sums, "last_bins")
 
 
+# ---------------------------------------------------------------------------------------------
+# Tail metrics: frequency bands of the training counts, against float64 numpy on full logits
+
+
+def test_frequency_bands_by_hand():
+    # Sorted: id 0 (50; 0 before it: frequent), ids 2, 3 (20, 20; 50 and 70 before), id 4 (5; 90
+    # before: < 95, middle), ids 5, 6 (3, 2; 95 and 98 before: rare), id 1 and the two padded ids unseen.
+    bands = frequency_bands(np.array([50, 0, 20, 20, 5, 3, 2]), vocab_size=9)
+    assert bands.band.tolist() == [0, 2, 1, 1, 1, 2, 2, 2, 2]
+    assert bands.summary == {"frequent_tokens": 1, "middle_tokens": 3, "rare_tokens": 5, "unseen_tokens": 3,
+                             "frequent_share": 0.5, "rare_share": 0.05, "frequent_min_count": 50,
+                             "rare_max_count": 3, "training_tokens": 100}
+    # Scale-free: a hundred times the corpus gives the same bands.
+    assert torch.equal(frequency_bands(np.array([50, 0, 20, 20, 5, 3, 2]) * 100, vocab_size=9).band, bands.band)
+    with pytest.raises(ValueError, match="positive total"):
+        frequency_bands(np.zeros(5, dtype=np.int64))
+
+
+def _reference_bands(counts):
+    """Bands by a plain loop over ids sorted by count (descending, ties by id)."""
+    total, seen, band = counts.sum(), 0, np.empty(len(counts), dtype=np.int64)
+    for token in sorted(range(len(counts)), key=lambda t: (-counts[t], t)):
+        band[token] = 0 if seen < 0.5 * total else 2 if seen >= 0.95 * total else 1
+        seen += counts[token]
+    return band
+
+
+def _reference_full_ece(logits, targets, n_bins=10):
+    probabilities = np.exp(logits - np.log(np.exp(logits).sum(-1, keepdims=True)))
+    hits = np.zeros_like(probabilities)
+    hits[np.arange(len(targets)), targets] = 1
+    index = np.minimum((probabilities * n_bins).astype(np.int64), n_bins - 1).ravel()
+    gap = np.bincount(index, weights=(hits - probabilities).ravel(), minlength=n_bins)
+    return np.abs(gap).sum() / probabilities.size
+
+
+def _reference_tail_metrics(student, targets, sequences, band):
+    """nll per band, full_ece_rare and nll_rare_sequences (token-weighted, the top 10% of sequences
+    by rare-target share, at least one), float64 numpy on the whole vocabulary."""
+    logits, keep = student.double().numpy(), (targets != -100).numpy()
+    logits, targets, sequences = logits[keep], targets.numpy()[keep], sequences[keep]
+    nll = -(logits[np.arange(len(targets)), targets] - np.log(np.exp(logits).sum(-1)))
+    of = band[targets]
+    out = {f"nll_{name}": nll[of == index].mean() for index, name in enumerate(("frequent", "middle", "rare"))}
+    out["full_ece_rare"] = _reference_full_ece(logits[of == 2], targets[of == 2])
+    share = {s: np.mean(of[sequences == s] == 2) for s in np.unique(sequences)}
+    richest = sorted(share, key=lambda s: -share[s])[:math.ceil(0.1 * len(share))]
+    chosen = np.isin(sequences, richest)
+    out["nll_rare_sequences"] = nll[chosen].mean()
+    return out
+
+
+def _tail_data(rows=120, vocab=61):
+    """Zipf-like training counts (a few unseen ids), logits, targets drawn from the counts (so every
+    band has positions), every seventh position ignored, twelve sequences of ten positions."""
+    generator = np.random.default_rng(3)
+    counts = (1000 / np.arange(1, vocab + 1) ** 1.3).astype(np.int64)[generator.permutation(vocab)]
+    counts[generator.choice(vocab, 4, replace=False)] = 0
+    student = torch.from_numpy(generator.normal(size=(rows, vocab)) * 2)
+    targets = torch.from_numpy(generator.choice(vocab, rows, p=(counts + 2) / (counts + 2).sum()))
+    targets[::7] = -100
+    return counts, student.float(), targets, np.arange(rows) // 10
+
+
+def _tail_sums(student, targets, band, *, tp_group=None, batches=((0, 60), (60, 120)), chunks=2):
+    """EvalSums over ``batches`` (row ranges, ten positions a sequence), each added in ``chunks``
+    pieces as the fused path does; sequence ids are batch-local."""
+    sums = EvalSums(top_k=5, beta=2.0, tp_group=tp_group, bands=band)
+    for first, end in batches:
+        sums.start_batch((end - first) // 10)
+        keep = torch.nonzero(targets[first:end] != -100)[:, 0] + first
+        for piece in torch.tensor_split(keep, chunks):
+            sums.add(student[piece], None, targets[piece], sequence_ids=(piece - first) // 10)
+    return sums
+
+
+def test_tail_metrics_equal_a_float64_reference():
+    counts, student, targets, sequences = _tail_data()
+    band = _reference_bands(counts)
+    bands = frequency_bands(counts)
+    assert bands.band.tolist() == band.tolist() and min(bands.summary[f"{b}_tokens"] for b in ("frequent", "rare")) > 0
+    result = _tail_sums(student, targets, bands.band).result()
+    for name, value in _reference_tail_metrics(student, targets, sequences, band).items():
+        # float32 logits in EvalSums against float64 here: the NLLs agree to float32 rounding.
+        assert result[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+    assert result["rare_sequences"] == 2  # ten percent of 12 sequences, rounded up
+    assert sum(result[f"tokens_{b}"] for b in ("frequent", "middle", "rare")) == result["tokens"]
+
+
+def test_a_band_without_positions_is_nan():
+    counts, student, targets, _ = _tail_data()
+    band = torch.zeros(len(counts), dtype=torch.long)  # every target frequent: no middle, no rare
+    sums = _tail_sums(student, targets, band)
+    scalars, bins = sums.reduce()
+    assert math.isnan(scalars["nll_rare"]) and math.isnan(scalars["nll_middle"])
+    assert math.isnan(scalars["full_ece_rare"]) and math.isnan(scalars["nll_rare_sequences"])
+    assert scalars["nll_frequent"] == pytest.approx(scalars["nll"]) and scalars["tokens_rare"] == 0
+    assert "full_rare" in bins and "nll_rare" not in EvalSums(top_k=5, beta=2.0).result()
+
+
 BOUNDS = [20, 7, 34]
 
 
@@ -87,8 +188,15 @@ def _sharded(rank, world_size):
     keep = targets != -100
     sums = EvalSums(top_k=5, beta=2.0, tp_group=group)
     sums.add(student[keep][:, local], teacher[keep][:, local], targets[keep])
+    counts, tail_student, tail_targets, _ = _tail_data()
+    band = frequency_bands(counts).band
+    # Tensor parallel: the tail metrics on uneven vocabulary slices (V = 61 over 3 ranks).
+    tail_tp = _tail_sums(tail_student[:, local], tail_targets, band, tp_group=group).result()
+    # Data parallel: each rank its own batches (2, 1 and 3 sequences), gathered at the reduce.
+    rows = [(0, 20), (20, 30), (30, 60)][rank]
+    tail_dp = _tail_sums(tail_student, tail_targets, band, batches=[rows], chunks=1).result(dp_group=group)
     return (full_ece_bins(student[:, local], targets, tp_group=group),
-            top1_ece_bins(student[:, local], targets, tp_group=group), sums.result())
+            top1_ece_bins(student[:, local], targets, tp_group=group), sums.result(), tail_tp, tail_dp)
 
 
 def test_vocabulary_parallel_metrics_equal_one_device():
@@ -97,12 +205,21 @@ def test_vocabulary_parallel_metrics_equal_one_device():
     sums = EvalSums(top_k=5, beta=2.0)
     sums.add(student[keep], teacher[keep], targets[keep])
     expected = (full_ece_bins(student, targets), top1_ece_bins(student, targets), sums.result())
-    for full, top1, result in run_on_ranks(3, _sharded, deepspeed=True):
+    counts, tail_student, tail_targets, sequences = _tail_data()
+    band = _reference_bands(counts)
+    expected_tp = _reference_tail_metrics(tail_student, tail_targets, sequences, band)
+    first = slice(0, 60)
+    expected_dp = _reference_tail_metrics(tail_student[first], tail_targets[first], sequences[first], band)
+    for full, top1, result, tail_tp, tail_dp in run_on_ranks(3, _sharded, deepspeed=True):
         torch.testing.assert_close(full, expected[0], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(top1, expected[1], rtol=1e-6, atol=1e-6)
         assert result.keys() == expected[2].keys()
         for name in result:
             assert result[name] == pytest.approx(expected[2][name], rel=1e-5, abs=1e-7), name
+        for name in expected_tp:
+            assert tail_tp[name] == pytest.approx(expected_tp[name], rel=1e-5, abs=1e-7), name
+            assert tail_dp[name] == pytest.approx(expected_dp[name], rel=1e-5, abs=1e-7), name
+        assert tail_dp["rare_sequences"] == 1  # ten percent of the six sequences gathered, rounded up
 
 
 @pytest.mark.parametrize("loss", [

@@ -287,7 +287,7 @@ def _fused_eval_call(engines, loss_cfg, sums: EvalSums, where: _Positions, num_r
                                                              shard=engines.vocab_shard, tp_group=engines.tp_group,
                                                              real_vocab_size=engines.real_vocab_size):
         sums.add(student_logits, teacher_logits, where.targets[rows],
-                 known={name: value[rows] for name, value in known.items()})
+                 known={name: value[rows] for name, value in known.items()}, sequence_ids=where.rows[rows])
     return total, out
 
 
@@ -299,23 +299,25 @@ def _eval_batch(engines, loss_cfg, sums: EvalSums, batch, where: _Positions) -> 
         return _through_fused_heads(engines, batch, where, compute).out
     student, teacher, targets, rows = _slices(engines, batch, where)
     out = _objective(engines, loss_cfg, student, teacher, targets, rows, num_rows=num_rows)
-    sums.add(student, teacher, targets, known=_known_metrics(loss_cfg, out))
+    sums.add(student, teacher, targets, known=_known_metrics(loss_cfg, out), sequence_ids=rows)
     return out
 
 
 @torch.no_grad()
-def evaluate(engines, loss_cfg, batches, n_bins: int = 10) -> EvalResult:
+def evaluate(engines, loss_cfg, batches, n_bins: int = 10, bands=None) -> EvalResult:
     """``(scalars, bins)`` over the valid tokens of ``batches`` (this rank's share, reduced over data
     parallel): the objective as ``loss`` plus :class:`loss.metrics.EvalSums`' metrics, and the
     calibration bins for reliability diagrams. Sums stay on the device until the end. With the
-    fused head (``engines.fused``) the metrics are taken chunk by chunk: no whole logits either."""
+    fused head (``engines.fused``) the metrics are taken chunk by chunk: no whole logits either.
+    ``bands``: :attr:`loss.metrics.TokenBands.band`, for the tail metrics (each batch row a sequence)."""
     engines.student.eval()
     sums = EvalSums(top_k=loss_cfg.top_k, beta=loss_cfg.beta, n_bins=n_bins, tp_group=engines.tp_group,
-                    device=engines.device, shard=engines.vocab_shard)
+                    device=engines.device, shard=engines.vocab_shard, bands=bands)
     loss_sum = torch.zeros((), dtype=torch.float64, device=engines.device)
     for batch in batches:
         where = _positions(batch).to(engines.device)
         batch = to_device({"input_ids": batch["input_ids"]}, engines.device)
+        sums.start_batch(batch["input_ids"].shape[0])
         loss_sum += _eval_batch(engines, loss_cfg, sums, batch, where)["loss"].double().sum()
     engines.student.train()
     sums.add_sum("loss", loss_sum)
