@@ -69,8 +69,9 @@ class Divergence:
     def exchange_numbers(self, top_k: int, vocab: int) -> int:
         """fp32 numbers a training step exchanges across the tensor-parallel group per position with
         a target (the planner's loss traffic): the divergence's own statistics and both models'
-        argmax for the top-1 agreement metric. ``tail`` and ``topk_bucket`` (one pass): ``5 + 3K`` (both argmaxes ride along; 2
-        more for the teacher's at K = 0); the others: the two argmaxes, 2 numbers each."""
+        argmax for the top-1 agreement metric. ``tail`` and ``topk_bucket`` (one pass): ``5 + 3K``
+        (both argmaxes ride along; 2 more for the teacher's at K = 0); the others: the two argmaxes,
+        2 numbers each."""
         return self.exchange(top_k, vocab)
 
     def buffer_bytes(self, tokens: int, vocab_local: int, w: int, device_type: str) -> float:

@@ -100,8 +100,9 @@ def test_topk_bucket_is_the_one_bucket_kl_and_ignores_beta(top_k, temperature):
     torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-6)
     # The objective with any β and either β mode gives the same loss: β is not read.
     labels = torch.arange(6)
+    rows = torch.tensor([0] * 3 + [1] * 3)
     losses = [distillation_objective(student, teacher, labels, kind="topk_bucket", top_k=top_k, beta=beta,
-                                     beta_mode=mode, temperature=temperature, sequence_ids=torch.tensor([0] * 3 + [1] * 3),
+                                     beta_mode=mode, temperature=temperature, sequence_ids=rows,
                                      num_sequences=2)["loss"] for beta, mode in ((0.0, "constant"), (5.0, "sequence"))]
     assert torch.equal(losses[0], losses[1])
     torch.testing.assert_close(losses[0].double(), temperature**2 * expected, rtol=1e-5, atol=1e-6)
