@@ -15,9 +15,12 @@ by the target token's frequency band (``nll_frequent``, ``nll_middle``, ``nll_ra
 
 import argparse
 import json
+import math
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TAIL_METRICS = ("nll_frequent", "nll_middle", "nll_rare", "full_ece_rare", "nll_rare_sequences")
+"""What ``--train-data`` adds (with ``tokens_<band>`` and ``rare_sequences``, the counts they average)."""
 
 
 def _single_process_defaults() -> None:
@@ -80,13 +83,24 @@ def evaluate_model(args) -> dict:
         from eval.math import math_accuracy, read_examples
 
         model = AutoModelForCausalLM.from_pretrained(args.model).eval()
-        math = math_accuracy(model, engines.tokenizer, read_examples(args.math_data, args.math_examples),
-                             max_new_tokens=args.max_new_tokens)
-        metrics.update({f"math_{key}": value for key, value in math.items()})
+        scores = math_accuracy(model, engines.tokenizer, read_examples(args.math_data, args.math_examples),
+                               max_new_tokens=args.max_new_tokens)
+        metrics.update({f"math_{key}": value for key, value in scores.items()})
     result = {"model": args.model, "teacher": args.teacher, "data": args.data, "metrics": metrics, "bins": bins}
-    if bands is not None:
-        result["bands"] = bands.summary
-    return result
+    return result if bands is None else with_bands(result, bands.summary)
+
+
+def with_bands(result: dict, summary: dict) -> dict:
+    """``result`` with the tail metrics' ``bands`` record (thresholds, evaluated positions per band,
+    the rare-sequence share); a band without evaluated positions has no mean: its metrics are left
+    out of ``metrics`` (not NaN) and named under ``bands.empty``."""
+    from loss.metrics import BANDS, RARE_SEQUENCE_SHARE
+
+    metrics = result["metrics"]
+    empty = [name for name in TAIL_METRICS if math.isnan(metrics[name])]
+    positions = {name: metrics[f"tokens_{name}"] for name in BANDS}
+    return {**result, "metrics": {name: value for name, value in metrics.items() if name not in empty},
+            "bands": {**summary, "positions": positions, "rare_sequence_share": RARE_SEQUENCE_SHARE, "empty": empty}}
 
 
 def main(argv=None) -> int:

@@ -251,3 +251,16 @@ def test_evaluation_reusing_the_objective_equals_computing_every_metric(loss):
     expected = computed.result()
     for name, value in reused.result().items():
         assert value == pytest.approx(expected[name], rel=1e-6, abs=1e-9), name
+
+
+def test_the_evaluation_json_leaves_out_empty_bands_and_names_them():
+    from eval.evaluate import TAIL_METRICS, with_bands
+
+    counts, student, targets, _ = _tail_data()
+    scalars = _tail_sums(student, targets, torch.zeros(len(counts), dtype=torch.long)).result()  # no rare targets
+    result = with_bands({"metrics": scalars, "bins": {}}, {"rare_tokens": 0})
+    assert set(TAIL_METRICS) - set(result["metrics"]) == {"nll_middle", "nll_rare", "full_ece_rare",
+                                                          "nll_rare_sequences"}
+    assert result["bands"]["empty"] == ["nll_middle", "nll_rare", "full_ece_rare", "nll_rare_sequences"]
+    assert result["bands"]["positions"] == {"frequent": scalars["tokens"], "middle": 0, "rare": 0}
+    assert not any(isinstance(value, float) and math.isnan(value) for value in result["metrics"].values())
