@@ -42,7 +42,8 @@ from core.errors import ConfigError
 from eval.report import finite_or_none, mean_std, teacher_comparison, write_sweep_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METRICS = ("nll", "perplexity", "forward_kl", "top1_agreement", "full_ece", "top1_ece", "math_accuracy")
+METRICS = ("nll", "perplexity", "forward_kl", "top1_agreement", "full_ece", "top1_ece", "nll_frequent", "nll_middle",
+           "nll_rare", "full_ece_rare", "nll_rare_sequences", "math_accuracy")
 """Reported per setting, named as eval.evaluate writes them (math_accuracy where --math-data is given)."""
 _OWNED = ("output_dir", "seed", "loss.kind", "loss.top_k", "loss.beta", "loss.temperature")
 """Config keys the sweep always sets; ``loss.beta_mode`` and ``teacher.path`` too where ``--beta-mode``
@@ -203,6 +204,8 @@ def train_and_evaluate(run_dir: str, args, setting: Setting, seed: int, cfg) -> 
     evaluate = [sys.executable, "-m", "eval.evaluate", "--model", os.path.join(run_dir, "student"), "--teacher",
                 teacher, "--data", args.eval_data, "--out", os.path.join(run_dir, "eval.json.partial"),
                 "--top-k", str(cfg.loss.top_k), "--beta", str(cfg.loss.beta), "--max-batches", str(args.eval_batches)]
+    if os.path.isfile(os.path.join(cfg.data.train, "manifest.json")):  # the config's prepared corpus: its token
+        evaluate += ["--train-data", cfg.data.train]  # counts band the tail metrics alike for every setting
     if args.math_data:
         evaluate += ["--math-data", args.math_data, "--math-examples", str(args.math_examples),
                      "--max-new-tokens", "64"]

@@ -11,6 +11,8 @@ import sys
 import pytest
 import yaml
 
+from eval.evaluate import TAIL_METRICS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -32,8 +34,12 @@ def test_quick_sweep_reports_the_runs_own_metrics_and_restarts(tmp_path):
     report = (out / "report.md").read_text()
     for setting in summary["settings"]:
         assert setting["runs"] == [f"{setting['name']}/seed0"]
-        evaluated = json.loads((out / setting["runs"][0] / "eval.json").read_text())["metrics"]
-        assert set(setting["metrics"]) == {"nll", "perplexity", "forward_kl", "top1_agreement", "full_ece", "top1_ece"}
+        evaluation = json.loads((out / setting["runs"][0] / "eval.json").read_text())
+        evaluated = evaluation["metrics"]
+        # The tail metrics too (bands of the config's prepared data.train), but for bands without positions.
+        tail = set(TAIL_METRICS) - set(evaluation["bands"]["empty"])
+        assert set(setting["metrics"]) == {"nll", "perplexity", "forward_kl", "top1_agreement", "full_ece",
+                                           "top1_ece"} | tail and "nll_frequent" in tail
         for name, stats in setting["metrics"].items():
             assert stats["values"] == [evaluated[name]] and stats["mean"] == evaluated[name]
             assert stats["std"] is None and stats["vs_kl"] is None  # one seed: no spread, no paired test
