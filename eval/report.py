@@ -221,6 +221,31 @@ def _teacher_section(rows) -> list:
     return lines + [""]
 
 
+def _cost_section(summary) -> list:
+    """report.md's lines on each setting's training seconds and MiniPLM's selection beside them."""
+    timed = [s for s in summary["settings"] if s.get("train_seconds") is not None]
+    if not timed:
+        return []
+    lines = ["## Cost", "", "Seconds of a run's training command (launcher start-up included), mean over its runs; "
+             "every setting trains the same steps on the same batch size.", "",
+             "| setting | train s per run |", "| --- | ---: |"]
+    lines += [f"| {_label(s)} | {s['train_seconds']:.0f} |" for s in timed]
+    per_run = {_label(s): s["train_seconds"] for s in timed}
+    for made in summary.get("miniplm", []):
+        score, counts = made["scoring"], made["counts"]
+        reference = made["reference_train_seconds"] or 0.0
+        total = reference + score["teacher"]["seconds"] + score["reference"]["seconds"]
+        ratio = f" ({total / per_run[made['setting']]:.2g}× one of its runs)" if per_run.get(made["setting"]) else ""
+        lines += ["", f"{made['setting']}'s selection, made once for all its seeds: training the reference "
+                  f"{reference:.0f} s; scoring {counts['documents']} documents ({counts['tokens']} tokens) on "
+                  f"{score['device']}: teacher {score['teacher']['seconds']:.1f} s "
+                  f"({score['teacher']['flops_estimate']:.3g} FLOPs), reference {score['reference']['seconds']:.1f} s "
+                  f"({score['reference']['flops_estimate']:.3g} FLOPs); {total:.0f} s in all{ratio}. FLOPs are "
+                  f"estimates (2 · parameters · tokens). Kept {counts['documents_kept']} documents "
+                  f"({counts['tokens_kept']} tokens; keep {made['keep']:g})."]
+    return lines + [""]
+
+
 def _plot_sweep_metric(out_dir: str, metric: str, named) -> None:
     import matplotlib
 
@@ -243,8 +268,8 @@ def write_sweep_report(out_dir: str, summary: dict, metrics, seeds, command: str
     present = [m for m in metrics if any(m in s["metrics"] for s in summary["settings"])]
     lines = ["# Sweep report", "", f"Reproduce: `{command}`", "",
              f"Mean ± standard deviation (ddof 1) over seeds {', '.join(map(str, seeds))}; *vs kl*: the paired "
-             "difference setting − kl (same seed and teacher, temperature 1), its mean ± spread and the paired t-test "
-             "p-value (`scipy.stats.ttest_rel`).", ""]
+             "difference setting − kl (same seed and teacher, temperature 1), its mean ± spread and the paired "
+             "t-test p-value (`scipy.stats.ttest_rel`).", ""]
     for metric in present:
         lines += [f"## {metric}", "", "| setting | runs | mean ± std | vs kl |", "| --- | ---: | ---: | ---: |"]
         for setting in summary["settings"]:
@@ -254,8 +279,10 @@ def write_sweep_report(out_dir: str, summary: dict, metrics, seeds, command: str
         lines += ["", f"![{metric}]({metric}.png)", ""]
         _plot_sweep_metric(out_dir, metric, [s for s in summary["settings"] if metric in s["metrics"]])
     lines += _teacher_section(summary.get("teacher_comparison", []))
+    lines += _cost_section(summary)
     if summary["failed"]:
-        lines += ["## Failed runs", ""] + [f"- {f['setting']} seed {f['seed']}: {f['error']}" for f in summary["failed"]]
+        lines += ["## Failed runs", ""] + [f"- {f['setting']} seed {f['seed']}: {f['error']}"
+                                           for f in summary["failed"]]
     with open(os.path.join(out_dir, "report.md"), "w") as handle:
         handle.write("\n".join(lines) + "\n")
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, NamedTuple, Optional
 
 from core.cli import run_main
-from core.errors import ConfigError
+from core.errors import ConfigError, UserError
 from eval.report import finite_or_none, mean_std, teacher_comparison, write_sweep_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,6 +78,9 @@ class SweepOnly:
     overrides: Callable[[argparse.Namespace, Optional[Teacher]], List[str]]
     """``(args, teacher) -> ["key=value", ...]``: what a run sets besides ``loss.kind`` (e.g.
     ``data.train``), for its teacher (None: the config's)."""
+    prepare: Optional[Callable[[argparse.Namespace, object, Optional[Teacher]], Optional[str]]] = None
+    """``(args, cfg, teacher) -> error or None``: makes those inputs, once per teacher before its first
+    run that is not done (restartable: what exists is reused); its runs fail with the error."""
 
 
 SWEEP_ONLY: Dict[str, SweepOnly] = {}
@@ -141,7 +144,8 @@ def settings(losses, top_ks, betas, temperatures, beta_modes=None, teachers=None
         axes.update({"beta": betas} if entry.uses_beta else {})
         axes.update({"temperature": temperatures} if entry.compare_temperatures else {})
         axes.update({"beta_mode": beta_modes} if entry.uses_beta and beta_modes else {})
-        out += [Setting(kind, teacher=teacher, **dict(zip(axes, values))) for values in itertools.product(*axes.values())]
+        out += [Setting(kind, teacher=teacher, **dict(zip(axes, values)))
+                for values in itertools.product(*axes.values())]
     return out
 
 
@@ -191,6 +195,21 @@ def _distill_command(launcher_args: str, config: str, overrides: List[str]) -> L
              "launch.distill", "--config", config] + [item for o in overrides for item in ("--set", o)])
 
 
+TIMING = "timing.json"
+"""In a run's (or the MiniPLM reference's) directory: ``train_seconds``, the wall-clock seconds of its
+training commands (launcher start-up included), summed over restarts."""
+
+
+def _add_train_seconds(run_dir: str, seconds: float) -> None:
+    path = os.path.join(run_dir, TIMING)
+    before = 0.0
+    if os.path.isfile(path):
+        with open(path) as handle:
+            before = json.load(handle)["train_seconds"]
+    with open(path, "w") as handle:
+        json.dump({"train_seconds": before + seconds}, handle)
+
+
 def train_and_evaluate(run_dir: str, args, setting: Setting, seed: int, cfg) -> Optional[str]:
     """Train (resuming where a checkpoint exists) and evaluate one run; the error, or None."""
     os.makedirs(run_dir, exist_ok=True)
@@ -198,7 +217,10 @@ def train_and_evaluate(run_dir: str, args, setting: Setting, seed: int, cfg) -> 
     overrides = args.overrides + setting.overrides(args) + [f"output_dir={run_dir}", f"seed={seed}"]
     command = _distill_command(args.launcher_args, args.config, overrides)
     env = {**os.environ, "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore::FutureWarning")}
-    if _run_logged(command, log, env) != 0 or not os.path.isfile(os.path.join(run_dir, "student", "config.json")):
+    began = time.monotonic()
+    code = _run_logged(command, log, env)
+    _add_train_seconds(run_dir, time.monotonic() - began)
+    if code != 0 or not os.path.isfile(os.path.join(run_dir, "student", "config.json")):
         return f"training failed: {_last_error(log)}"
     teacher = setting.teacher.path if setting.teacher else cfg.teacher.path
     evaluate = [sys.executable, "-m", "eval.evaluate", "--model", os.path.join(run_dir, "student"), "--teacher",
@@ -220,10 +242,23 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{seconds:02d}s"
 
 
+def _prepare_once(prepared: dict, args, cfg, setting: Setting) -> Optional[str]:
+    """The error of a sweep-only setting's ``prepare`` for its teacher, run on first need and kept in
+    ``prepared``; None for other settings."""
+    entry = SWEEP_ONLY[setting.sweep_only] if setting.sweep_only else None
+    if entry is None or entry.prepare is None:
+        return None
+    key = (setting.sweep_only, setting.teacher)
+    if key not in prepared:
+        print(f"sweep: preparing the inputs of {setting.path}", file=sys.stderr, flush=True)
+        prepared[key] = entry.prepare(args, cfg, setting.teacher)
+    return prepared[key]
+
+
 def run_sweep(args, cfg, grid: List[Setting]) -> dict:
     """Train and evaluate every (setting, seed) not done yet; ``{(setting.path, seed): error}`` of failures."""
     runs = [(setting, seed) for setting in grid for seed in args.seeds]
-    failures, durations, started = {}, [], time.monotonic()
+    failures, durations, started, prepared = {}, [], time.monotonic(), {}
     for index, (setting, seed) in enumerate(runs, start=1):
         run_dir = os.path.join(args.out, setting.path, f"seed{seed}")
         if _done(run_dir):
@@ -234,13 +269,82 @@ def run_sweep(args, cfg, grid: List[Setting]) -> dict:
         print(f"sweep: run {index}/{len(runs)} {setting.path} seed {seed} (elapsed "
               f"{_duration(time.monotonic() - started)}{eta})", file=sys.stderr, flush=True)
         began = time.monotonic()
-        error = train_and_evaluate(run_dir, args, setting, seed, cfg)
+        error = _prepare_once(prepared, args, cfg, setting) or train_and_evaluate(run_dir, args, setting, seed, cfg)
         durations.append(time.monotonic() - began)
         if error:
             failures[(setting.path, seed)] = error
             print(f"sweep: run {index}/{len(runs)} {setting.path} seed {seed} FAILED: {error} "
                   f"(log: {os.path.join(run_dir, 'sweep.log')})", file=sys.stderr, flush=True)
     return failures
+
+
+# ---------------------------------------------------------------------------------------------
+# miniplm: ce on the documents the teacher finds likelier than a small reference (data.miniplm)
+
+
+def miniplm_paths(out_dir: str, teacher: Optional[Teacher]) -> Dict[str, str]:
+    """The reference's run directory (one per sweep), data.miniplm's output for ``teacher`` (None: the
+    config's) and the log of both."""
+    root = os.path.join(out_dir, "miniplm")
+    return {"reference": os.path.join(root, "reference"), "log": os.path.join(root, "miniplm.log"),
+            "selection": os.path.join(root, f"selection-{teacher.name}" if teacher else "selection")}
+
+
+def _train_reference(args, cfg) -> Optional[str]:
+    """Train ``--miniplm-reference`` (unless exported already) on the sweep's tokenizer and training data,
+    in the layout its ``parallel.*`` ``--set`` values give; the error, or None."""
+    paths = miniplm_paths(args.out, None)
+    if os.path.isfile(os.path.join(paths["reference"], "student", "config.json")):
+        return None
+    layout = [item for item in args.overrides if item.split("=", 1)[0].strip().startswith("parallel.")]
+    overrides = [f"output_dir={paths['reference']}", f"data.train={cfg.data.train}", f"data.eval={cfg.data.eval}",
+                 *([f"tokenizer={cfg.tokenizer}"] if cfg.tokenizer else []), *layout]
+    os.makedirs(paths["reference"], exist_ok=True)
+    began = time.monotonic()
+    code = _run_logged(_distill_command(args.launcher_args, args.miniplm_reference, overrides), paths["log"])
+    _add_train_seconds(paths["reference"], time.monotonic() - began)
+    if code != 0 or not os.path.isfile(os.path.join(paths["reference"], "student", "config.json")):
+        return f"training the MiniPLM reference failed: {_last_error(paths['log'])} (log: {paths['log']})"
+    return None
+
+
+def miniplm_command(args, cfg, teacher: Optional[Teacher]) -> List[str]:
+    """``data.miniplm`` on the raw inputs ``data.train`` was prepared from (its manifest's, relative to
+    the repository), at its block length, with ``--miniplm-keep``."""
+    from data.manifest import read_manifest
+
+    manifest = read_manifest(cfg.data.train)
+    if manifest["format"] != "text":
+        raise ConfigError(f"--losses miniplm selects pre-training documents; data.train {cfg.data.train} is "
+                          f"{manifest['format']!r} data")
+    paths = miniplm_paths(args.out, teacher)
+    teacher_path = teacher.path if teacher else cfg.teacher.path
+    return [sys.executable, "-m", "data.miniplm", "--input", *manifest["inputs"], "--tokenizer",
+            cfg.tokenizer or teacher_path, "--teacher", teacher_path, "--reference",
+            os.path.join(paths["reference"], "student"), "--seq-len", str(manifest["seq_len"]), "--out",
+            paths["selection"], "--keep", str(args.miniplm_keep)]
+
+
+def _prepare_miniplm(args, cfg, teacher: Optional[Teacher]) -> Optional[str]:
+    """The reference, then the selection for ``teacher`` (both reused where they exist); the error, or None."""
+    error = _train_reference(args, cfg)
+    if error:
+        return error
+    try:
+        command = miniplm_command(args, cfg, teacher)
+    except UserError as error:  # data.train is not prepared text
+        return str(error)
+    log = miniplm_paths(args.out, teacher)["log"]
+    if _run_logged(command, log) != 0:
+        return f"data.miniplm failed: {_last_error(log)} (log: {log})"
+    return None
+
+
+SWEEP_ONLY["miniplm"] = SweepOnly(
+    "ce", "MiniPLM: ce on the --miniplm-keep of documents with the largest teacher - reference log-probability "
+          "(data.miniplm; the reference: --miniplm-reference)",
+    lambda args, teacher: [f"data.train={os.path.join(miniplm_paths(args.out, teacher)['selection'], 'prepared')}"],
+    _prepare_miniplm)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,9 +388,9 @@ def summarise(out_dir: str, grid: List[Setting], seeds: List[int], failures: dic
                                           for (path, seed), error in sorted(failures.items())]}
     for setting in grid:
         done = [seed for seed in seeds if (setting.path, seed) in results]
-        uses_beta = setting.sweep_only is None and LOSSES[setting.kind].uses_beta
+        mode = setting.beta_mode or beta_mode if LOSSES[setting.kind].uses_beta else None
         entry = {"name": setting.name, "kind": setting.kind, "top_k": setting.top_k, "beta": setting.beta,
-                 "temperature": setting.temperature, "beta_mode": setting.beta_mode or (beta_mode if uses_beta else None),
+                 "temperature": setting.temperature, "beta_mode": mode,
                  "teacher": setting.teacher.name if setting.teacher else None,
                  "runs": [os.path.join(setting.path, f"seed{seed}") for seed in done], "seeds": done, "metrics": {}}
         reference = references.get(setting.teacher)
@@ -302,9 +406,39 @@ def summarise(out_dir: str, grid: List[Setting], seeds: List[int], failures: dic
                           if path == reference.path and metric in metrics}
                 vs_kl = _versus(values, theirs)
             entry["metrics"][metric] = {"mean": mean, "std": std, "values": list(values.values()), "vs_kl": vs_kl}
+        seconds = [_train_seconds(os.path.join(out_dir, run)) for run in entry["runs"]]
+        entry["train_seconds"] = mean_std([s for s in seconds if s is not None])[0]
         summary["settings"].append(entry)
     summary["teacher_comparison"] = teacher_comparison(summary["settings"], METRICS)
+    summary["miniplm"] = miniplm_costs(out_dir, grid)
     return summary
+
+
+def _train_seconds(run_dir: str) -> Optional[float]:
+    """The run's :data:`TIMING` ``train_seconds``, or None where it has none."""
+    path = os.path.join(run_dir, TIMING)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        return json.load(handle)["train_seconds"]
+
+
+def miniplm_costs(out_dir: str, grid: List[Setting]) -> List[dict]:
+    """Per miniplm setting whose selection exists: what making it cost (once, for every seed): the
+    reference's training seconds, each model's scoring seconds and estimated FLOPs, and the counts
+    kept (data.miniplm's manifest)."""
+    from data.manifest import read_manifest
+
+    out = []
+    for setting in grid:
+        prepared = os.path.join(miniplm_paths(out_dir, setting.teacher)["selection"], "prepared")
+        if setting.sweep_only != "miniplm" or not os.path.isfile(os.path.join(prepared, "manifest.json")):
+            continue
+        section = read_manifest(prepared)["miniplm"]
+        out.append({"setting": setting.path, "keep": section["request"]["keep"], "counts": section["counts"],
+                    "reference_train_seconds": _train_seconds(miniplm_paths(out_dir, None)["reference"]),
+                    "scoring": section["cost"]})
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,6 +534,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--math-data", help="JSONL word problems: adds math_accuracy to every evaluation")
     parser.add_argument("--math-examples", type=int, default=50)
     parser.add_argument("--eval-batches", type=int, default=0, help="evaluation batches per rank (0: all)")
+    parser.add_argument("--miniplm-reference", default="launch/configs/demo_miniplm_reference.yaml",
+                        help="run config of MiniPLM's reference model, trained once per sweep for --losses miniplm "
+                             "(default: the demo's)")
+    parser.add_argument("--miniplm-keep", type=float, default=0.5, help="fraction of documents miniplm keeps")
     parser.add_argument("--quick", action="store_true",
                         help="tiny teacher and data, a few steps; fills --losses kl,tail, --top-k 5, --beta 2 and "
                              "--seeds 0 where not given")
@@ -412,6 +550,8 @@ def _check_arguments(args: argparse.Namespace) -> None:
     for override in args.overrides:
         if override.split("=", 1)[0].strip() in owned:
             raise ConfigError(f"--set {override}: the sweep sets {override.split('=', 1)[0]} itself")
+    if "miniplm" in args.losses and not 0 < args.miniplm_keep <= 1:
+        raise ConfigError(f"--miniplm-keep must be in (0, 1], got {args.miniplm_keep}")
     for mode in args.beta_mode or ():
         if mode not in ("constant", "sequence"):
             raise ConfigError(f"--beta-mode: unknown {mode!r}; expected some of constant, sequence")

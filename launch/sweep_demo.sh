@@ -4,8 +4,10 @@
 # 1. pre-training distillation: two teachers, the demo teacher (demo_teacher.yaml) and one with four
 #    times its non-embedding parameters trained the same way (demo_teacher_large.yaml), each into
 #    fresh students on the demo corpus (demo_distill.yaml): $PRETRAIN_LOSSES, K 10, beta 1, beta mode
-#    constant and sequence (ce, kl-t1, tail-k10-b1-t1, tail-k10-b1-t1-seq, topk_bucket-k10-t1 per
-#    teacher; a reduced grid, so that the whole script stays under an hour on 2 CPU cores);
+#    constant and sequence (ce, kl-t1, tail-k10-b1-t1, tail-k10-b1-t1-seq, topk_bucket-k10-t1 and
+#    miniplm per teacher; a reduced grid, so that the whole script stays under an hour on 2 CPU cores;
+#    miniplm: ce on the half of the corpus data.miniplm selects with that teacher and a reference model
+#    the sweep trains once, demo_miniplm_reference.yaml);
 # 2. supervised maths distillation: the demo teacher fine-tuned on the word problems
 #    (demo_sft_teacher.yaml; its math accuracy is printed), distilled into students that all start
 #    from the same pre-trained student (the demo's, demo_distill.yaml) on the word problems with the
@@ -48,7 +50,7 @@ run python -m eval.math --model "$DEMO/sft_teacher/student" --data "$DEMO/data/s
   --max-new-tokens 64 | sed 's/^/math accuracy of the SFT teacher: /'
 
 # The settings of each sweep (eval.sweep --losses: registry kinds and sweep-only settings).
-PRETRAIN_LOSSES=ce,kl,tail,topk_bucket
+PRETRAIN_LOSSES=ce,kl,tail,topk_bucket,miniplm
 SFT_LOSSES=ce,kl,reverse_kl,tail,topk_bucket
 run python -m eval.sweep --config launch/configs/demo_distill.yaml --out "$OUT/pretrain" "${FAST[@]}" \
   --teachers "demo=$DEMO/teacher/student,large=$DEMO/teacher_large/student" --losses "$PRETRAIN_LOSSES" \

@@ -185,3 +185,85 @@ def test_bad_input_is_refused_by_name(change, message, straight, corpus, models,
     assert run_main(miniplm_main, args) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("error: ") and message in error, error
+
+
+def test_the_sweep_makes_the_selection_once_and_reports_its_cost(corpus, models, tokenizer_dir, monkeypatch):
+    """eval.sweep's miniplm setting: the reference trained once (its command checked, the training stood in
+    for by a saved model), data.miniplm run on data.train's raw inputs, the runs' data.train pointed at
+    the selection, and the selection's cost in summary.json and report.md."""
+    import shutil
+    from types import SimpleNamespace
+
+    from eval import sweep
+    from eval.report import write_sweep_report
+
+    root = corpus[0] / "sweep"
+    prepare(str(tokenizer_dir), [corpus[1]], str(root / "train"), fmt="text", seq_len=32)
+    cfg = SimpleNamespace(tokenizer=str(tokenizer_dir), teacher=SimpleNamespace(path=models[0]),
+                          data=SimpleNamespace(train=str(root / "train"), eval=str(root / "train")))
+    args = sweep.resolve_grid(sweep.build_parser().parse_args([
+        "--config", "c", "--out", str(root / "out"), "--losses", "kl,miniplm", "--seeds", "0",
+        "--set", "parallel.tensor_parallel=1", "--set", "train.max_steps=3", "--miniplm-keep", "0.25"]))
+    commands = []
+
+    def run_logged(command, log, env=None):
+        commands.append(command)
+        if "launch.distill" in command:  # the reference's training, stood in for by a saved tiny model
+            output_dir = next(item.split("=", 1)[1] for item in command if item.startswith("output_dir="))
+            shutil.copytree(models[1], os.path.join(output_dir, "student"))
+            return 0
+        assert command[1:3] == ["-m", "data.miniplm"]
+        return run_main(miniplm_main, command[3:] + ["--window", str(WINDOW), "--device", "cpu"])
+
+    monkeypatch.setattr(sweep, "_run_logged", run_logged)
+    grid = sweep.settings(args.losses, args.top_k, args.beta, args.temperature)
+    miniplm_setting = grid[-1]
+    assert miniplm_setting.name == "miniplm" and miniplm_setting.kind == "ce"
+    prepared = {}
+    assert sweep._prepare_once(prepared, args, cfg, miniplm_setting) is None
+    assert sweep._prepare_once(prepared, args, cfg, miniplm_setting) is None  # once per sweep
+    reference, selection = commands
+    assert reference[reference.index("--config") + 1] == "launch/configs/demo_miniplm_reference.yaml"
+    sets = [reference[i + 1] for i, item in enumerate(reference) if item == "--set"]
+    assert sets == [f"output_dir={root}/out/miniplm/reference", f"data.train={root}/train",
+                    f"data.eval={root}/train", f"tokenizer={tokenizer_dir}", "parallel.tensor_parallel=1"]
+    assert selection[selection.index("--input") + 1] == corpus[1] and "0.25" in selection
+    selected = f"{root}/out/miniplm/selection/prepared"
+    assert miniplm_setting.overrides(args) == ["loss.kind=ce", f"data.train={selected}"]
+    assert json.load(open(os.path.join(selected, "manifest.json")))["miniplm"]["counts"]["documents_kept"] == 6
+    # A restarted sweep reuses the reference and the selection (data.miniplm returns the finished one).
+    monkeypatch.setattr(miniplm_module, "_score_chunk", lambda *a, **k: pytest.fail("scored again"))
+    assert sweep._prepare_once({}, args, cfg, miniplm_setting) is None and len(commands) == 3
+
+    run = root / "out" / "miniplm" / "seed0"
+    run.mkdir(parents=True)
+    (run / "eval.json").write_text(json.dumps({"metrics": {"nll": 2.0}}))
+    sweep._add_train_seconds(str(run), 30.0)
+    sweep._add_train_seconds(str(run), 10.0)  # a resumed run adds its seconds
+    summary = sweep.summarise(args.out, grid, [0], {})
+    assert summary["settings"][-1]["train_seconds"] == 40.0
+    [cost] = summary["miniplm"]
+    assert cost["setting"] == "miniplm" and cost["keep"] == 0.25 and cost["reference_train_seconds"] > 0
+    assert cost["scoring"]["teacher"]["flops_estimate"] > cost["scoring"]["reference"]["flops_estimate"] > 0
+    write_sweep_report(args.out, summary, sweep.METRICS, [0], "python -m eval.sweep ...")
+    report = open(os.path.join(args.out, "report.md")).read()
+    assert "| miniplm | 40 |" in report and "miniplm's selection, made once for all its seeds" in report
+    assert f"teacher {cost['scoring']['teacher']['seconds']:.1f} s" in report
+
+
+def test_the_sweep_refuses_miniplm_on_sft_data_and_a_bad_fraction(corpus, tokenizer_dir, demo_dir):
+    from types import SimpleNamespace
+
+    from core.errors import ConfigError
+    from eval import sweep
+
+    args = sweep.resolve_grid(sweep.build_parser().parse_args(
+        ["--config", "c", "--out", str(corpus[0] / "sft-sweep"), "--losses", "miniplm", "--miniplm-keep", "2"]))
+    with pytest.raises(ConfigError, match=r"--miniplm-keep must be in \(0, 1\], got 2.0"):
+        sweep._check_arguments(args)
+    sft = corpus[0] / "sft"
+    prepare(str(tokenizer_dir), [str(demo_dir / "sft/eval.jsonl")], str(sft), fmt="sft", seq_len=64)
+    cfg = SimpleNamespace(tokenizer=str(tokenizer_dir), teacher=SimpleNamespace(path="t"),
+                          data=SimpleNamespace(train=str(sft), eval=str(sft)))
+    with pytest.raises(ConfigError, match="miniplm selects pre-training documents; data.train .* is 'sft' data"):
+        sweep.miniplm_command(args, cfg, None)

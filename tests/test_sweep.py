@@ -96,7 +96,7 @@ def test_the_demo_sweep_script_runs_both_settings_with_the_shipped_configs(tmp_p
         load_config(os.path.join(ROOT, args.config), args.overrides)
         grids.append([s.path for s in settings(args.losses, args.top_k, args.beta, args.temperature, args.beta_mode,
                                                args.teachers)])
-    per_teacher = ["ce", "kl-t1", "tail-k10-b1-t1", "tail-k10-b1-t1-seq", "topk_bucket-k10-t1"]
+    per_teacher = ["ce", "kl-t1", "tail-k10-b1-t1", "tail-k10-b1-t1-seq", "topk_bucket-k10-t1", "miniplm"]
     assert grids[0] == [f"{t}/{name}" for t in ("demo", "large") for name in per_teacher]
     assert grids[1] == ["ce", "kl-t1", "reverse_kl", "tail-k10-b1-t1", "tail-k10-b2-t1", "topk_bucket-k10-t1"]
     assert "--math-data" in sweeps[1] and "--math-data" not in sweeps[0]
@@ -136,8 +136,8 @@ def test_grid_names_beta_modes_teachers_and_sweep_only_settings(monkeypatch):
     teachers = build_parser().parse_args(["--config", "c", "--out", "o", "--teachers", "small=/a,big=/b/c"]).teachers
     assert teachers == [Teacher("small", "/a"), Teacher("big", "/b/c")]
     # A sweep-only setting: a registry kind trained with overrides of its own, per teacher.
-    monkeypatch.setitem(SWEEP_ONLY, "selected", SweepOnly("ce", "ce on a selection",
-                                                         lambda args, teacher: [f"data.train={args.root}/{teacher.name}"]))
+    selection = SweepOnly("ce", "ce on a selection", lambda args, teacher: [f"data.train={args.root}/{teacher.name}"])
+    monkeypatch.setitem(SWEEP_ONLY, "selected", selection)
     grid = settings(["kl", "selected"], [10], [1.0], [1.0], None, teachers)
     assert [s.path for s in grid] == ["small/kl-t1", "small/selected", "big/kl-t1", "big/selected"]
     assert grid[3].overrides(argparse.Namespace(root="/sel")) == ["loss.kind=ce", "teacher.path=/b/c",
