@@ -99,6 +99,9 @@ def _assert_counts_are(directory, manifest, expected: collections.Counter, vocab
     assert manifest["token_counts"] == {"file": TOKEN_COUNTS, "column": column, "total": sum(expected.values())}
     os.remove(directory / TOKEN_COUNTS)
     np.testing.assert_array_equal(read_token_counts(str(directory), manifest), counts)
+    np.save(directory / TOKEN_COUNTS, -counts)
+    with pytest.raises(DataError, match=f"{TOKEN_COUNTS}: expected a 1-D array of non-negative integer counts"):
+        read_token_counts(str(directory), manifest)
 
 
 def _write_jsonl(path, rows):
