@@ -34,7 +34,6 @@ from data.sources import Fields, load_records
 from data.token_counts import COUNTED_COLUMN, count_tokens, write_token_counts
 
 
-
 def load_tokenizer(name_or_path: str):
     """A Hugging Face tokenizer by directory or hub name; it must have an EOS token."""
     from transformers import AutoTokenizer
@@ -95,9 +94,7 @@ def _packed_rows(tokenized: datasets.Dataset, seq_len: int):
         yield {"input_ids": ids, "labels": labels}
 
 
-def prepare(tokenizer_name: str, inputs, out_dir: str, *, fmt: str, seq_len: int, num_proc: int = 1,
-            pack: bool = False, drop_long: bool = False, fields: Fields = Fields(), split: str = "train") -> dict:
-    """Prepare ``inputs`` into ``out_dir`` (atomically); returns the manifest's counts."""
+def _check_arguments(fmt: str, seq_len: int, num_proc: int, pack: bool) -> None:
     if fmt not in ("text", "sft"):
         raise DataError(f"--format must be 'text' or 'sft', got {fmt!r}")
     if seq_len < 2:
@@ -106,6 +103,12 @@ def prepare(tokenizer_name: str, inputs, out_dir: str, *, fmt: str, seq_len: int
         raise DataError(f"--num-proc must be >= 1, got {num_proc}")
     if pack and fmt != "sft":
         raise DataError("--pack applies to --format sft (text is always cut into full blocks)")
+
+
+def prepare(tokenizer_name: str, inputs, out_dir: str, *, fmt: str, seq_len: int, num_proc: int = 1,
+            pack: bool = False, drop_long: bool = False, fields: Fields = Fields(), split: str = "train") -> dict:
+    """Prepare ``inputs`` into ``out_dir`` (atomically); returns the manifest's counts."""
+    _check_arguments(fmt, seq_len, num_proc, pack)
     tokenizer = load_tokenizer(tokenizer_name)
     records = load_records(inputs, fmt, fields, tokenizer, split=split)
     num_proc = min(num_proc, max(1, len(records)))
