@@ -37,6 +37,7 @@ import time
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from core.cli import run_main
 from core.errors import DataError
@@ -45,9 +46,6 @@ from data.manifest import MANIFEST, read_manifest, tokenizer_fingerprint, tokeni
 from data.prepare import _tokenize_text, load_tokenizer, prepare
 from data.sources import Fields, load_records
 
-# Compared between a run and the directory it writes into: a difference means another selection.
-REQUEST_KEYS = ("inputs", "tokenizer", "teacher", "reference", "keep", "seq_len", "window", "dtype",
-                "chunk_documents")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -151,7 +149,7 @@ def _check_request(out_dir: str, request: dict) -> None:
         return
     with open(path) as handle:
         held = json.load(handle)
-    for key in REQUEST_KEYS:
+    for key in request:
         if held.get(key) != request[key]:
             raise DataError(f"--out {out_dir} holds another selection: its {key} is {json.dumps(held.get(key))}, "
                             f"this run's is {json.dumps(request[key])} (choose another --out or remove it)")
@@ -175,8 +173,6 @@ def _score_chunk(models, texts, tokenizer, options) -> dict:
 def score_corpus(records, tokenizer, models, out_dir: str, *, chunk_documents: int, **options) -> list:
     """Score every document of ``records`` (a ``text`` dataset) in chunks, reusing the chunks already
     in ``out_dir/scores``; returns the chunk records in order."""
-    from tqdm.auto import tqdm
-
     starts = range(0, len(records), chunk_documents)
     done = [number for number in range(len(starts)) if os.path.isfile(_chunk_path(out_dir, number))]
     progress = tqdm(total=len(records), initial=sum(min(chunk_documents, len(records) - starts[n]) for n in done),
@@ -231,7 +227,8 @@ def _provenance(request, chunks, kept, models, device) -> dict:
     }
 
 
-def _validate(keep: float, seq_len: int, window, batch_tokens: int, chunk_documents: int) -> None:
+def _validate(keep: float, seq_len: int, window, dtype: str, chunk_documents: int) -> None:
+    """Refuse flags out of range before anything is loaded."""
     if not 0 < keep <= 1:
         raise DataError(f"--keep must be in (0, 1], got {keep}")
     if seq_len < 2:
@@ -240,17 +237,20 @@ def _validate(keep: float, seq_len: int, window, batch_tokens: int, chunk_docume
         raise DataError(f"--window must be >= 1, got {window}")
     if chunk_documents < 1:
         raise DataError(f"--chunk-documents must be >= 1, got {chunk_documents}")
-    if window is not None and batch_tokens < window:
-        raise DataError(f"--batch-tokens ({batch_tokens}) must hold one window (--window {window})")
+    if dtype not in DTYPES:
+        raise DataError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
 
 
-def _window(models, window) -> int:
-    if window is not None:
-        return window
-    lengths = [getattr(model.config, "max_position_embeddings", None) for model in models.values()]
-    if None in lengths:
-        raise DataError("--window is needed: a model's config has no max_position_embeddings")
-    return min(lengths)
+def _window(models, window, batch_tokens: int) -> int:
+    """``window``, else the models' smaller context; one window must fit in ``batch_tokens``."""
+    if window is None:
+        lengths = [getattr(model.config, "max_position_embeddings", None) for model in models.values()]
+        if None in lengths:
+            raise DataError("--window is needed: a model's config has no max_position_embeddings")
+        window = min(lengths)
+    if batch_tokens < window:
+        raise DataError(f"--batch-tokens ({batch_tokens}) must hold one window of {window} tokens (--window)")
+    return window
 
 
 def miniplm(inputs, tokenizer_name: str, teacher: str, reference: str, out_dir: str, *, seq_len: int,
@@ -258,20 +258,16 @@ def miniplm(inputs, tokenizer_name: str, teacher: str, reference: str, out_dir: 
             batch_tokens: int = 8192, chunk_documents: int = 1024, num_proc: int = 1) -> dict:
     """Score, select and prepare (see the module docstring); returns the ``miniplm`` manifest section.
     A finished ``out_dir`` of the same request is returned as it is."""
-    _validate(keep, seq_len, window, batch_tokens, chunk_documents)
-    if dtype not in DTYPES:
-        raise DataError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    _validate(keep, seq_len, window, dtype, chunk_documents)
     tokenizer = load_tokenizer(tokenizer_name)
-    request = {"inputs": _input_fingerprints(inputs), "tokenizer": tokenizer_summary(tokenizer)["fingerprint"],
-               "teacher": model_fingerprint(teacher, "--teacher"),
-               "reference": model_fingerprint(reference, "--reference"), "keep": keep, "seq_len": seq_len,
-               "window": window, "dtype": dtype, "chunk_documents": chunk_documents}
+    fingerprints = {"teacher": model_fingerprint(teacher, "--teacher"),
+                    "reference": model_fingerprint(reference, "--reference")}
     records = load_records(inputs, "text", Fields(), tokenizer)
     models = {"teacher": load_scorer(teacher, "--teacher", tokenizer, device=device, dtype=dtype),
               "reference": load_scorer(reference, "--reference", tokenizer, device=device, dtype=dtype)}
-    request["window"] = _window(models, window)
-    if batch_tokens < request["window"]:
-        raise DataError(f"--batch-tokens ({batch_tokens}) must hold one window ({request['window']})")
+    request = {"inputs": _input_fingerprints(inputs), "tokenizer": tokenizer_summary(tokenizer)["fingerprint"],
+               **fingerprints, "keep": keep, "seq_len": seq_len, "window": _window(models, window, batch_tokens),
+               "dtype": dtype, "chunk_documents": chunk_documents}
     _check_request(out_dir, request)
     prepared = os.path.join(out_dir, "prepared")
     if os.path.isfile(os.path.join(prepared, MANIFEST)) and read_manifest(prepared).get("miniplm", {}).get(

@@ -173,6 +173,7 @@ def odd_models(corpus, tokenizer):
     ({"--teacher": "retokenized"}, "was saved with another tokenizer (vocabulary 513)"),
     ({"--keep": "0.25"}, "holds another selection: its keep is 0.5, this run's is 0.25"),
     ({"--window": "0"}, "--window must be >= 1, got 0"),
+    ({"--batch-tokens": "10"}, "--batch-tokens (10) must hold one window of 24 tokens"),
 ])
 def test_bad_input_is_refused_by_name(change, message, straight, corpus, models, odd_models, tokenizer_dir, capsys):
     args = _args(corpus, models, tokenizer_dir, straight)
