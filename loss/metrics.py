@@ -273,7 +273,8 @@ class EvalSums:
     def _rare_sequences(self, dp_group) -> dict:
         """``nll_rare_sequences``: the token-weighted mean NLL of the :data:`RARE_SEQUENCE_SHARE` of
         sequences (at least one; those with a target, over ``dp_group``) with the largest share of
-        rare targets (ties: in evaluation order); NaN without any rare target. Two all-gathers."""
+        rare targets (ties: in evaluation order); NaN without any rare target. Two all-gathers, on
+        every rank of ``dp_group`` that has started a batch (``eval_batches`` gives each the same number)."""
         local = torch.cat(self.sequences) if self.sequences else torch.zeros(0, 3, dtype=torch.float64,
                                                                                device=self.device)
         local = local[local[:, 1] > 0]
