@@ -149,6 +149,12 @@ def test_grid_names_beta_modes_teachers_and_sweep_only_settings(monkeypatch):
         args = sweep.resolve_grid(build_parser().parse_args(["--config", "c", "--out", "o", *argv]))
         with pytest.raises(ConfigError, match=f"sweep sets {key} itself"):
             sweep._check_arguments(args)
+    with pytest.raises(ConfigError, match="--beta-mode: unknown 'seq'; expected some of constant, sequence"):
+        sweep._check_arguments(sweep.resolve_grid(build_parser().parse_args(["--config", "c", "--out", "o",
+                                                                             "--beta-mode", "seq"])))
+    for bad in ("a=/x,a=/y", "a/b=/x", "noequals"):  # repeated, not a directory name, no path
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--config", "c", "--out", "o", "--teachers", bad])
 
 
 def _write_eval(out, path, seed, **metrics):
