@@ -49,9 +49,10 @@ train launch/configs/demo_sft_teacher.yaml "$DEMO/sft_teacher"
 run python -m eval.math --model "$DEMO/sft_teacher/student" --data "$DEMO/data/sft/eval.jsonl" --max-examples 100 \
   --max-new-tokens 64 | sed 's/^/math accuracy of the SFT teacher: /'
 
-# The settings of each sweep (eval.sweep --losses: registry kinds and sweep-only settings).
-PRETRAIN_LOSSES=ce,kl,tail,topk_bucket,miniplm
-SFT_LOSSES=ce,kl,reverse_kl,tail,topk_bucket
+# The settings of each sweep (eval.sweep --losses: registry kinds and sweep-only settings); set
+# either in the environment to run fewer or more.
+PRETRAIN_LOSSES=${PRETRAIN_LOSSES:-ce,kl,tail,topk_bucket,miniplm}
+SFT_LOSSES=${SFT_LOSSES:-ce,kl,reverse_kl,tail,topk_bucket}
 run python -m eval.sweep --config launch/configs/demo_distill.yaml --out "$OUT/pretrain" "${FAST[@]}" \
   --teachers "demo=$DEMO/teacher/student,large=$DEMO/teacher_large/student" --losses "$PRETRAIN_LOSSES" \
   --top-k 10 --beta 1 --beta-mode constant,sequence --seeds 0,1,2 \
