@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from data.prepare import prepare
+from eval.evaluate import TAIL_METRICS
 from model_parallel.spawn import free_port
 from tests.fault_driver import FaultDriver, faults_dir
 from tests.nodes import run_simulated_nodes
@@ -350,7 +351,7 @@ def test_evaluate_command_matches_the_jobs_evaluation(straight, assets, tmp_path
     out = tmp_path / "eval.json"
     args = ["--model", os.path.join(straight, "student"), "--teacher", assets["teacher"], "--data", assets["eval"],
             "--batch-size", "2", "--max-batches", "2", "--top-k", "5", "--beta", "2.0", "--out", str(out),
-            "--tensor-parallel", str(tensor_parallel)]
+            "--tensor-parallel", str(tensor_parallel), "--train-data", assets["train"]]
     env = {**os.environ, "PYTHONPATH": ROOT}
     command = ([sys.executable, "-m", "eval.evaluate"] if tensor_parallel == 1 else
                [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "eval.evaluate"])
@@ -363,6 +364,11 @@ def test_evaluate_command_matches_the_jobs_evaluation(straight, assets, tmp_path
         # and reduction orders; abs for metrics near 0 (Full-ECE ~1e-5).
         assert metrics[name] == pytest.approx(job[f"eval/{name}"], rel=1e-4, abs=1e-6), name
     assert "perplexity" in result.stdout
+    # The tail metrics, banded by the training corpus (tests/test_eval_metrics.py checks their values).
+    bands = json.load(open(out))["bands"]
+    assert bands["train_data"] == assets["train"] and sum(bands["positions"].values()) == metrics["tokens"]
+    assert {"nll_frequent", "nll_middle"} <= metrics.keys()
+    assert set(TAIL_METRICS) - set(bands["empty"]) <= metrics.keys()
 
 
 def test_report_compares_runs_with_plots(straight, four_ranks, tmp_path):
