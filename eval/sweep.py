@@ -10,12 +10,14 @@ Settings: ``ce`` and ``reverse_kl`` once per seed, ``kl-t<T>`` per temperature, 
 per K × temperature, ``tail-k<K>-b<B>-t<T>`` per K × β × temperature, and with ``--beta-mode`` per β
 mode too (``sequence`` ones named ``...-seq``; without it, the config's mode and no suffix);
 ``--top-k 5,10,20,50,100`` is the paper's K ablation. :data:`SWEEP_ONLY` names settings that are no
-registry kind (a kind trained on other inputs). Each run trains with the deepspeed launcher
-(``--launcher-args`` go to it: a hostfile runs the sweep on a cluster) into ``DIR/<setting>/seed<S>``
-(``DIR/<teacher>/<setting>/seed<S>`` with ``--teachers``, each teacher distilled into the same
-students), the sweep owning ``output_dir``, ``seed``, the ``loss.*`` keys it varies and, with
-``--teachers``, ``teacher.path`` (every other key: the config and ``--set``, the same for every
-run); then ``eval.evaluate`` scores its exported student against its teacher on the config's eval
+registry kind (a kind trained on other inputs): ``miniplm`` trains ce on the ``--miniplm-keep`` of
+``data.train``'s raw documents that ``data.miniplm`` selects with the teacher and a reference model
+(``--miniplm-reference``, trained once into ``DIR/miniplm/reference``). Each run trains with the
+deepspeed launcher (``--launcher-args`` go to it: a hostfile runs the sweep on a cluster) into
+``DIR/<setting>/seed<S>`` (``DIR/<teacher>/<setting>/seed<S>`` with ``--teachers``, each teacher
+distilled into the same students), the sweep owning ``output_dir``, ``seed``, the ``loss.*`` keys it
+varies and, with ``--teachers``, ``teacher.path`` (every other key: the config and ``--set``, the
+same for every run); then ``eval.evaluate`` scores its exported student against its teacher on the config's eval
 data (``--math-data`` adds ``math_accuracy``), with the metric's K and β the config's. Writes
 ``DIR/summary.json``, ``DIR/report.md`` (``eval.report.write_sweep_report``) and a plot per metric.
 
