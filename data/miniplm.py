@@ -85,7 +85,7 @@ def load_scorer(directory: str, flag: str, tokenizer, *, device: str, dtype: str
         if tokenizer_fingerprint(own) != tokenizer_fingerprint(tokenizer):
             raise DataError(f"{flag}: {directory} was saved with another tokenizer (vocabulary {len(own)}) than "
                             f"{tokenizer.name_or_path!r} (vocabulary {len(tokenizer)})")
-    model = AutoModelForCausalLM.from_pretrained(directory, torch_dtype=DTYPES[dtype])
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[dtype])
     rows = model.get_output_embeddings().weight.shape[0]
     if rows < len(tokenizer):
         raise DataError(f"{flag}: {directory} predicts {rows} tokens, fewer than the tokenizer's {len(tokenizer)} "

@@ -268,3 +268,21 @@ def test_the_sweep_refuses_miniplm_on_sft_data_and_a_bad_fraction(corpus, tokeni
                           data=SimpleNamespace(train=str(sft), eval=str(sft)))
     with pytest.raises(ConfigError, match="miniplm selects pre-training documents; data.train .* is 'sft' data"):
         sweep.miniplm_command(args, cfg, None)
+
+
+def test_bfloat16_weights_score_close_to_float32(models, tokenizer, corpus):
+    """--dtype bfloat16: the same sums within bf16's precision (8 bits of mantissa: about 0.4% per
+    logit, a few percent on a sum of log-probabilities of random models)."""
+    from transformers import AutoModelForCausalLM
+
+    from data.miniplm import sum_log_probs
+
+    documents = [tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+                 for text in corpus[2][:6]]
+    sums = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = AutoModelForCausalLM.from_pretrained(models[0], dtype=dtype).eval()
+        sums[dtype] = sum_log_probs(model, documents, vocab=len(tokenizer), window=WINDOW, batch_tokens=200,
+                                    context_id=tokenizer.eos_token_id)
+    assert sums[torch.bfloat16].dtype == np.float64 and not np.array_equal(sums[torch.bfloat16], sums[torch.float32])
+    np.testing.assert_allclose(sums[torch.bfloat16], sums[torch.float32], rtol=3e-2)
