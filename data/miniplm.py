@@ -132,7 +132,8 @@ def sum_log_probs(model, documents, *, vocab: int, window: int, batch_tokens: in
         tokens = torch.tensor(rows, dtype=torch.long, device=device)  # (B, width + 1)
         mask = torch.tensor([[1] * (len(pieces[index]) - 1) + [0] * (width + 1 - len(pieces[index]))
                              for index in batch], dtype=torch.long, device=device)  # (B, width)
-        logits = model(input_ids=tokens[:, :-1], attention_mask=mask).logits[..., :vocab].float()  # (B, width, V)
+        logits = model(input_ids=tokens[:, :-1], attention_mask=mask, use_cache=False).logits  # (B, width, V_model)
+        logits = logits[..., :vocab].float()  # the tokenizer's rows only, in fp32
         picked = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)  # (B, width)
         del logits
         row_sums = (picked * mask).sum(dim=1, dtype=torch.float64)
@@ -301,7 +302,9 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model weights' dtype")
     parser.add_argument("--window", type=int, default=None, help="tokens per scored window (default: the models' "
                         "smaller max_position_embeddings)")
-    parser.add_argument("--batch-tokens", type=int, default=8192, help="rows x padded length per forward")
+    parser.add_argument("--batch-tokens", type=int, default=8192, help="rows x padded length per forward "
+                        "(default 8192; the logits and their log-softmax hold about 8 x batch_tokens x vocabulary "
+                        "bytes)")
     parser.add_argument("--chunk-documents", type=int, default=1024, help="documents per resumable score file")
     parser.add_argument("--num-proc", type=int, default=1, help="tokenization processes of the prepare step")
     args = parser.parse_args(argv)
