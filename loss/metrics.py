@@ -122,7 +122,8 @@ def frequency_bands(counts, vocab_size: int = 0) -> TokenBands:
     id); ``frequent`` takes ids while fewer than :data:`FREQUENT_SHARE` of all occurrences precede
     them, ``rare`` the ids preceded by at least ``1 - RARE_SHARE`` of them (every unseen id
     among them), ``middle`` the rest. The most frequent id is always ``frequent``."""
-    counts = torch.as_tensor(counts, dtype=torch.float64).flatten()
+    # On the host: the counts are a corpus statistic read once per evaluation (EvalSums moves the bands).
+    counts = torch.as_tensor(counts, dtype=torch.float64, device="cpu").flatten()
     counts = torch.nn.functional.pad(counts, (0, max(0, vocab_size - counts.numel())))
     total = float(counts.sum())
     if total <= 0 or bool((counts < 0).any()):
