@@ -41,6 +41,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 
 from core.cli import run_main
 from core.errors import ConfigError, UserError
+from core.files import write_atomically
 from eval.report import finite_or_none, mean_std, teacher_comparison, write_sweep_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -203,13 +204,13 @@ training commands (launcher start-up included), summed over restarts."""
 
 
 def _add_train_seconds(run_dir: str, seconds: float) -> None:
+    """Add ``seconds`` to the directory's :data:`TIMING` ``train_seconds``, replacing the file atomically."""
     path = os.path.join(run_dir, TIMING)
     before = 0.0
     if os.path.isfile(path):
         with open(path) as handle:
             before = json.load(handle)["train_seconds"]
-    with open(path, "w") as handle:
-        json.dump({"train_seconds": before + seconds}, handle)
+    write_atomically(path, json.dumps({"train_seconds": before + seconds}))  # a kill mid-write would lose the sum
 
 
 def train_and_evaluate(run_dir: str, args, setting: Setting, seed: int, cfg) -> Optional[str]:
