@@ -97,7 +97,7 @@ def with_bands(result: dict, summary: dict) -> dict:
     from loss.metrics import BANDS, RARE_SEQUENCE_SHARE
 
     metrics = result["metrics"]
-    empty = [name for name in TAIL_METRICS if math.isnan(metrics[name])]
+    empty = [name for name in TAIL_METRICS if math.isnan(metrics.get(name, math.nan))]
     positions = {name: metrics[f"tokens_{name}"] for name in BANDS}
     return {**result, "metrics": {name: value for name, value in metrics.items() if name not in empty},
             "bands": {**summary, "positions": positions, "rare_sequence_share": RARE_SEQUENCE_SHARE, "empty": empty}}

@@ -118,23 +118,26 @@ class TokenBands(NamedTuple):
 
 def frequency_bands(counts, vocab_size: int = 0) -> TokenBands:
     """Split the vocabulary by training counts (``[V']`` non-negative; ids up to ``vocab_size`` that
-    ``counts`` does not reach count 0), scale-free: sort ids by count, most frequent first (ties by
-    id); ``frequent`` takes ids while fewer than :data:`FREQUENT_SHARE` of all occurrences precede
-    them, ``rare`` the ids preceded by at least ``1 - RARE_SHARE`` of them (every unseen id
-    among them), ``middle`` the rest. The most frequent id is always ``frequent``."""
+    ``counts`` does not reach count 0), scale-free: sort ids by count, most frequent first; the
+    ``frequent`` threshold is the count of the last id reached while fewer than :data:`FREQUENT_SHARE`
+    of all occurrences precede it, the ``rare`` threshold the count of the first id preceded by at
+    least ``1 - RARE_SHARE`` of them. An id's band follows from its count alone (ids of equal count
+    share a band, whatever their numbering): ``frequent`` at or above the first threshold (the most
+    frequent id always), ``rare`` at or below the second (every unseen id), ``middle`` the rest."""
     # On the host: the counts are a corpus statistic read once per evaluation (EvalSums moves the bands).
     counts = torch.as_tensor(counts, dtype=torch.float64, device="cpu").flatten()
     counts = torch.nn.functional.pad(counts, (0, max(0, vocab_size - counts.numel())))
     total = float(counts.sum())
     if total <= 0 or bool((counts < 0).any()):
         raise ValueError(f"frequency_bands: need non-negative counts with a positive total, got total {total:g}")
-    order = torch.sort(counts, descending=True, stable=True).indices
-    before = torch.cumsum(counts[order], 0) - counts[order]  # occurrences of more frequent ids; exact below 2^53
-    ranked = torch.ones_like(order)
-    ranked[before < FREQUENT_SHARE * total] = 0
-    ranked[before >= (1 - RARE_SHARE) * total] = 2
-    band = torch.empty_like(order)
-    band[order] = ranked
+    ordered = torch.sort(counts, descending=True).values
+    before = torch.cumsum(ordered, 0) - ordered  # occurrences of more frequent ids; exact below 2^53
+    frequent_min = ordered[before < FREQUENT_SHARE * total].min()  # the first id always qualifies
+    rare_ids = before >= (1 - RARE_SHARE) * total
+    rare_max = ordered[rare_ids].max() if bool(rare_ids.any()) else -1.0
+    band = torch.ones(counts.shape, dtype=torch.int64, device="cpu")
+    band[counts <= rare_max] = 2
+    band[counts >= frequent_min] = 0
     summary = {f"{name}_tokens": int((band == index).sum()) for index, name in enumerate(BANDS)}
     summary.update(unseen_tokens=int((counts == 0).sum()), frequent_share=FREQUENT_SHARE, rare_share=RARE_SHARE,
                    frequent_min_count=int(counts[band == 0].min()), rare_max_count=int(counts[band == 2].max())
@@ -275,7 +278,7 @@ class EvalSums:
         """``nll_rare_sequences``: the token-weighted mean NLL of the :data:`RARE_SEQUENCE_SHARE` of
         sequences (at least one; those with a target, over ``dp_group``) with the largest share of
         rare targets (ties: in evaluation order); NaN without any rare target. Two all-gathers, on
-        every rank of ``dp_group`` that has started a batch (``eval_batches`` gives each the same number)."""
+        every rank of ``dp_group`` (each given the bands), whether or not it evaluated a batch."""
         local = torch.cat(self.sequences) if self.sequences else torch.zeros(0, 3, dtype=torch.float64,
                                                                                device=self.device)
         local = local[local[:, 1] > 0]
@@ -324,8 +327,8 @@ class EvalSums:
         out["top1_ece"] = ece_from_bins(bins["top1"])
         if self.bands is not None:
             out["full_ece_rare"] = ece_from_bins(bins["full_rare"]) if band_tokens.get("rare") else math.nan
-            if self.sequences:
-                out.update(self._rare_sequences(dp_group))
+            # Every rank (its bands given) joins the gathers, batches or none: a gate on its own rows could hang the rest.
+            out.update(self._rare_sequences(dp_group))
             out.update({f"tokens_{name}": count for name, count in band_tokens.items()})
         out["tokens"] = tokens
         return EvalResult(out, {name: value.tolist() for name, value in bins.items()})

@@ -93,15 +93,26 @@ def test_frequency_bands_by_hand():
     assert torch.equal(frequency_bands(np.array([50, 0, 20, 20, 5, 3, 2]) * 100, vocab_size=9).band, bands.band)
     with pytest.raises(ValueError, match="positive total"):
         frequency_bands(np.zeros(5, dtype=np.int64))
+    # Ids of equal count share a band, whatever their numbering: four ids of 10 (the 50% cut falls
+    # between the second and third) are all frequent, and a permuted vocabulary permutes the bands.
+    assert frequency_bands(np.array([10, 10, 10, 10])).band.tolist() == [0, 0, 0, 0]
+    counts = np.array([40, 9, 9, 9, 9, 5, 1, 1, 1, 0])
+    order = np.random.default_rng(0).permutation(len(counts))
+    assert frequency_bands(counts[order]).band.tolist() == frequency_bands(counts).band[order].tolist()
+    assert frequency_bands(counts).band.tolist() == _reference_bands(counts).tolist()
 
 
 def _reference_bands(counts):
-    """Bands by a plain loop over ids sorted by count (descending, ties by id)."""
-    total, seen, band = counts.sum(), 0, np.empty(len(counts), dtype=np.int64)
-    for token in sorted(range(len(counts)), key=lambda t: (-counts[t], t)):
-        band[token] = 0 if seen < 0.5 * total else 2 if seen >= 0.95 * total else 1
-        seen += counts[token]
-    return band
+    """Bands by a plain loop over the counts sorted descending: the two thresholds where the running
+    total crosses 50% and 95%, then each id by its own count."""
+    total, seen, frequent_min, rare_max = counts.sum(), 0, None, -1
+    for count in sorted(counts, reverse=True):
+        if seen < 0.5 * total:
+            frequent_min = count
+        if seen >= 0.95 * total and rare_max < 0:
+            rare_max = count
+        seen += count
+    return np.array([0 if c >= frequent_min else 2 if c <= rare_max else 1 for c in counts], dtype=np.int64)
 
 
 def _reference_full_ece(logits, targets, n_bins=10):
