@@ -192,9 +192,12 @@ def test_the_sweep_makes_the_selection_once_and_reports_its_cost(corpus, models,
     """eval.sweep's miniplm setting: the reference trained once (its command checked, the training stood in
     for by a saved model), data.miniplm run on data.train's raw inputs, the runs' data.train pointed at
     the selection, and the selection's cost in summary.json and report.md."""
+    import argparse
+    import re
     import shutil
     from types import SimpleNamespace
 
+    from core.errors import ConfigError
     from eval import sweep
     from eval.report import write_sweep_report
 
@@ -232,9 +235,20 @@ def test_the_sweep_makes_the_selection_once_and_reports_its_cost(corpus, models,
     selected = f"{root}/out/miniplm/selection/prepared"
     assert miniplm_setting.overrides(args) == ["loss.kind=ce", f"data.train={selected}"]
     assert json.load(open(os.path.join(selected, "manifest.json")))["miniplm"]["counts"]["documents_kept"] == 6
-    # A restarted sweep reuses the reference and the selection (data.miniplm returns the finished one).
+    recorded = json.load(open(f"{root}/out/miniplm/reference/reference.json"))
+    assert recorded["config"] == "launch/configs/demo_miniplm_reference.yaml" and len(recorded["config_sha256"]) == 64
+    # A restarted sweep reuses the selection of the same request without running data.miniplm, even
+    # with its reference gone; another keep fraction makes a new one (here: the reference retrained).
     monkeypatch.setattr(miniplm_module, "_score_chunk", lambda *a, **k: pytest.fail("scored again"))
-    assert sweep._prepare_once({}, args, cfg, miniplm_setting) is None and len(commands) == 3
+    shutil.rmtree(f"{root}/out/miniplm/reference/student")
+    assert sweep._prepare_once({}, args, cfg, miniplm_setting) is None and len(commands) == 2
+    assert not sweep._selection_done(argparse.Namespace(**{**vars(args), "miniplm_keep": 0.5}), cfg, None)
+    # Another reference config than the one recorded is refused by name, up front and when preparing.
+    other = argparse.Namespace(**{**vars(args), "miniplm_reference": "launch/configs/demo_teacher.yaml"})
+    message = "--miniplm-reference launch/configs/demo_teacher.yaml: this sweep's reference .* was trained with " \
+              "launch/configs/demo_miniplm_reference.yaml"
+    with pytest.raises(ConfigError, match=message):
+        sweep.check_reference(other)
 
     run = root / "out" / "miniplm" / "seed0"
     run.mkdir(parents=True)
@@ -250,6 +264,9 @@ def test_the_sweep_makes_the_selection_once_and_reports_its_cost(corpus, models,
     report = open(os.path.join(args.out, "report.md")).read()
     assert "| miniplm | 40 |" in report and "miniplm's selection, made once for all its seeds" in report
     assert f"teacher {cost['scoring']['teacher']['seconds']:.1f} s" in report
+    # Without its selection, preparing refuses that config too (before any training).
+    shutil.rmtree(f"{root}/out/miniplm/selection")
+    assert re.match(message, sweep._prepare_miniplm(other, cfg, None)) and len(commands) == 2
 
 
 def test_the_sweep_refuses_miniplm_on_sft_data_and_a_bad_fraction(corpus, tokenizer_dir, demo_dir):
