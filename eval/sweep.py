@@ -368,15 +368,21 @@ def _selection_done(args, cfg, teacher: Optional[Teacher]) -> bool:
             and request.get("teacher", {}).get("path") == teacher_path)
 
 
-def miniplm_command(args, cfg, teacher: Optional[Teacher]) -> List[str]:
-    """``data.miniplm`` on the raw inputs ``data.train`` was prepared from (its manifest's, relative to
-    the repository), at its block length, with ``--miniplm-keep``."""
+def _text_corpus(cfg) -> dict:
+    """``data.train``'s manifest; refuses data that is not prepared, or not text (pre-training documents)."""
     from data.manifest import read_manifest
 
     manifest = read_manifest(cfg.data.train)
     if manifest["format"] != "text":
         raise ConfigError(f"--losses miniplm selects pre-training documents; data.train {cfg.data.train} is "
                           f"{manifest['format']!r} data")
+    return manifest
+
+
+def miniplm_command(args, cfg, teacher: Optional[Teacher]) -> List[str]:
+    """``data.miniplm`` on the raw inputs ``data.train`` was prepared from (its manifest's, relative to
+    the repository), at its block length, with ``--miniplm-keep``."""
+    manifest = _text_corpus(cfg)
     paths = miniplm_paths(args.out, teacher)
     teacher_path = teacher.path if teacher else cfg.teacher.path
     return [sys.executable, "-m", "data.miniplm", "--input", *manifest["inputs"], "--tokenizer",
@@ -623,6 +629,22 @@ def _check_arguments(args: argparse.Namespace) -> None:
             raise ConfigError(f"--beta-mode: unknown {mode!r}; expected some of constant, sequence")
 
 
+def _check_inputs(args: argparse.Namespace, cfg, grid: List[Setting]) -> None:
+    """Before any run starts: refuse a ``--teachers`` path that does not exist and, with miniplm in the
+    grid, a ``data.train`` that is not prepared text or a missing or changed ``--miniplm-reference``;
+    warn once that the tail metrics will be missing where ``data.train`` is not prepared data (their
+    token counts live beside it)."""
+    for teacher in args.teachers or ():
+        if not os.path.exists(os.path.join(ROOT, teacher.path)):
+            raise ConfigError(f"--teachers {teacher.name}={teacher.path}: no such path")
+    if any(setting.sweep_only == "miniplm" for setting in grid):
+        _text_corpus(cfg)
+        check_reference(args)
+    if not cfg.data.train or not os.path.isfile(os.path.join(cfg.data.train, "manifest.json")):
+        print(f"sweep: warning: data.train {cfg.data.train} is not prepared data (no manifest.json): evaluations "
+              "run without --train-data, so the tail metrics (nll_rare, ...) will be missing", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     args = resolve_grid(build_parser().parse_args(argv))
     _check_arguments(args)
@@ -637,6 +659,7 @@ def main(argv=None) -> int:
                           "teacher on data.eval; set both")
     args.eval_data = cfg.data.eval
     grid = settings(args.losses, args.top_k, args.beta, args.temperature, args.beta_mode, args.teachers)
+    _check_inputs(args, cfg, grid)
     failures = run_sweep(args, cfg, grid)
     summary = summarise(args.out, grid, args.seeds, failures, cfg.loss.beta_mode)
     with open(os.path.join(args.out, "summary.json"), "w") as handle:

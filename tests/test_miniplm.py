@@ -269,7 +269,7 @@ def test_the_sweep_makes_the_selection_once_and_reports_its_cost(corpus, models,
     assert re.match(message, sweep._prepare_miniplm(other, cfg, None)) and len(commands) == 2
 
 
-def test_the_sweep_refuses_miniplm_on_sft_data_and_a_bad_fraction(corpus, tokenizer_dir, demo_dir):
+def test_the_sweep_refuses_miniplm_on_sft_data_and_a_bad_fraction(corpus, tokenizer_dir, demo_dir, capsys):
     from types import SimpleNamespace
 
     from core.errors import ConfigError
@@ -285,6 +285,23 @@ def test_the_sweep_refuses_miniplm_on_sft_data_and_a_bad_fraction(corpus, tokeni
                           data=SimpleNamespace(train=str(sft), eval=str(sft)))
     with pytest.raises(ConfigError, match="miniplm selects pre-training documents; data.train .* is 'sft' data"):
         sweep.miniplm_command(args, cfg, None)
+    # main refuses the same before any run starts, and a missing reference config or --teachers path.
+    grid = sweep.settings(args.losses, args.top_k, args.beta, args.temperature)
+    with pytest.raises(ConfigError, match="miniplm selects pre-training documents"):
+        sweep._check_inputs(args, cfg, grid)
+    text = corpus[0] / "text"
+    prepare(str(tokenizer_dir), [corpus[1]], str(text), fmt="text", seq_len=32)
+    cfg.data.train = str(text)
+    args.miniplm_reference = "launch/configs/no_such_reference.yaml"
+    with pytest.raises(ConfigError, match="--miniplm-reference launch/configs/no_such_reference.yaml: no such config"):
+        sweep._check_inputs(args, cfg, grid)
+    args.teachers = [sweep.Teacher("big", str(corpus[0] / "no_teacher"))]
+    with pytest.raises(ConfigError, match="--teachers big=.*no_teacher: no such path"):
+        sweep._check_inputs(args, cfg, grid)
+    # Without miniplm, data.train that is not prepared only warns: the tail metrics will be missing.
+    args.teachers, cfg.data.train = None, str(corpus[1])
+    sweep._check_inputs(args, cfg, sweep.settings(["kl"], [5], [1.0], [1.0]))
+    assert "the tail metrics (nll_rare, ...) will be missing" in capsys.readouterr().err
 
 
 def test_bfloat16_weights_score_close_to_float32(models, tokenizer, corpus):
