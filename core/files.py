@@ -1,6 +1,7 @@
 """Atomic outputs: a file or a directory is either the old one or the complete new one, never half."""
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -51,3 +52,13 @@ def atomic_directory(final_dir: str, shared: bool = False):
     finally:
         if os.path.isdir(staging):
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def sha256_of(*paths: str) -> str:
+    """Hex sha256 of the files' bytes, one after another (read in 16 MiB blocks)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()

@@ -15,7 +15,7 @@ after its first. The log-softmax runs over the tokenizer's vocabulary (padded mo
 
     score(document) = mean log p_teacher(token) - mean log p_reference(token)   (nats per token)
 
-The top ``--keep`` fraction of documents by score is kept (``round(keep * documents)``, at least 1;
+The top ``--keep`` fraction of documents by score is kept (``round(keep * documents)``, Python's rounding: halves to even; at least 1;
 by documents, not weighted by their tokens, as MiniPLM samples instances; ties keep the earlier
 document), written in corpus order to ``DIR/selected.jsonl`` and prepared by ``data.prepare.prepare``
 into ``DIR/prepared`` (the ``data.train`` of a run), whose manifest gains a ``miniplm`` section: the
@@ -30,7 +30,6 @@ Resumable: scores are written per chunk of ``--chunk-documents`` documents as at
 
 import argparse
 import glob
-import hashlib
 import json
 import os
 import time
@@ -41,21 +40,12 @@ from tqdm.auto import tqdm
 
 from core.cli import run_main
 from core.errors import DataError
-from core.files import write_atomically
+from core.files import sha256_of, write_atomically
 from data.manifest import MANIFEST, read_manifest, tokenizer_fingerprint, tokenizer_summary
-from data.prepare import _tokenize_text, load_tokenizer, prepare
+from data.prepare import load_tokenizer, prepare, tokenize_text
 from data.sources import Fields, load_records
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def _sha256(paths) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def model_fingerprint(directory: str, flag: str) -> dict:
@@ -66,12 +56,12 @@ def model_fingerprint(directory: str, flag: str) -> dict:
     weights = sorted(glob.glob(os.path.join(directory, "*.safetensors")) + glob.glob(os.path.join(directory, "*.bin")))
     if not weights:
         raise DataError(f"{flag}: {directory} holds no weights (*.safetensors or *.bin)")
-    return {"path": os.path.abspath(directory), "config_sha256": _sha256([config]), "weights_sha256": _sha256(weights)}
+    return {"path": os.path.abspath(directory), "config_sha256": sha256_of(config), "weights_sha256": sha256_of(*weights)}
 
 
 def _input_fingerprints(inputs) -> list:
     """sha256 of each local input file; a hub dataset is recorded by name only."""
-    return [{"path": os.path.abspath(path), "sha256": _sha256([path])} if os.path.isfile(path) else {"name": path}
+    return [{"path": os.path.abspath(path), "sha256": sha256_of(path)} if os.path.isfile(path) else {"name": path}
             for path in inputs]
 
 
@@ -162,7 +152,7 @@ def _chunk_path(out_dir: str, number: int) -> str:
 
 def _score_chunk(models, texts, tokenizer, options) -> dict:
     """Both models' summed log-probabilities, token counts and seconds for one chunk of documents."""
-    documents = _tokenize_text({"text": texts}, tokenizer)["input_ids"]
+    documents = tokenize_text({"text": texts}, tokenizer)["input_ids"]
     record = {"tokens": [len(ids) for ids in documents]}
     for name, model in models.items():
         start = time.perf_counter()

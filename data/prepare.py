@@ -47,7 +47,7 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
-def _tokenize_text(batch, tokenizer):
+def tokenize_text(batch, tokenizer):
     ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
     return {"input_ids": [row + [tokenizer.eos_token_id] for row in ids]}
 
@@ -113,7 +113,7 @@ def prepare(tokenizer_name: str, inputs, out_dir: str, *, fmt: str, seq_len: int
     records = load_records(inputs, fmt, fields, tokenizer, split=split)
     num_proc = min(num_proc, max(1, len(records)))
     if fmt == "text":
-        tokenized = records.map(_tokenize_text, batched=True, num_proc=num_proc, remove_columns=records.column_names,
+        tokenized = records.map(tokenize_text, batched=True, num_proc=num_proc, remove_columns=records.column_names,
                                 fn_kwargs={"tokenizer": tokenizer}, desc="tokenizing")
     else:
         tokenized = records.map(_tokenize_sft, batched=True, num_proc=num_proc, remove_columns=records.column_names,

@@ -11,7 +11,6 @@ starting over (``checkpoint.fallback`` resumes from the newest complete, verifie
 Whether and how a run resumes a tag, and the job state saved with it, are ``training.resume``'s.
 """
 
-import hashlib
 import json
 import os
 import random
@@ -25,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from core.errors import CheckpointError
-from core.files import write_atomically
+from core.files import sha256_of, write_atomically
 from model_parallel.byte_gather import all_gather_bytes
 from training import faults
 from training.models import scaled_embedding, tied_head
@@ -182,14 +181,6 @@ def head_record(model) -> Optional[dict]:
             "embedding": f"{names[id(embedding)]}.weight", "scaled_embedding": scaled_embedding(embedding)}
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _files(tag_dir: str):
     for directory, _, names in os.walk(tag_dir):
         for name in sorted(names):
@@ -200,7 +191,7 @@ def _files(tag_dir: str):
 
 
 def _manifest(tag_dir: str) -> str:
-    return "".join(f"{_sha256(path)}  {os.path.getsize(path)}  {relative}\n"
+    return "".join(f"{sha256_of(path)}  {os.path.getsize(path)}  {relative}\n"
                    for relative, path in sorted(_files(tag_dir)))
 
 
@@ -221,7 +212,7 @@ def verify(root: str, tag: str) -> None:
             raise CheckpointError(f"checkpoint {tag}: {path} is missing")
         if os.path.getsize(path) != int(size):
             raise CheckpointError(f"checkpoint {tag}: {path} has {os.path.getsize(path)} bytes, the manifest says {size}")
-        if _sha256(path) != digest:
+        if sha256_of(path) != digest:
             raise CheckpointError(f"checkpoint {tag}: {path} does not match its sha256 in the manifest")
     unlisted = sorted(set(present) - {relative for _, _, relative in listed})
     if unlisted:
