@@ -148,16 +148,28 @@ def finite_or_none(value):
     return None if value is None or value != value else float(value)
 
 
+def paired_difference(ours_by_seed: dict, theirs_by_seed: dict) -> dict:
+    """The paired difference ours − theirs over the seeds both have (``{seed: value}`` each): its
+    ``mean`` and ``std`` (:func:`mean_std`), ``scipy.stats.ttest_rel``'s ``p_value`` (None under 2
+    common seeds), the common ``seeds`` in order and the per-seed difference ``values``."""
+    from scipy.stats import ttest_rel
+
+    seeds = sorted(set(ours_by_seed) & set(theirs_by_seed))
+    ours, theirs = [ours_by_seed[seed] for seed in seeds], [theirs_by_seed[seed] for seed in seeds]
+    values = [a - b for a, b in zip(ours, theirs)]
+    mean, std = mean_std(values)
+    p_value = finite_or_none(ttest_rel(ours, theirs).pvalue) if len(seeds) > 1 else None
+    return {"mean": mean, "std": std, "p_value": p_value, "seeds": seeds, "values": values}
+
+
 def teacher_comparison(settings, metrics) -> list:
     """Whether a setting's paired difference against kl changes with the teacher, from summary.json's
     ``settings`` (entries with a ``teacher``): for each setting name trained with more than one
     teacher and each of ``metrics`` that every one of its teachers has a ``vs_kl`` for, each
     teacher's difference (mean, spread, p-value) and, for each teacher after the first, the change
     ``d_T(s) − d_first(s)`` of the per-seed differences, paired by seed (a seed's students start
-    from the same weights and see the same batches under either teacher): its mean ± spread and
-    ``scipy.stats.ttest_rel``'s p-value (None under 2 common seeds)."""
-    from scipy.stats import ttest_rel
-
+    from the same weights and, but for miniplm, see the same batches under either teacher):
+    :func:`paired_difference`'s."""
     by_name = {}
     for entry in settings:
         if entry.get("teacher") is not None:
@@ -173,12 +185,7 @@ def teacher_comparison(settings, metrics) -> list:
                    "teachers": {entry["teacher"]: {key: diff[key] for key in ("mean", "std", "p_value")}
                                 for entry, diff in zip(entries, diffs)}, "changes": {}}
             for entry, diff in zip(entries[1:], diffs[1:]):
-                common = [seed for seed in diff["seeds"] if seed in first]
-                ours = [value for seed, value in zip(diff["seeds"], diff["values"]) if seed in first]
-                theirs = [first[seed] for seed in common]
-                mean, std = mean_std([a - b for a, b in zip(ours, theirs)])
-                p_value = finite_or_none(ttest_rel(ours, theirs).pvalue) if len(common) > 1 else None
-                row["changes"][entry["teacher"]] = {"mean": mean, "std": std, "p_value": p_value, "seeds": common}
+                row["changes"][entry["teacher"]] = paired_difference(dict(zip(diff["seeds"], diff["values"])), first)
             rows.append(row)
     return rows
 

@@ -42,7 +42,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 from core.cli import run_main
 from core.errors import ConfigError, UserError
 from core.files import write_atomically
-from eval.report import finite_or_none, mean_std, teacher_comparison, write_sweep_report
+from eval.report import mean_std, paired_difference, teacher_comparison, write_sweep_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ("nll", "perplexity", "forward_kl", "top1_agreement", "full_ece", "top1_ece", "nll_frequent", "nll_middle",
@@ -434,20 +434,6 @@ def _read_results(out_dir: str, grid: List[Setting], seeds: List[int]) -> dict:
     return results
 
 
-def _versus(ours: dict, theirs: dict) -> Optional[dict]:
-    """The paired difference ours − theirs over the seeds both have (``{seed: value}`` each), or None
-    under 2 seeds: mean, spread, ``ttest_rel``'s p-value and the per-seed differences."""
-    from scipy.stats import ttest_rel
-
-    paired = sorted(set(ours) & set(theirs))
-    if len(paired) < 2:
-        return None
-    a, b = [ours[seed] for seed in paired], [theirs[seed] for seed in paired]
-    mean, std = mean_std([x - y for x, y in zip(a, b)])
-    return {"mean": mean, "std": std, "p_value": finite_or_none(ttest_rel(a, b).pvalue), "seeds": paired,
-            "values": [x - y for x, y in zip(a, b)]}
-
-
 def summarise(out_dir: str, grid: List[Setting], seeds: List[int], failures: dict, beta_mode: str = "constant") -> dict:
     """``summary.json``'s content from the runs' eval.json files (failed or missing runs left out).
     ``beta_mode``: the config's, reported for the settings that use β and do not set it."""
@@ -476,7 +462,8 @@ def summarise(out_dir: str, grid: List[Setting], seeds: List[int], failures: dic
             if reference is not None and setting != reference:
                 theirs = {seed: metrics[metric] for (path, seed), metrics in results.items()
                           if path == reference.path and metric in metrics}
-                vs_kl = _versus(values, theirs)
+                paired = paired_difference(values, theirs)
+                vs_kl = paired if len(paired["seeds"]) > 1 else None  # no spread or test under 2 seeds
             entry["metrics"][metric] = {"mean": mean, "std": std, "values": list(values.values()), "vs_kl": vs_kl}
         seconds = [_train_seconds(os.path.join(out_dir, run)) for run in entry["runs"]]
         entry["train_seconds"] = mean_std([s for s in seconds if s is not None])[0]
