@@ -217,7 +217,9 @@ def _teacher_section(rows) -> list:
              f"Per teacher, the paired difference setting − kl (that teacher's kl, same seed) as above; *change*: "
              f"the difference under each later teacher minus under {rows[0]['first']}, paired by seed (a seed's "
              "students start from the same weights and see the same batches under either teacher), mean ± spread "
-             "and `scipy.stats.ttest_rel` p-value: a small p says the gap to kl depends on the teacher.", "",
+             "and `scipy.stats.ttest_rel` p-value: a small p says the gap to kl depends on the teacher. Not so "
+             "for miniplm: its data differ per teacher (the selection is made with each teacher), so its change "
+             "mixes the teacher and the data.", "",
              "| setting | metric | " + " | ".join(f"{t}: − kl" for t in teachers) + " | " +
              " | ".join(f"change {t}" for t in teachers[1:]) + " |",
              "| --- | --- |" + " ---: |" * (2 * len(teachers) - 1)]

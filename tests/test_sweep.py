@@ -198,4 +198,5 @@ def test_summary_and_report_pair_each_teacher_with_its_own_kl(tmp_path):
     write_sweep_report(str(tmp_path), summary, METRICS, [0, 1, 2], "python -m eval.sweep ...")
     report = (tmp_path / "report.md").read_text()
     assert "| big/tail-k10-b1-t1-seq | 3 |" in report and "## Does setting − kl change with the teacher?" in report
+    assert "its data differ per teacher (the selection is made with each teacher)" in report
     assert f"| tail-k10-b1-t1-seq | nll | {vs['mean']:+.3g} ± " in report and "- big/kl-t1 seed 5: boom" in report
