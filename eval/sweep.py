@@ -25,6 +25,10 @@ Restartable: a run whose evaluation and export exist is skipped; an interrupted 
 its checkpoint. A failed run is reported with its log's last error and the others go on (exit 1).
 ``--quick``: its own tiny teacher and data, a few steps (a test runs it); it fills in kl and tail, K 5,
 β 2 and seed 0 where ``--losses``, ``--top-k``, ``--beta`` or ``--seeds`` are not given.
+
+Modules: this one the grid, the runs and the report's numbers; ``eval.sweep_miniplm`` the miniplm
+setting (reference, selection, their cost); ``eval.sweep_runs`` what both share (teachers, the
+sweep-only registry, logged and timed commands).
 """
 
 import argparse
@@ -33,18 +37,18 @@ import json
 import os
 import re
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, NamedTuple, Optional
+from typing import List, Optional
 
 from core.cli import run_main
-from core.errors import ConfigError, UserError
-from core.files import write_atomically
+from core.errors import ConfigError
+from eval import sweep_runs as runs
 from eval.report import mean_std, paired_difference, teacher_comparison, write_sweep_report
+from eval.sweep_miniplm import check_reference, miniplm_costs, text_corpus
+from eval.sweep_runs import ROOT, SWEEP_ONLY, SweepOnly, Teacher  # noqa: F401 (SweepOnly: importable from here)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ("nll", "perplexity", "forward_kl", "top1_agreement", "full_ece", "top1_ece", "nll_frequent", "nll_middle",
            "nll_rare", "full_ece_rare", "nll_rare_sequences", "math_accuracy")
 """Reported per setting, named as eval.evaluate writes them (math_accuracy where --math-data is given)."""
@@ -59,35 +63,6 @@ def _number(value: float) -> str:
 
 _AXES = {"top_k": ("k", str), "beta": ("b", _number), "temperature": ("t", _number)}
 """The ``loss.*`` keys a setting may set, each with the tag and format that name it in the setting's name."""
-
-
-class Teacher(NamedTuple):
-    """One teacher of ``--teachers``: its name (a directory level of the sweep) and model path."""
-
-    name: str
-    path: str
-
-
-@dataclass(frozen=True)
-class SweepOnly:
-    """A setting of the comparison that is no registry loss kind: a registry kind trained on other
-    inputs (``miniplm``: ``ce`` on a selected corpus). Named ``--losses`` values, trained once per
-    seed and teacher, never with K, β or temperature."""
-
-    kind: str
-    """The registry ``loss.kind`` its runs train with."""
-    summary: str
-    """One line for ``--help``."""
-    overrides: Callable[[argparse.Namespace, Optional[Teacher]], List[str]]
-    """``(args, teacher) -> ["key=value", ...]``: what a run sets besides ``loss.kind`` (e.g.
-    ``data.train``), for its teacher (None: the config's)."""
-    prepare: Optional[Callable[[argparse.Namespace, object, Optional[Teacher]], Optional[str]]] = None
-    """``(args, cfg, teacher) -> error or None``: makes those inputs, once per teacher before its first
-    run that is not done (restartable: what exists is reused); its runs fail with the error."""
-
-
-SWEEP_ONLY: Dict[str, SweepOnly] = {}
-"""The sweep-only settings by ``--losses`` name."""
 
 
 @dataclass(frozen=True)
@@ -165,52 +140,9 @@ def _csv(kind):
 # Running
 
 
-def _last_error(log_path: str) -> str:
-    """The log's last line that names an error, else its last non-empty line."""
-    try:
-        with open(log_path, errors="replace") as handle:
-            lines = [line.strip() for line in handle if line.strip()]
-    except OSError:
-        return "no log"
-    for line in reversed(lines):
-        if "Error" in line or line.startswith("error:"):
-            return line[-300:]
-    return lines[-1][-300:] if lines else "empty log"
-
-
 def _done(run_dir: str) -> bool:
     return os.path.isfile(os.path.join(run_dir, "eval.json")) and os.path.isfile(
         os.path.join(run_dir, "student", "config.json"))
-
-
-def _run_logged(command: List[str], log_path: str, env=None) -> int:
-    with open(log_path, "a") as log:
-        log.write(f"$ {shlex.join(command)}\n")
-        log.flush()
-        return subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-
-
-def _distill_command(launcher_args: str, config: str, overrides: List[str]) -> List[str]:
-    """``launch.distill`` under the deepspeed launcher, on a free local rendezvous port."""
-    from model_parallel.spawn import free_port
-
-    return (["deepspeed", *shlex.split(launcher_args), "--master_port", str(free_port()), "--module",
-             "launch.distill", "--config", config] + [item for o in overrides for item in ("--set", o)])
-
-
-TIMING = "timing.json"
-"""In a run's (or the MiniPLM reference's) directory: ``train_seconds``, the wall-clock seconds of its
-training commands (launcher start-up included), summed over restarts."""
-
-
-def _add_train_seconds(run_dir: str, seconds: float) -> None:
-    """Add ``seconds`` to the directory's :data:`TIMING` ``train_seconds``, replacing the file atomically."""
-    path = os.path.join(run_dir, TIMING)
-    before = 0.0
-    if os.path.isfile(path):
-        with open(path) as handle:
-            before = json.load(handle)["train_seconds"]
-    write_atomically(path, json.dumps({"train_seconds": before + seconds}))  # a kill mid-write would lose the sum
 
 
 def train_and_evaluate(run_dir: str, args, setting: Setting, seed: int, cfg) -> Optional[str]:
@@ -218,13 +150,13 @@ def train_and_evaluate(run_dir: str, args, setting: Setting, seed: int, cfg) -> 
     os.makedirs(run_dir, exist_ok=True)
     log = os.path.join(run_dir, "sweep.log")
     overrides = args.overrides + setting.overrides(args) + [f"output_dir={run_dir}", f"seed={seed}"]
-    command = _distill_command(args.launcher_args, args.config, overrides)
+    command = runs.distill_command(args.launcher_args, args.config, overrides)
     env = {**os.environ, "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore::FutureWarning")}
     began = time.monotonic()
-    code = _run_logged(command, log, env)
-    _add_train_seconds(run_dir, time.monotonic() - began)
+    code = runs.run_logged(command, log, env)
+    runs.add_train_seconds(run_dir, time.monotonic() - began)
     if code != 0 or not os.path.isfile(os.path.join(run_dir, "student", "config.json")):
-        return f"training failed: {_last_error(log)}"
+        return f"training failed: {runs.last_error(log)}"
     teacher = setting.teacher.path if setting.teacher else cfg.teacher.path
     evaluate = [sys.executable, "-m", "eval.evaluate", "--model", os.path.join(run_dir, "student"), "--teacher",
                 teacher, "--data", args.eval_data, "--out", os.path.join(run_dir, "eval.json.partial"),
@@ -234,8 +166,8 @@ def train_and_evaluate(run_dir: str, args, setting: Setting, seed: int, cfg) -> 
     if args.math_data:
         evaluate += ["--math-data", args.math_data, "--math-examples", str(args.math_examples),
                      "--max-new-tokens", "64"]
-    if _run_logged(evaluate, log, env) != 0:
-        return f"evaluation failed: {_last_error(log)}"
+    if runs.run_logged(evaluate, log, env) != 0:
+        return f"evaluation failed: {runs.last_error(log)}"
     os.replace(os.path.join(run_dir, "eval.json.partial"), os.path.join(run_dir, "eval.json"))
     return None
 
@@ -279,144 +211,6 @@ def run_sweep(args, cfg, grid: List[Setting]) -> dict:
             print(f"sweep: run {index}/{len(runs)} {setting.path} seed {seed} FAILED: {error} "
                   f"(log: {os.path.join(run_dir, 'sweep.log')})", file=sys.stderr, flush=True)
     return failures
-
-
-# ---------------------------------------------------------------------------------------------
-# miniplm: ce on the documents the teacher finds likelier than a small reference (data.miniplm)
-
-
-def miniplm_paths(out_dir: str, teacher: Optional[Teacher]) -> Dict[str, str]:
-    """The reference's run directory (one per sweep), data.miniplm's output for ``teacher`` (None: the
-    config's) and the log of both."""
-    root = os.path.join(out_dir, "miniplm")
-    return {"reference": os.path.join(root, "reference"), "log": os.path.join(root, "miniplm.log"),
-            "selection": os.path.join(root, f"selection-{teacher.name}" if teacher else "selection")}
-
-
-REFERENCE = "reference.json"
-"""In the MiniPLM reference's directory: ``config`` (``--miniplm-reference`` as given) and its
-``config_sha256``, recorded before its training starts, so a restart with another config is refused."""
-
-
-def _reference_config(args) -> dict:
-    """``--miniplm-reference`` as :data:`REFERENCE` records it (the path relative to the repository, as
-    the launcher reads it)."""
-    import hashlib
-
-    path = os.path.join(ROOT, args.miniplm_reference)
-    if not os.path.isfile(path):
-        raise ConfigError(f"--miniplm-reference {args.miniplm_reference}: no such config")
-    with open(path, "rb") as handle:
-        return {"config": args.miniplm_reference, "config_sha256": hashlib.sha256(handle.read()).hexdigest()}
-
-
-def check_reference(args) -> None:
-    """Refuse a ``--miniplm-reference`` that is missing, or that differs (path or content) from the one
-    this sweep's reference was trained with (its :data:`REFERENCE`; none recorded: nothing to refuse)."""
-    wanted = _reference_config(args)
-    path = os.path.join(miniplm_paths(args.out, None)["reference"], REFERENCE)
-    if os.path.isfile(path):
-        with open(path) as handle:
-            held = json.load(handle)
-        if held != wanted:
-            raise ConfigError(f"--miniplm-reference {args.miniplm_reference}: this sweep's reference "
-                              f"({os.path.dirname(path)}) was trained with {held['config']} (sha256 "
-                              f"{held['config_sha256'][:12]}), not this one (sha256 {wanted['config_sha256'][:12]}); "
-                              "give that config or another --out")
-
-
-def _train_reference(args, cfg) -> Optional[str]:
-    """Train ``--miniplm-reference`` (unless exported already) on the sweep's tokenizer and training data,
-    in the layout its ``parallel.*`` ``--set`` values give, recording its config (:data:`REFERENCE`);
-    the error, or None."""
-    paths = miniplm_paths(args.out, None)
-    try:
-        check_reference(args)
-    except ConfigError as error:
-        return str(error)
-    if os.path.isfile(os.path.join(paths["reference"], "student", "config.json")):
-        return None
-    layout = [item for item in args.overrides if item.split("=", 1)[0].strip().startswith("parallel.")]
-    overrides = [f"output_dir={paths['reference']}", f"data.train={cfg.data.train}", f"data.eval={cfg.data.eval}",
-                 *([f"tokenizer={cfg.tokenizer}"] if cfg.tokenizer else []), *layout]
-    os.makedirs(paths["reference"], exist_ok=True)
-    write_atomically(os.path.join(paths["reference"], REFERENCE), json.dumps(_reference_config(args), indent=1))
-    began = time.monotonic()
-    code = _run_logged(_distill_command(args.launcher_args, args.miniplm_reference, overrides), paths["log"])
-    _add_train_seconds(paths["reference"], time.monotonic() - began)
-    if code != 0 or not os.path.isfile(os.path.join(paths["reference"], "student", "config.json")):
-        return f"training the MiniPLM reference failed: {_last_error(paths['log'])} (log: {paths['log']})"
-    return None
-
-
-def _selection_done(args, cfg, teacher: Optional[Teacher]) -> bool:
-    """Whether ``teacher``'s selection is prepared already for this request as the sweep can tell it
-    without the reference: the same raw inputs, block length, ``--miniplm-keep`` and teacher path (so a
-    reference deleted or retrained after it does not void it)."""
-    from data.manifest import read_manifest
-
-    prepared = os.path.join(miniplm_paths(args.out, teacher)["selection"], "prepared")
-    if not os.path.isfile(os.path.join(prepared, "manifest.json")):
-        return False
-    request = read_manifest(prepared).get("miniplm", {}).get("request", {})
-    train = read_manifest(cfg.data.train)
-    inputs = [os.path.abspath(os.path.join(ROOT, path)) if os.path.isfile(os.path.join(ROOT, path)) else path
-              for path in train["inputs"]]
-    teacher_path = os.path.abspath(os.path.join(ROOT, teacher.path if teacher else cfg.teacher.path))
-    return ([item.get("path", item.get("name")) for item in request.get("inputs", [])] == inputs
-            and request.get("seq_len") == train["seq_len"] and request.get("keep") == args.miniplm_keep
-            and request.get("teacher", {}).get("path") == teacher_path)
-
-
-def _text_corpus(cfg) -> dict:
-    """``data.train``'s manifest; refuses data that is not prepared, or not text (pre-training documents)."""
-    from data.manifest import read_manifest
-
-    manifest = read_manifest(cfg.data.train)
-    if manifest["format"] != "text":
-        raise ConfigError(f"--losses miniplm selects pre-training documents; data.train {cfg.data.train} is "
-                          f"{manifest['format']!r} data")
-    return manifest
-
-
-def miniplm_command(args, cfg, teacher: Optional[Teacher]) -> List[str]:
-    """``data.miniplm`` on the raw inputs ``data.train`` was prepared from (its manifest's, relative to
-    the repository), at its block length, with ``--miniplm-keep``."""
-    manifest = _text_corpus(cfg)
-    paths = miniplm_paths(args.out, teacher)
-    teacher_path = teacher.path if teacher else cfg.teacher.path
-    return [sys.executable, "-m", "data.miniplm", "--input", *manifest["inputs"], "--tokenizer",
-            cfg.tokenizer or teacher_path, "--teacher", teacher_path, "--reference",
-            os.path.join(paths["reference"], "student"), "--seq-len", str(manifest["seq_len"]), "--out",
-            paths["selection"], "--keep", str(args.miniplm_keep)]
-
-
-def _prepare_miniplm(args, cfg, teacher: Optional[Teacher]) -> Optional[str]:
-    """The reference, then the selection for ``teacher`` (both reused where they exist; a selection of
-    the same request (:func:`_selection_done`) is reused without the reference); the error, or None."""
-    try:
-        if _selection_done(args, cfg, teacher):
-            return None
-    except UserError as error:  # data.train is not prepared data
-        return str(error)
-    error = _train_reference(args, cfg)
-    if error:
-        return error
-    try:
-        command = miniplm_command(args, cfg, teacher)
-    except UserError as error:  # data.train is not prepared text
-        return str(error)
-    log = miniplm_paths(args.out, teacher)["log"]
-    if _run_logged(command, log) != 0:
-        return f"data.miniplm failed: {_last_error(log)} (log: {log})"
-    return None
-
-
-SWEEP_ONLY["miniplm"] = SweepOnly(
-    "ce", "MiniPLM: ce on the --miniplm-keep of documents with the largest teacher - reference log-probability "
-          "(data.miniplm; the reference: --miniplm-reference)",
-    lambda args, teacher: [f"data.train={os.path.join(miniplm_paths(args.out, teacher)['selection'], 'prepared')}"],
-    _prepare_miniplm)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,39 +259,12 @@ def summarise(out_dir: str, grid: List[Setting], seeds: List[int], failures: dic
                 paired = paired_difference(values, theirs)
                 vs_kl = paired if len(paired["seeds"]) > 1 else None  # no spread or test under 2 seeds
             entry["metrics"][metric] = {"mean": mean, "std": std, "values": list(values.values()), "vs_kl": vs_kl}
-        seconds = [_train_seconds(os.path.join(out_dir, run)) for run in entry["runs"]]
+        seconds = [runs.train_seconds(os.path.join(out_dir, run)) for run in entry["runs"]]
         entry["train_seconds"] = mean_std([s for s in seconds if s is not None])[0]
         summary["settings"].append(entry)
     summary["teacher_comparison"] = teacher_comparison(summary["settings"], METRICS)
     summary["miniplm"] = miniplm_costs(out_dir, grid)
     return summary
-
-
-def _train_seconds(run_dir: str) -> Optional[float]:
-    """The run's :data:`TIMING` ``train_seconds``, or None where it has none."""
-    path = os.path.join(run_dir, TIMING)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as handle:
-        return json.load(handle)["train_seconds"]
-
-
-def miniplm_costs(out_dir: str, grid: List[Setting]) -> List[dict]:
-    """Per miniplm setting whose selection exists: what making it cost (once, for every seed): the
-    reference's training seconds, each model's scoring seconds and estimated FLOPs, and the counts
-    kept (data.miniplm's manifest)."""
-    from data.manifest import read_manifest
-
-    out = []
-    for setting in grid:
-        prepared = os.path.join(miniplm_paths(out_dir, setting.teacher)["selection"], "prepared")
-        if setting.sweep_only != "miniplm" or not os.path.isfile(os.path.join(prepared, "manifest.json")):
-            continue
-        section = read_manifest(prepared)["miniplm"]
-        out.append({"setting": setting.path, "keep": section["request"]["keep"], "counts": section["counts"],
-                    "reference_train_seconds": _train_seconds(miniplm_paths(out_dir, None)["reference"]),
-                    "scoring": section["cost"]})
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,14 +291,14 @@ def _quick_assets(out_dir: str, launcher_args: str) -> List[str]:
         steps += [[python, "-m", "data.prepare", "--tokenizer", f"{assets}/tokenizer", "--input",
                    f"{assets}/data/pretrain/{split}.txt", "--format", "text", "--seq-len", "64", "--out",
                    f"{assets}/prepared-{split}"] for split in ("train", "eval")]
-        steps.append(_distill_command(launcher_args, "launch/configs/demo_teacher.yaml", [
+        steps.append(runs.distill_command(launcher_args, "launch/configs/demo_teacher.yaml", [
             f"output_dir={assets}/teacher", f"tokenizer={assets}/tokenizer", f"student.config={tiny}",
             f"data.train={assets}/prepared-train", f"data.eval={assets}/prepared-eval", "train.max_steps=30",
             "train.warmup_steps=2", "checkpoint.every=1000", "eval.every=0"]))
         log = os.path.join(assets, "assets.log")
         for command in steps:
-            if _run_logged(command, log) != 0:
-                raise ConfigError(f"--quick: building the tiny teacher failed: {_last_error(log)} (log: {log})")
+            if runs.run_logged(command, log) != 0:
+                raise ConfigError(f"--quick: building the tiny teacher failed: {runs.last_error(log)} (log: {log})")
     return [f"teacher.path={assets}/teacher/student", f"tokenizer={assets}/tokenizer", f"student.config={tiny}",
             f"data.train={assets}/prepared-train", f"data.eval={assets}/prepared-eval", "train.max_steps=8",
             "train.warmup_steps=1", "checkpoint.every=1000", "eval.every=0", "eval.max_batches=2",
@@ -625,7 +392,7 @@ def _check_inputs(args: argparse.Namespace, cfg, grid: List[Setting]) -> None:
         if not os.path.exists(os.path.join(ROOT, teacher.path)):
             raise ConfigError(f"--teachers {teacher.name}={teacher.path}: no such path")
     if any(setting.sweep_only == "miniplm" for setting in grid):
-        _text_corpus(cfg)
+        text_corpus(cfg)
         check_reference(args)
     if not cfg.data.train or not os.path.isfile(os.path.join(cfg.data.train, "manifest.json")):
         print(f"sweep: warning: data.train {cfg.data.train} is not prepared data (no manifest.json): evaluations "

@@ -198,7 +198,7 @@ def test_the_sweep_makes_the_selection_once_and_reports_its_cost(corpus, models,
     from types import SimpleNamespace
 
     from core.errors import ConfigError
-    from eval import sweep
+    from eval import sweep, sweep_miniplm, sweep_runs
     from eval.report import write_sweep_report
 
     root = corpus[0] / "sweep"
@@ -219,7 +219,7 @@ def test_the_sweep_makes_the_selection_once_and_reports_its_cost(corpus, models,
         assert command[1:3] == ["-m", "data.miniplm"]
         return run_main(miniplm_main, command[3:] + ["--window", str(WINDOW), "--device", "cpu"])
 
-    monkeypatch.setattr(sweep, "_run_logged", run_logged)
+    monkeypatch.setattr(sweep_runs, "run_logged", run_logged)
     grid = sweep.settings(args.losses, args.top_k, args.beta, args.temperature)
     miniplm_setting = grid[-1]
     assert miniplm_setting.name == "miniplm" and miniplm_setting.kind == "ce"
@@ -242,19 +242,19 @@ def test_the_sweep_makes_the_selection_once_and_reports_its_cost(corpus, models,
     monkeypatch.setattr(miniplm_module, "_score_chunk", lambda *a, **k: pytest.fail("scored again"))
     shutil.rmtree(f"{root}/out/miniplm/reference/student")
     assert sweep._prepare_once({}, args, cfg, miniplm_setting) is None and len(commands) == 2
-    assert not sweep._selection_done(argparse.Namespace(**{**vars(args), "miniplm_keep": 0.5}), cfg, None)
+    assert not sweep_miniplm._selection_done(argparse.Namespace(**{**vars(args), "miniplm_keep": 0.5}), cfg, None)
     # Another reference config than the one recorded is refused by name, up front and when preparing.
     other = argparse.Namespace(**{**vars(args), "miniplm_reference": "launch/configs/demo_teacher.yaml"})
     message = "--miniplm-reference launch/configs/demo_teacher.yaml: this sweep's reference .* was trained with " \
               "launch/configs/demo_miniplm_reference.yaml"
     with pytest.raises(ConfigError, match=message):
-        sweep.check_reference(other)
+        sweep_miniplm.check_reference(other)
 
     run = root / "out" / "miniplm" / "seed0"
     run.mkdir(parents=True)
     (run / "eval.json").write_text(json.dumps({"metrics": {"nll": 2.0}}))
-    sweep._add_train_seconds(str(run), 30.0)
-    sweep._add_train_seconds(str(run), 10.0)  # a resumed run adds its seconds
+    sweep_runs.add_train_seconds(str(run), 30.0)
+    sweep_runs.add_train_seconds(str(run), 10.0)  # a resumed run adds its seconds
     summary = sweep.summarise(args.out, grid, [0], {})
     assert summary["settings"][-1]["train_seconds"] == 40.0
     [cost] = summary["miniplm"]
@@ -266,14 +266,14 @@ def test_the_sweep_makes_the_selection_once_and_reports_its_cost(corpus, models,
     assert f"teacher {cost['scoring']['teacher']['seconds']:.1f} s" in report
     # Without its selection, preparing refuses that config too (before any training).
     shutil.rmtree(f"{root}/out/miniplm/selection")
-    assert re.match(message, sweep._prepare_miniplm(other, cfg, None)) and len(commands) == 2
+    assert re.match(message, sweep_miniplm._prepare_miniplm(other, cfg, None)) and len(commands) == 2
 
 
 def test_the_sweep_refuses_miniplm_on_sft_data_and_a_bad_fraction(corpus, tokenizer_dir, demo_dir, capsys):
     from types import SimpleNamespace
 
     from core.errors import ConfigError
-    from eval import sweep
+    from eval import sweep, sweep_miniplm
 
     args = sweep.resolve_grid(sweep.build_parser().parse_args(
         ["--config", "c", "--out", str(corpus[0] / "sft-sweep"), "--losses", "miniplm", "--miniplm-keep", "2"]))
@@ -284,7 +284,7 @@ def test_the_sweep_refuses_miniplm_on_sft_data_and_a_bad_fraction(corpus, tokeni
     cfg = SimpleNamespace(tokenizer=str(tokenizer_dir), teacher=SimpleNamespace(path="t"),
                           data=SimpleNamespace(train=str(sft), eval=str(sft)))
     with pytest.raises(ConfigError, match="miniplm selects pre-training documents; data.train .* is 'sft' data"):
-        sweep.miniplm_command(args, cfg, None)
+        sweep_miniplm.miniplm_command(args, cfg, None)
     # main refuses the same before any run starts, and a missing reference config or --teachers path.
     grid = sweep.settings(args.losses, args.top_k, args.beta, args.temperature)
     with pytest.raises(ConfigError, match="miniplm selects pre-training documents"):
