@@ -9,7 +9,7 @@ import time
 from typing import Dict, List, Optional
 
 from core.errors import ConfigError, UserError
-from core.files import write_atomically
+from core.files import sha256_of, write_atomically
 from eval import sweep_runs as runs
 from eval.sweep_runs import ROOT, SWEEP_ONLY, SweepOnly, Teacher
 
@@ -30,13 +30,10 @@ REFERENCE = "reference.json"
 def _reference_config(args) -> dict:
     """``--miniplm-reference`` as :data:`REFERENCE` records it (the path relative to the repository, as
     the launcher reads it)."""
-    import hashlib
-
     path = os.path.join(ROOT, args.miniplm_reference)
     if not os.path.isfile(path):
         raise ConfigError(f"--miniplm-reference {args.miniplm_reference}: no such config")
-    with open(path, "rb") as handle:
-        return {"config": args.miniplm_reference, "config_sha256": hashlib.sha256(handle.read()).hexdigest()}
+    return {"config": args.miniplm_reference, "config_sha256": sha256_of(path)}
 
 
 def check_reference(args) -> None:
