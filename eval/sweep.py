@@ -15,7 +15,7 @@ registry kind (a kind trained on other inputs): ``miniplm`` trains ce on the ``-
 (``--miniplm-reference``, trained once into ``DIR/miniplm/reference``). Each run trains with the
 deepspeed launcher (``--launcher-args`` go to it: a hostfile runs the sweep on a cluster) into
 ``DIR/<setting>/seed<S>`` (``DIR/<teacher>/<setting>/seed<S>`` with ``--teachers``, each teacher
-distilled into the same students), the sweep owning ``output_dir``, ``seed``, the ``loss.*`` keys it
+distilled into the same students; ``ce``, which reads no teacher, trained under the first only), the sweep owning ``output_dir``, ``seed``, the ``loss.*`` keys it
 varies and, with ``--teachers``, ``teacher.path`` (every other key: the config and ``--set``, the
 same for every run); then ``eval.evaluate`` scores its exported student against its teacher on the config's eval
 data (``--math-data`` adds ``math_accuracy``), with the metric's K and β the config's. Writes
@@ -37,9 +37,10 @@ import json
 import os
 import re
 import shlex
+import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List, Optional
 
 from core.cli import run_main
@@ -145,18 +146,49 @@ def _done(run_dir: str) -> bool:
         os.path.join(run_dir, "student", "config.json"))
 
 
-def train_and_evaluate(run_dir: str, args, setting: Setting, seed: int, cfg) -> Optional[str]:
-    """Train (resuming where a checkpoint exists) and evaluate one run; the error, or None."""
-    os.makedirs(run_dir, exist_ok=True)
-    log = os.path.join(run_dir, "sweep.log")
+def trained_twin(args, setting: Setting, seed: int) -> Optional[str]:
+    """The run directory whose student this run takes instead of training its own, or None: with
+    ``--teachers``, a registry kind whose loss reads no teacher (``ce``) is trained under the first
+    teacher only, since the same seed, data and schedule give the same student bit for bit (the
+    teacher changes only its evaluation); a sweep-only setting's data may depend on the teacher."""
+    from loss.registry import LOSSES
+
+    if setting.teacher is None or setting.sweep_only or LOSSES[setting.kind].needs_teacher:
+        return None
+    first = args.teachers[0]
+    if setting.teacher == first:
+        return None
+    return os.path.join(args.out, replace(setting, teacher=first).path, f"seed{seed}")
+
+
+def _train(run_dir: str, args, setting: Setting, seed: int, log: str, env: dict) -> Optional[str]:
+    """Train the run's student (resuming where a checkpoint exists), or copy its :func:`trained_twin`'s
+    (trained first: the twin's teacher comes first in the grid); the error, or None."""
+    twin = trained_twin(args, setting, seed)
+    if twin is not None:
+        if not os.path.isfile(os.path.join(twin, "student", "config.json")):
+            return f"training failed: the student of {twin}, which this run shares, is missing"
+        shutil.rmtree(os.path.join(run_dir, "student"), ignore_errors=True)
+        shutil.copytree(os.path.join(twin, "student"), os.path.join(run_dir, "student"))
+        return None
     overrides = args.overrides + setting.overrides(args) + [f"output_dir={run_dir}", f"seed={seed}"]
     command = runs.distill_command(args.launcher_args, args.config, overrides)
-    env = {**os.environ, "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore::FutureWarning")}
     began = time.monotonic()
     code = runs.run_logged(command, log, env)
     runs.add_train_seconds(run_dir, time.monotonic() - began)
     if code != 0 or not os.path.isfile(os.path.join(run_dir, "student", "config.json")):
         return f"training failed: {runs.last_error(log)}"
+    return None
+
+
+def train_and_evaluate(run_dir: str, args, setting: Setting, seed: int, cfg) -> Optional[str]:
+    """Train (:func:`_train`) and evaluate one run; the error, or None."""
+    os.makedirs(run_dir, exist_ok=True)
+    log = os.path.join(run_dir, "sweep.log")
+    env = {**os.environ, "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore::FutureWarning")}
+    error = _train(run_dir, args, setting, seed, log, env)
+    if error:
+        return error
     teacher = setting.teacher.path if setting.teacher else cfg.teacher.path
     evaluate = [sys.executable, "-m", "eval.evaluate", "--model", os.path.join(run_dir, "student"), "--teacher",
                 teacher, "--data", args.eval_data, "--out", os.path.join(run_dir, "eval.json.partial"),

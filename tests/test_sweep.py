@@ -157,6 +157,33 @@ def test_grid_names_beta_modes_teachers_and_sweep_only_settings(monkeypatch):
             build_parser().parse_args(["--config", "c", "--out", "o", "--teachers", bad])
 
 
+def test_a_teacher_free_kind_is_trained_under_the_first_teacher_only(tmp_path, monkeypatch):
+    """With --teachers, ce (its loss reads no teacher) trains once: the later teachers' ce runs take
+    the first's student (the same seed, data and schedule give the same student bit for bit; the
+    demo grid's were), are evaluated against their own teacher and launch no training; a missing
+    twin is a named failure. Distillation kinds and sweep-only settings train per teacher."""
+    from eval import sweep, sweep_runs
+    from eval.sweep import Teacher, build_parser, settings, trained_twin
+
+    args = build_parser().parse_args(["--config", "c", "--out", str(tmp_path), "--teachers", "small=/a,big=/b"])
+    grid = {s.path: s for s in settings(["ce", "kl", "miniplm"], [10], [1.0], [1.0], None, args.teachers)}
+    assert trained_twin(args, grid["big/ce"], 2) == str(tmp_path / "small" / "ce" / "seed2")
+    assert trained_twin(args, grid["small/ce"], 2) is None
+    assert trained_twin(args, grid["big/kl-t1"], 2) is None and trained_twin(args, grid["big/miniplm"], 2) is None
+    assert args.teachers[0] == Teacher("small", "/a")
+
+    launched = []
+    monkeypatch.setattr(sweep_runs, "run_logged", lambda command, log, env=None: launched.append(command) or 0)
+    run_dir = tmp_path / "big" / "ce" / "seed2"
+    assert "student of" in sweep._train(str(run_dir), args, grid["big/ce"], 2, str(tmp_path / "log"), {})
+    twin = tmp_path / "small" / "ce" / "seed2" / "student"
+    twin.mkdir(parents=True)
+    (twin / "config.json").write_text("{}")
+    (twin / "model.safetensors").write_bytes(b"weights")
+    assert sweep._train(str(run_dir), args, grid["big/ce"], 2, str(tmp_path / "log"), {}) is None
+    assert (run_dir / "student" / "model.safetensors").read_bytes() == b"weights" and launched == []
+
+
 def _write_eval(out, path, seed, **metrics):
     run = out / path / f"seed{seed}"
     run.mkdir(parents=True)
