@@ -58,6 +58,7 @@ def test_per_token_loss_dispatches_by_name():
     labels = _labels()
     expected = {
         "tail": tail_divergence(student, teacher, top_k=3, beta=2.0, temperature=1.5),
+        "topk_bucket": tail_divergence(student, teacher, top_k=3, beta=0.0, temperature=1.5),  # β ignored: 0
         "kl": forward_kl(student, teacher, temperature=1.5),
         "reverse_kl": reverse_kl(student, teacher, temperature=1.5),
         "ce": cross_entropy(student, labels),

@@ -42,7 +42,7 @@ def test_overrides_are_yaml_scalars(base):
     ("bogus=1", "bogus: unknown key"),
     ("train.lr=fast", "train.lr: expected float, got str 'fast'"),
     ("train.max_steps=2.5", "train.max_steps: expected int"),
-    ("loss.kind=js", "loss.kind: must be one of tail, kl, reverse_kl, ce"),
+    ("loss.kind=js", "loss.kind: must be one of tail, topk_bucket, kl, reverse_kl, ce"),
     ("loss.ce_weight=2", "loss.ce_weight: must be in [0, 1]"),
     ("train.stop_at_step=11", "train.stop_at_step: must be in [1, train.max_steps=10]"),
     ("student.path=s", "student: set exactly one of student.path and student.config"),
