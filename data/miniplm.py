@@ -59,10 +59,17 @@ def model_fingerprint(directory: str, flag: str) -> dict:
     return {"path": os.path.abspath(directory), "config_sha256": sha256_of(config), "weights_sha256": sha256_of(*weights)}
 
 
+def input_names(inputs, base: str = "") -> list:
+    """How a request names each input: a local file by its absolute path (a relative one taken from
+    ``base``, default the working directory), a hub dataset by its name."""
+    return [os.path.abspath(os.path.join(base, path)) if os.path.isfile(os.path.join(base, path)) else path
+            for path in inputs]
+
+
 def _input_fingerprints(inputs) -> list:
     """sha256 of each local input file; a hub dataset is recorded by name only."""
-    return [{"path": os.path.abspath(path), "sha256": sha256_of(path)} if os.path.isfile(path) else {"name": path}
-            for path in inputs]
+    return [{"path": name, "sha256": sha256_of(name)} if os.path.isfile(name) else {"name": name}
+            for name in input_names(inputs)]
 
 
 def load_scorer(directory: str, flag: str, tokenizer, *, device: str, dtype: str):

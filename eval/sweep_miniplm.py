@@ -80,14 +80,14 @@ def _selection_done(args, cfg, teacher: Optional[Teacher]) -> bool:
     without the reference: the same raw inputs, block length, ``--miniplm-keep`` and teacher path (so a
     reference deleted or retrained after it does not void it)."""
     from data.manifest import read_manifest
+    from data.miniplm import input_names
 
     prepared = os.path.join(miniplm_paths(args.out, teacher)["selection"], "prepared")
     if not os.path.isfile(os.path.join(prepared, "manifest.json")):
         return False
     request = read_manifest(prepared).get("miniplm", {}).get("request", {})
     train = read_manifest(cfg.data.train)
-    inputs = [os.path.abspath(os.path.join(ROOT, path)) if os.path.isfile(os.path.join(ROOT, path)) else path
-              for path in train["inputs"]]
+    inputs = input_names(train["inputs"], ROOT)  # as data.miniplm names them, run from the repository
     teacher_path = os.path.abspath(os.path.join(ROOT, teacher.path if teacher else cfg.teacher.path))
     return ([item.get("path", item.get("name")) for item in request.get("inputs", [])] == inputs
             and request.get("seq_len") == train["seq_len"] and request.get("keep") == args.miniplm_keep
