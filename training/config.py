@@ -78,6 +78,25 @@ class LossConfig:
 
 
 @dataclass
+class OnPolicyConfig:
+    """On-policy distillation (GKD): on some steps the student writes the continuations the loss is
+    taken on, and the teacher scores them (:mod:`training.on_policy`)."""
+
+    fraction: float = 0.0
+    """λ: each optimizer step is on-policy with probability λ, drawn from (seed, step) alone (no
+    saved state). 0: every step trains on the data, exactly as without this section."""
+    prompt_tokens: int = 32
+    """Text blocks: the leading tokens of each block that are the prompt. SFT rows use their own
+    prompt (its last ``seq_len − max_new_tokens`` tokens where it is longer)."""
+    max_new_tokens: int = 64
+    """Every continuation is this long (no early exit); tokens after the first EOS weigh 0."""
+    temperature: float = 1.0
+    """Sampling temperature of the student's generation; 0: greedy."""
+    loss_on_prompt: bool = False
+    """Also take the loss on the prompt's tokens (data tokens), not only on the continuation."""
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = 100
     """Optimizer steps of the whole schedule."""
@@ -168,6 +187,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
 
     def __post_init__(self):
         _check_section_values(self)
@@ -213,10 +233,31 @@ def _check_section_values(cfg: "RunConfig") -> None:
         raise ConfigError(f"teacher.path: required for loss.kind {cfg.loss.kind!r}")
     if cfg.data.train is None:
         raise ConfigError("data.train: required")
+    _check_on_policy(cfg)
     for section in ("teacher", "student"):
         model = getattr(cfg, section)
         if model.trust_remote_code and not model.revision:
             raise ConfigError(f"{section}.trust_remote_code: requires {section}.revision to pin the code it runs")
+
+
+def _check_on_policy(cfg: "RunConfig") -> None:
+    on_policy = cfg.on_policy
+    if not 0 <= on_policy.fraction <= 1:
+        raise ConfigError(f"on_policy.fraction: must be in [0, 1], got {on_policy.fraction!r}")
+    for key in ("prompt_tokens", "max_new_tokens"):
+        if getattr(on_policy, key) < 1:
+            raise ConfigError(f"on_policy.{key}: must be >= 1, got {getattr(on_policy, key)!r}")
+    if on_policy.temperature < 0:
+        raise ConfigError(f"on_policy.temperature: must be >= 0 (0: greedy), got {on_policy.temperature!r}")
+    if on_policy.fraction == 0:
+        return
+    if not LOSSES[cfg.loss.kind].needs_teacher:
+        raise ConfigError(f"on_policy.fraction: loss.kind {cfg.loss.kind!r} has no teacher to score the student's "
+                          f"own samples (cross-entropy on them would teach the student what it already wrote); "
+                          f"use a divergence, or on_policy.fraction 0")
+    if cfg.loss.ce_weight > 0:
+        raise ConfigError(f"loss.ce_weight: must be 0 with on_policy.fraction > 0 (got {cfg.loss.ce_weight}): "
+                          f"cross-entropy on the student's own samples teaches it what it already wrote")
 
 
 def _coerce(value, annotation, key: str):
@@ -305,9 +346,9 @@ _SAME_MATH = ("attn_implementation", "fused_head")
 
 
 def identity(cfg: RunConfig) -> dict:
-    """The keys a checkpoint must agree on to be resumed: models, tokenizer, loss and data."""
+    """The keys a checkpoint must agree on to be resumed: models, tokenizer, loss, data and on-policy."""
     flat = {}
-    for section in ("teacher", "tokenizer", "loss", "data"):
+    for section in ("teacher", "tokenizer", "loss", "data", "on_policy"):
         value = getattr(cfg, section)
         if dataclasses.is_dataclass(value):
             flat.update({f"{section}.{k}": v for k, v in dataclasses.asdict(value).items() if k not in _SAME_MATH})
