@@ -7,7 +7,8 @@ with the runs' curves overlaid (``DIR/<metric>.png``, train and eval scalars), a
 diagram of each run's last evaluation (``DIR/reliability.png``, from ``eval_bins.json``).
 
 :func:`write_sweep_report` writes ``eval.sweep``'s report from its summary (means, spreads, paired
-differences against kl and, with several teachers, :func:`teacher_comparison`).
+differences against kl, with ``--on-policy`` a λ column, differences against λ 0 and a table of
+each setting by λ, and, with several teachers, :func:`teacher_comparison`).
 """
 
 import argparse
@@ -255,6 +256,45 @@ def _cost_section(summary) -> list:
     return lines + [""]
 
 
+def _on_policy(settings) -> list:
+    """The λ values of an ``--on-policy`` sweep's settings, ascending, or [] where every setting is at
+    λ 0 (or has no ``on_policy``: a summary from before the dimension): no λ column, no table by λ."""
+    values = sorted({setting["on_policy"] for setting in settings if setting.get("on_policy") is not None})
+    return values if any(values) else []
+
+
+def _by_on_policy(settings, metric: str, fractions) -> list:
+    """report.md's table of ``metric`` with a row per setting without its λ (summary.json's ``group``,
+    teacher-qualified) and a column per λ: mean ± std over seeds, – where that λ was not trained."""
+    rows = {}
+    for setting in settings:
+        label = f"{setting['teacher']}/{setting['group']}" if setting.get("teacher") else setting["group"]
+        rows.setdefault(label, {})[setting["on_policy"]] = setting["metrics"].get(metric)
+    lines = ["By on-policy fraction λ (mean ± std over seeds):", "",
+             "| setting | " + " | ".join(f"λ {value:g}" for value in fractions) + " |",
+             "| --- |" + " ---: |" * len(fractions)]
+    lines += [f"| {label} | " + " | ".join(_cell(cells.get(value)) for value in fractions) + " |"
+              for label, cells in rows.items()]
+    return lines + [""]
+
+
+def _metric_section(settings, metric: str, fractions) -> list:
+    """report.md's table of ``metric``: a row per setting (runs, mean ± std, vs kl) and, in an
+    ``--on-policy`` sweep (``fractions``), its λ and its difference against λ 0, then the table by λ."""
+    on_policy = bool(fractions)
+    header = ["setting"] + (["λ"] if on_policy else []) + ["runs", "mean ± std", "vs kl"] + (
+        ["vs λ 0"] if on_policy else [])
+    lines = [f"## {metric}", "", "| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
+    for setting in settings:
+        stats = setting["metrics"].get(metric) or {}
+        cells = [_label(setting)] + ([f"{setting['on_policy']:g}"] if on_policy else [])
+        cells += [str(len(stats.get("values", []))), _cell(stats), _difference(stats.get("vs_kl"))]
+        cells += [_difference(stats.get("vs_off_policy"))] if on_policy else []
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [""] + (_by_on_policy(settings, metric, fractions) if on_policy else [])
+    return lines + [f"![{metric}]({metric}.png)", ""]
+
+
 def _plot_sweep_metric(out_dir: str, metric: str, named) -> None:
     import matplotlib
 
@@ -272,20 +312,20 @@ def _plot_sweep_metric(out_dir: str, metric: str, named) -> None:
 
 
 def write_sweep_report(out_dir: str, summary: dict, metrics, seeds, command: str) -> None:
-    """``report.md`` (a table per metric, then the teacher comparison where there is one) and
-    ``<metric>.png`` (means with standard deviations) from ``eval.sweep``'s summary."""
+    """``report.md`` (a table per metric, with ``--on-policy`` each setting's λ and a table by λ too,
+    then the teacher comparison where there is one) and ``<metric>.png`` (means with standard
+    deviations) from ``eval.sweep``'s summary."""
     present = [m for m in metrics if any(m in s["metrics"] for s in summary["settings"])]
+    fractions = _on_policy(summary["settings"])
     lines = ["# Sweep report", "", f"Reproduce: `{command}`", "",
              f"Mean ± standard deviation (ddof 1) over seeds {', '.join(map(str, seeds))}; *vs kl*: the paired "
-             "difference setting − kl (same seed and teacher, temperature 1), its mean ± spread and the paired "
-             "t-test p-value (`scipy.stats.ttest_rel`).", ""]
+             "difference setting − kl (same seed and teacher, temperature 1" + (", same λ" if fractions else "") +
+             "), its mean ± spread and the paired t-test p-value (`scipy.stats.ttest_rel`)." +
+             (" λ: the on-policy fraction (`on_policy.fraction`: the probability that a step trains the student on "
+              "its own samples, scored by the teacher); *vs λ 0*: the paired difference against the same setting at "
+              "λ 0 (same seed and teacher), likewise." if fractions else ""), ""]
     for metric in present:
-        lines += [f"## {metric}", "", "| setting | runs | mean ± std | vs kl |", "| --- | ---: | ---: | ---: |"]
-        for setting in summary["settings"]:
-            stats = setting["metrics"].get(metric)
-            lines.append(f"| {_label(setting)} | {len(stats['values']) if stats else 0} | {_cell(stats)} | "
-                         f"{_difference(stats['vs_kl'] if stats else None)} |")
-        lines += ["", f"![{metric}]({metric}.png)", ""]
+        lines += _metric_section(summary["settings"], metric, fractions)
         _plot_sweep_metric(out_dir, metric, [s for s in summary["settings"] if metric in s["metrics"]])
     lines += _teacher_section(summary.get("teacher_comparison", []))
     lines += _cost_section(summary)

@@ -2,13 +2,17 @@
 evaluate every one against its teacher, and report means, spreads and paired tests against KL.
 
     python -m eval.sweep --config launch/configs/demo_distill.yaml --losses ce,kl,reverse_kl,tail,topk_bucket \\
-        --top-k 5,10 --beta 1,2 [--beta-mode constant,sequence] --temperature 1 --seeds 0,1,2 --out DIR \\
-        [--teachers NAME=PATH,...] [--set key=value]... [--launcher-args "--num_gpus 2"] \\
+        --top-k 5,10 --beta 1,2 [--beta-mode constant,sequence] --temperature 1 [--on-policy 0,0.5,1] \\
+        --seeds 0,1,2 --out DIR [--teachers NAME=PATH,...] [--set key=value]... [--launcher-args "--num_gpus 2"] \\
         [--math-data SFT_EVAL.jsonl] [--quick]
 
 Settings: ``ce`` and ``reverse_kl`` once per seed, ``kl-t<T>`` per temperature, ``topk_bucket-k<K>-t<T>``
 per K × temperature, ``tail-k<K>-b<B>-t<T>`` per K × β × temperature, and with ``--beta-mode`` per β
-mode too (``sequence`` ones named ``...-seq``; without it, the config's mode and no suffix);
+mode too (``sequence`` ones named ``...-seq``; without it, the config's mode and no suffix), and with
+``--on-policy`` per on-policy fraction λ (``on_policy.fraction``; every name ends ``-op<λ>``: ``kl-t1-op0.5``;
+without it, the config's λ and no suffix); a kind whose loss reads no teacher (``ce``, and ``miniplm``,
+which trains ce) learns the data's own tokens, which the job refuses on-policy, so it runs at λ 0 only
+(``ce-op0``), and the sweep says so;
 ``--top-k 5,10,20,50,100`` is the paper's K ablation. :data:`SWEEP_ONLY` names settings that are no
 registry kind (a kind trained on other inputs): ``miniplm`` trains ce on the ``--miniplm-keep`` of
 ``data.train``'s raw documents that ``data.miniplm`` selects with the teacher and a reference model
@@ -16,12 +20,14 @@ registry kind (a kind trained on other inputs): ``miniplm`` trains ce on the ``-
 deepspeed launcher (``--launcher-args`` go to it: a hostfile runs the sweep on a cluster) into
 ``DIR/<setting>/seed<S>`` (``DIR/<teacher>/<setting>/seed<S>`` with ``--teachers``, each teacher
 distilled into the same students; ``ce``, which reads no teacher, trained under the first only), the sweep owning ``output_dir``, ``seed``, the ``loss.*`` keys it
-varies and, with ``--teachers``, ``teacher.path`` (every other key: the config and ``--set``, the
+varies and, with ``--teachers``, ``teacher.path``, with ``--on-policy``, ``on_policy.fraction`` (set only
+where λ > 0: a λ 0 run is the run without the flag) (every other key: the config and ``--set``, the
 same for every run); then ``eval.evaluate`` scores its exported student against its teacher on the config's eval
 data (``--math-data`` adds ``math_accuracy``), with the metric's K and β the config's. Writes
 ``DIR/summary.json``, ``DIR/report.md`` (``eval.report.write_sweep_report``) and a plot per metric.
 
-Restartable: a run whose evaluation and export exist is skipped; an interrupted one resumes from
+Restartable: a run whose evaluation and export exist is skipped (its directory is its setting's
+name, so runs at different λ never take each other's place); an interrupted one resumes from
 its checkpoint. A failed run is reported with its log's last error and the others go on (exit 1).
 ``--quick``: its own tiny teacher and data, a few steps (a test runs it); it fills in kl and tail, K 5,
 β 2 and seed 0 where ``--losses``, ``--top-k``, ``--beta`` or ``--seeds`` are not given.
@@ -54,8 +60,8 @@ METRICS = ("nll", "perplexity", "forward_kl", "top1_agreement", "full_ece", "top
            "nll_rare", "full_ece_rare", "nll_rare_sequences", "math_accuracy")
 """Reported per setting, named as eval.evaluate writes them (math_accuracy where --math-data is given)."""
 _OWNED = ("output_dir", "seed", "loss.kind", "loss.top_k", "loss.beta", "loss.temperature")
-"""Config keys the sweep always sets; ``loss.beta_mode`` and ``teacher.path`` too where ``--beta-mode``
-and ``--teachers`` are given."""
+"""Config keys the sweep always sets; ``loss.beta_mode``, ``teacher.path`` and ``on_policy.fraction`` too
+where ``--beta-mode``, ``--teachers`` and ``--on-policy`` are given."""
 
 
 def _number(value: float) -> str:
@@ -79,6 +85,9 @@ class Setting:
     """None: the config's ``teacher.path``, and the sweep's directory has no teacher level."""
     sweep_only: Optional[str] = None
     """The :data:`SWEEP_ONLY` name this setting trains (as ``kind``), else None."""
+    on_policy: Optional[float] = None
+    """λ, its ``on_policy.fraction`` (set only where > 0); None: no ``--on-policy``, the config's λ and
+    no ``-op`` suffix."""
 
     def _swept(self):
         """``(key, value)`` of each value the sweep sets, in :data:`_AXES`' order."""
@@ -86,10 +95,13 @@ class Setting:
 
     @property
     def name(self) -> str:
-        """The kind, then each value set, tagged, and ``-seq`` for β mode sequence: ``tail-k5-b2-t1``,
-        ``tail-k5-b2-t1-seq``, ``kl-t1``, ``ce``, ``miniplm``."""
+        """The kind, then each value set, tagged, ``-seq`` for β mode sequence and ``-op<λ>`` with
+        ``--on-policy``: ``tail-k5-b2-t1``, ``tail-k5-b2-t1-seq``, ``kl-t1``, ``ce``, ``miniplm``,
+        ``tail-k5-b2-t1-seq-op0.5``, ``kl-t1-op1``, ``ce-op0``."""
         tags = [_AXES[key][0] + _AXES[key][1](value) for key, value in self._swept()]
-        return "-".join([self.sweep_only or self.kind] + tags + (["seq"] if self.beta_mode == "sequence" else []))
+        tags += ["seq"] if self.beta_mode == "sequence" else []
+        tags += [f"op{_number(self.on_policy)}"] if self.on_policy is not None else []
+        return "-".join([self.sweep_only or self.kind] + tags)
 
     @property
     def path(self) -> str:
@@ -101,20 +113,41 @@ class Setting:
         out = [f"loss.kind={self.kind}"] + [f"loss.{key}={value}" for key, value in self._swept()]
         out += [f"loss.beta_mode={self.beta_mode}"] if self.beta_mode else []
         out += [f"teacher.path={self.teacher.path}"] if self.teacher else []
+        out += [f"on_policy.fraction={self.on_policy}"] if self.on_policy else []  # λ 0: the run as without it
         return out + (SWEEP_ONLY[self.sweep_only].overrides(args, self.teacher) if self.sweep_only else [])
 
 
-def settings(losses, top_ks, betas, temperatures, beta_modes=None, teachers=None) -> List[Setting]:
+def off_policy_only(name: str) -> bool:
+    """Whether the ``--losses`` value ``name`` (a registry kind or a :data:`SWEEP_ONLY` name) trains on
+    the data's own tokens: its loss reads no teacher (``ce``; ``miniplm`` trains ce), so there is
+    nothing to score the student's samples and the job config refuses it ``on_policy.fraction`` > 0
+    (``training.config``'s rule, on the same registry property)."""
+    from loss.registry import LOSSES
+
+    return not LOSSES[SWEEP_ONLY[name].kind if name in SWEEP_ONLY else name].needs_teacher
+
+
+def _on_policy_axis(name: str, on_policy) -> list:
+    """The λ values ``name`` is trained at: ``[None]`` without ``--on-policy``, ``[0.0]`` for an
+    :func:`off_policy_only` one, else ``on_policy``."""
+    if on_policy is None:
+        return [None]
+    return [0.0] if off_policy_only(name) else list(on_policy)
+
+
+def settings(losses, top_ks, betas, temperatures, beta_modes=None, teachers=None, on_policy=None) -> List[Setting]:
     """Every combination the sweep trains, in a stable order: per teacher (``teachers``; None: the
     config's), per kind, K where it uses it, β × β mode (``beta_modes``; None: the config's) where it
     uses them and × temperature where the comparison varies it (:data:`loss.registry.LOSSES`), else
-    once; a :data:`SWEEP_ONLY` name once."""
+    once; a :data:`SWEEP_ONLY` name once; each of those × λ (``on_policy``; None: the config's), λ
+    innermost so that a setting's λ values stand together, an :func:`off_policy_only` one at λ 0 only."""
     from loss.registry import LOSSES
 
     out = []
     for teacher, kind in itertools.product(teachers or [None], losses):
         if kind in SWEEP_ONLY:
-            out.append(Setting(SWEEP_ONLY[kind].kind, teacher=teacher, sweep_only=kind))
+            out += [Setting(SWEEP_ONLY[kind].kind, teacher=teacher, sweep_only=kind, on_policy=fraction)
+                    for fraction in _on_policy_axis(kind, on_policy)]
             continue
         if kind not in LOSSES:
             raise ConfigError(f"--losses: unknown {kind!r}; expected some of {', '.join([*LOSSES, *SWEEP_ONLY])}")
@@ -123,9 +156,21 @@ def settings(losses, top_ks, betas, temperatures, beta_modes=None, teachers=None
         axes.update({"beta": betas} if entry.uses_beta else {})
         axes.update({"temperature": temperatures} if entry.compare_temperatures else {})
         axes.update({"beta_mode": beta_modes} if entry.uses_beta and beta_modes else {})
+        axes["on_policy"] = _on_policy_axis(kind, on_policy)
         out += [Setting(kind, teacher=teacher, **dict(zip(axes, values)))
                 for values in itertools.product(*axes.values())]
     return out
+
+
+def off_policy_note(losses, on_policy) -> Optional[str]:
+    """The line the sweep prints where ``--on-policy`` asks for some λ > 0 and ``losses`` has
+    :func:`off_policy_only` values (run at λ 0 only), else None."""
+    held = [name for name in losses if off_policy_only(name)]
+    if not held or not any(on_policy or ()):
+        return None
+    return (f"sweep: on-policy (on_policy.fraction > 0) is refused by the job for {', '.join(held)} (trained on "
+            f"the data's own tokens, which no teacher scores): run at λ 0 only (named ...-op0), not at "
+            f"{', '.join(_number(value) for value in on_policy if value)}")
 
 
 def _csv(kind):
@@ -260,37 +305,52 @@ def _read_results(out_dir: str, grid: List[Setting], seeds: List[int]) -> dict:
     return results
 
 
-def summarise(out_dir: str, grid: List[Setting], seeds: List[int], failures: dict, beta_mode: str = "constant") -> dict:
+def _paired_against(values: dict, results: dict, setting: Setting, reference: Optional[Setting], metric: str):
+    """``values`` (``{seed: value}`` of ``setting``'s ``metric``) minus ``reference``'s, paired by seed
+    (:func:`eval.report.paired_difference`); None without a reference other than the setting itself,
+    or under 2 common seeds (no spread, no test)."""
+    if reference is None or reference == setting:
+        return None
+    theirs = {seed: metrics[metric] for (path, seed), metrics in results.items()
+              if path == reference.path and metric in metrics}
+    paired = paired_difference(values, theirs)
+    return paired if len(paired["seeds"]) > 1 else None
+
+
+def summarise(out_dir: str, grid: List[Setting], seeds: List[int], failures: dict, beta_mode: str = "constant",
+              on_policy: float = 0.0) -> dict:
     """``summary.json``'s content from the runs' eval.json files (failed or missing runs left out).
-    ``beta_mode``: the config's, reported for the settings that use β and do not set it."""
+    ``beta_mode`` and ``on_policy`` (λ): the config's, reported for the settings that do not set them.
+    Per metric, ``vs_kl``: the difference against kl at temperature 1 with the same teacher and λ;
+    ``vs_off_policy``: against the same setting at λ 0 (settings at λ > 0 in an ``--on-policy`` grid
+    with 0, else None)."""
     from loss.registry import BASELINE, LOSSES
 
     results = _read_results(out_dir, grid, seeds)
-    references = {s.teacher: s for s in reversed(grid)
+    references = {(s.teacher, s.on_policy): s for s in reversed(grid)
                   if s.kind == BASELINE and s.temperature == 1.0 and s.sweep_only is None}
     summary = {"settings": [], "failed": [{"setting": path, "seed": seed, "error": error}
                                           for (path, seed), error in sorted(failures.items())]}
     for setting in grid:
         done = [seed for seed in seeds if (setting.path, seed) in results]
         mode = setting.beta_mode or beta_mode if LOSSES[setting.kind].uses_beta else None
-        entry = {"name": setting.name, "kind": setting.kind, "top_k": setting.top_k, "beta": setting.beta,
-                 "temperature": setting.temperature, "beta_mode": mode,
+        entry = {"name": setting.name, "group": replace(setting, on_policy=None).name, "kind": setting.kind,
+                 "top_k": setting.top_k, "beta": setting.beta, "temperature": setting.temperature, "beta_mode": mode,
+                 "on_policy": on_policy if setting.on_policy is None else setting.on_policy,
                  "teacher": setting.teacher.name if setting.teacher else None,
                  "runs": [os.path.join(setting.path, f"seed{seed}") for seed in done], "seeds": done, "metrics": {}}
-        reference = references.get(setting.teacher)
+        reference = references.get((setting.teacher, setting.on_policy))
+        off_policy = replace(setting, on_policy=0.0) if setting.on_policy else None
+        off_policy = off_policy if off_policy in grid else None
         for metric in METRICS:
             values = {seed: results[(setting.path, seed)][metric] for seed in done
                       if metric in results[(setting.path, seed)]}
             if not values:
                 continue
             mean, std = mean_std(list(values.values()))
-            vs_kl = None
-            if reference is not None and setting != reference:
-                theirs = {seed: metrics[metric] for (path, seed), metrics in results.items()
-                          if path == reference.path and metric in metrics}
-                paired = paired_difference(values, theirs)
-                vs_kl = paired if len(paired["seeds"]) > 1 else None  # no spread or test under 2 seeds
-            entry["metrics"][metric] = {"mean": mean, "std": std, "values": list(values.values()), "vs_kl": vs_kl}
+            entry["metrics"][metric] = {"mean": mean, "std": std, "values": list(values.values()),
+                                        "vs_kl": _paired_against(values, results, setting, reference, metric),
+                                        "vs_off_policy": _paired_against(values, results, setting, off_policy, metric)}
         seconds = [runs.train_seconds(os.path.join(out_dir, run)) for run in entry["runs"]]
         entry["train_seconds"] = mean_std([s for s in seconds if s is not None])[0]
         summary["settings"].append(entry)
@@ -381,6 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="β modes for the kinds that use β, e.g. constant,sequence (default: the config's; "
                              "sequence settings are named ...-seq)")
     parser.add_argument("--temperature", type=_csv(float), default=[1.0], help="temperatures for kl, tail, topk_bucket")
+    parser.add_argument("--on-policy", type=_csv(float), metavar="λ,...",
+                        help="on-policy fractions λ in [0, 1] (on_policy.fraction), a grid dimension: every setting "
+                             "named ...-op<λ>; ce and miniplm (no teacher scores their tokens) at λ 0 only "
+                             "(default: the config's λ, names without -op)")
     parser.add_argument("--seeds", type=_csv(int), help="default 0,1,2")
     parser.add_argument("--teachers", type=_teachers, metavar="NAME=PATH,...",
                         help="teachers, each distilled into the same students: runs go to DIR/<NAME>/<setting>/seed<S> "
@@ -403,8 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
-    """Refuse ``--set`` of a key the sweep sets and an unknown β mode, naming them."""
+    """Refuse ``--set`` of a key the sweep sets, an unknown β mode and a λ outside [0, 1] or given
+    twice, naming them."""
     owned = _OWNED + (("loss.beta_mode",) if args.beta_mode else ()) + (("teacher.path",) if args.teachers else ())
+    owned += ("on_policy.fraction",) if args.on_policy is not None else ()
     for override in args.overrides:
         if override.split("=", 1)[0].strip() in owned:
             raise ConfigError(f"--set {override}: the sweep sets {override.split('=', 1)[0]} itself")
@@ -413,6 +479,13 @@ def _check_arguments(args: argparse.Namespace) -> None:
     for mode in args.beta_mode or ():
         if mode not in ("constant", "sequence"):
             raise ConfigError(f"--beta-mode: unknown {mode!r}; expected some of constant, sequence")
+    for index, fraction in enumerate(args.on_policy or ()):
+        if not 0 <= fraction <= 1:  # NaN too
+            raise ConfigError(f"--on-policy: λ (on_policy.fraction) must be in [0, 1], got {fraction}")
+        if fraction in args.on_policy[:index]:
+            raise ConfigError(f"--on-policy: λ {_number(fraction)} given twice (its runs would share a directory)")
+    if args.on_policy == []:
+        raise ConfigError("--on-policy: no λ given; expected comma-separated fractions in [0, 1], e.g. 0,0.5,1")
 
 
 def _check_inputs(args: argparse.Namespace, cfg, grid: List[Setting]) -> None:
@@ -431,6 +504,25 @@ def _check_inputs(args: argparse.Namespace, cfg, grid: List[Setting]) -> None:
               "run without --train-data, so the tail metrics (nll_rare, ...) will be missing", file=sys.stderr)
 
 
+def _check_on_policy_configs(args: argparse.Namespace, cfg, grid: List[Setting]) -> None:
+    """Before any run starts, with ``--on-policy``: refuse a config that sets ``on_policy.fraction``
+    itself (its λ 0 runs, which set nothing, would take it), then load each λ > 0 setting's config as
+    its run will (the config, ``--set`` and the setting's own keys), so that the job's refusals
+    on-policy (``loss.ce_weight`` > 0, ...) stop the sweep once, by name, instead of failing every
+    such run."""
+    from training.config import load_config
+
+    if args.on_policy is not None and cfg.on_policy.fraction != 0:
+        raise ConfigError(f"--on-policy: {args.config} sets on_policy.fraction {cfg.on_policy.fraction}, which its "
+                          "λ 0 runs would train with; remove it from the config (the sweep sets λ)")
+    for setting in grid:
+        if setting.on_policy:
+            try:
+                load_config(args.config, args.overrides + setting.overrides(args))
+            except ConfigError as error:
+                raise ConfigError(f"--on-policy: {setting.path}'s runs would be refused: {error}") from error
+
+
 def main(argv=None) -> int:
     args = resolve_grid(build_parser().parse_args(argv))
     _check_arguments(args)
@@ -444,10 +536,15 @@ def main(argv=None) -> int:
         raise ConfigError("teacher.path (or --teachers) and data.eval: the sweep evaluates every student against its "
                           "teacher on data.eval; set both")
     args.eval_data = cfg.data.eval
-    grid = settings(args.losses, args.top_k, args.beta, args.temperature, args.beta_mode, args.teachers)
+    grid = settings(args.losses, args.top_k, args.beta, args.temperature, args.beta_mode, args.teachers,
+                    args.on_policy)
     _check_inputs(args, cfg, grid)
+    _check_on_policy_configs(args, cfg, grid)
+    note = off_policy_note(args.losses, args.on_policy)
+    if note:
+        print(note, file=sys.stderr)
     failures = run_sweep(args, cfg, grid)
-    summary = summarise(args.out, grid, args.seeds, failures, cfg.loss.beta_mode)
+    summary = summarise(args.out, grid, args.seeds, failures, cfg.loss.beta_mode, cfg.on_policy.fraction)
     with open(os.path.join(args.out, "summary.json"), "w") as handle:
         json.dump(summary, handle, indent=1)
     command = "python -m eval.sweep " + shlex.join(argv if argv is not None else sys.argv[1:])

@@ -1,7 +1,7 @@
 """eval.sweep --quick end to end: its own tiny teacher, kl and topk_bucket (explicit --losses kept by
 --quick), one seed; the report's numbers are the runs' own evaluations; a second start skips what is
 done; a failing run is reported. Without a launch: the grid's arguments, names and layout, and the
-summary and report (paired differences, teachers) from eval.json files written here."""
+summary and report (paired differences, teachers, the on-policy fraction λ) from eval.json files written here."""
 
 import json
 import os
@@ -227,3 +227,178 @@ def test_summary_and_report_pair_each_teacher_with_its_own_kl(tmp_path):
     assert "| big/tail-k10-b1-t1-seq | 3 |" in report and "## Does setting − kl change with the teacher?" in report
     assert "its data differ per teacher (the selection is made with each teacher)" in report
     assert f"| tail-k10-b1-t1-seq | nll | {vs['mean']:+.3g} ± " in report and "- big/kl-t1 seed 5: boom" in report
+
+
+def test_on_policy_is_a_grid_dimension_named_op_and_set_only_where_positive(tmp_path, monkeypatch):
+    """--on-policy λ,...: every setting × λ (λ innermost), named ...-op<λ>; ce and miniplm (no teacher
+    scores their tokens) at λ 0 only; a run gets on_policy.fraction only where λ > 0, so a λ 0 run's
+    command is the one without the flag; the λ 0.5 run's config, as the job loads it, has λ 0.5."""
+    from eval import sweep, sweep_runs
+    from eval.sweep import build_parser, resolve_grid, settings, trained_twin
+    from training.config import load_config
+
+    plain = settings(["ce", "kl", "tail", "miniplm"], [10], [1.0], [1.0])
+    assert [s.name for s in plain] == ["ce", "kl-t1", "tail-k10-b1-t1", "miniplm"]  # no flag: names unchanged
+    grid = settings(["ce", "kl", "tail", "miniplm"], [10], [1.0], [1.0], None, None, [0.0, 0.5, 1.0])
+    assert [s.name for s in grid] == ["ce-op0", "kl-t1-op0", "kl-t1-op0.5", "kl-t1-op1", "tail-k10-b1-t1-op0",
+                                      "tail-k10-b1-t1-op0.5", "tail-k10-b1-t1-op1", "miniplm-op0"]
+    by_name = {s.name: s for s in grid}
+    assert by_name["kl-t1-op0"].overrides(None) == plain[1].overrides(None) == ["loss.kind=kl", "loss.temperature=1.0"]
+    assert by_name["ce-op0"].overrides(None) == ["loss.kind=ce"]
+    assert by_name["tail-k10-b1-t1-op0.5"].overrides(None) == ["loss.kind=tail", "loss.top_k=10", "loss.beta=1.0",
+                                                               "loss.temperature=1.0", "on_policy.fraction=0.5"]
+    # β modes and teachers keep their places; λ comes last in the name; ce's twin is at λ 0 too.
+    args = build_parser().parse_args(["--config", "launch/configs/demo_distill.yaml", "--out", str(tmp_path),
+                                      "--teachers", "small=/a,big=/b", "--on-policy", "0.5,0"])
+    grid = settings(["ce", "tail"], [10], [1.0], [1.0], ["sequence"], args.teachers, args.on_policy)
+    assert [s.path for s in grid] == [f"{t}/{n}" for t in ("small", "big") for n in (
+        "ce-op0", "tail-k10-b1-t1-seq-op0.5", "tail-k10-b1-t1-seq-op0")]
+    assert trained_twin(args, grid[3], 1) == str(tmp_path / "small" / "ce-op0" / "seed1")
+    assert trained_twin(args, grid[4], 1) is None
+
+    launched = []
+    monkeypatch.setattr(sweep_runs, "run_logged", lambda command, log, env=None: launched.append(command) or 1)
+    args.overrides, args.launcher_args = [], "--num_gpus 1"
+    for setting in grid[1:3]:
+        run_dir = tmp_path / setting.path / "seed1"
+        run_dir.mkdir(parents=True)
+        assert "training failed" in sweep._train(str(run_dir), args, setting, 1, str(tmp_path / "log"), {})
+    sets = [[c[i + 1] for i in range(len(c) - 1) if c[i] == "--set"] for c in launched]
+    assert [[item for item in s if item.startswith("on_policy.")] for s in sets] == [["on_policy.fraction=0.5"], []]
+    assert sets[0][:-2] == sets[1][:-2] + ["on_policy.fraction=0.5"]  # then output_dir and seed
+    job = load_config(os.path.join(ROOT, args.config), [item for item in sets[0] if not item.startswith("output_dir")])
+    assert (job.on_policy.fraction, job.loss.kind, job.loss.beta_mode, job.teacher.path) == (0.5, "tail", "sequence",
+                                                                                              "/a")
+    assert load_config(os.path.join(ROOT, args.config), sets[1][:-2]).on_policy.fraction == 0.0
+
+    # --quick fills no λ, and keeps the ones given.
+    quick = resolve_grid(build_parser().parse_args(["--config", "c", "--out", "o", "--quick"]))
+    assert quick.on_policy is None
+    assert resolve_grid(build_parser().parse_args(["--config", "c", "--out", "o", "--quick", "--on-policy",
+                                                   "0,1"])).on_policy == [0.0, 1.0]
+
+
+def test_off_policy_only_kinds_follow_the_job_configs_refusal():
+    """The sweep's λ 0 only rule (off_policy_only) is the job config's: for every registry kind, a
+    config with on_policy.fraction 1 is refused by name exactly for the off_policy_only ones; the
+    sweep says which settings it holds at λ 0, and only where some λ > 0 was asked for."""
+    from core.errors import ConfigError
+    from eval.sweep import SWEEP_ONLY, off_policy_note, off_policy_only
+    from loss.registry import LOSSES
+    from training.config import load_config
+
+    config = os.path.join(ROOT, "launch/configs/demo_distill.yaml")
+    refused = set()
+    for kind in LOSSES:
+        try:
+            load_config(config, [f"loss.kind={kind}", "on_policy.fraction=1"])
+        except ConfigError as error:
+            assert f"on_policy.fraction: loss.kind {kind!r}" in str(error)
+            refused.add(kind)
+    assert refused == {kind for kind in LOSSES if off_policy_only(kind)} == {"ce"}
+    assert off_policy_only("miniplm") and SWEEP_ONLY["miniplm"].kind == "ce"
+    note = off_policy_note(["ce", "kl", "miniplm"], [0.0, 0.5, 1.0])
+    assert note.startswith("sweep: on-policy (on_policy.fraction > 0) is refused by the job for ce, miniplm (")
+    assert note.endswith("run at λ 0 only (named ...-op0), not at 0.5, 1")
+    assert off_policy_note(["ce", "kl"], [0.0]) is None and off_policy_note(["kl", "tail"], [0.5]) is None
+    assert off_policy_note(["ce"], None) is None
+
+
+def test_on_policy_refusals_name_the_bad_value(tmp_path):
+    from core.errors import ConfigError
+    from eval import sweep
+    from eval.sweep import build_parser, settings
+    from training.config import load_config
+
+    def check(*argv):
+        sweep._check_arguments(sweep.resolve_grid(build_parser().parse_args(["--config", "c", "--out", "o", *argv])))
+
+    for value, message in (("0,1.5", "got 1.5"), ("-0.1", "got -0.1"), ("nan", "got nan")):
+        bounds = r"--on-policy: λ \(on_policy.fraction\) must be in \[0, 1\], "
+        with pytest.raises(ConfigError, match=bounds + message):
+            check("--on-policy", value)
+    with pytest.raises(ConfigError, match="--on-policy: λ 0.5 given twice"):
+        check("--on-policy", "0,0.5,0.50")
+    with pytest.raises(ConfigError, match="--on-policy: no λ given"):
+        check("--on-policy", ",")
+    with pytest.raises(ConfigError, match="sweep sets on_policy.fraction itself"):
+        check("--on-policy", "0,1", "--set", "on_policy.fraction=0.5")
+    check("--set", "on_policy.fraction=0.5")  # without the flag, the config's λ is the user's
+    check("--on-policy", "0,0.5,1", "--set", "on_policy.temperature=0.7")
+
+    # Before any run: the job's on-policy refusals (ce_weight > 0), and a config whose own λ the λ 0 runs would take.
+    config = os.path.join(ROOT, "launch/configs/demo_distill.yaml")
+    args = build_parser().parse_args(["--config", config, "--out", "o", "--on-policy", "0,0.5",
+                                      "--set", "loss.ce_weight=0.1"])
+    grid = settings(["ce", "kl"], [10], [1.0], [1.0], None, None, args.on_policy)
+    with pytest.raises(ConfigError, match=r"--on-policy: kl-t1-op0.5's runs would be refused: loss.ce_weight"):
+        sweep._check_on_policy_configs(args, load_config(config, args.overrides), grid)
+    args.overrides = []
+    sweep._check_on_policy_configs(args, load_config(config), grid)
+    own = tmp_path / "own.yaml"
+    own.write_text(open(config).read() + "on_policy:\n  fraction: 0.25\n")
+    args.config = str(own)
+    with pytest.raises(ConfigError, match="own.yaml sets on_policy.fraction 0.25, which its λ 0 runs"):
+        sweep._check_on_policy_configs(args, load_config(str(own)), grid)
+
+
+def test_summary_and_report_show_each_setting_at_each_on_policy_fraction(tmp_path):
+    """kl and tail at λ 0, 0.5, 1 and ce at λ 0 over 3 seeds, from eval.json files written here: each
+    entry's on_policy and group, vs kl against kl at the same λ, vs λ 0 against the same setting at
+    λ 0 (paired by seed); the report's λ column and its table by λ, mean ± std over seeds."""
+    import statistics
+
+    from scipy.stats import ttest_rel
+
+    from eval.report import write_sweep_report
+    from eval.sweep import METRICS, settings, summarise
+
+    grid = settings(["ce", "kl", "tail"], [10], [1.0], [1.0], None, None, [0.0, 0.5, 1.0])
+    nll = {"ce-op0": [2.0, 2.25, 2.1], "kl-t1-op0": [1.0, 1.2, 1.1], "kl-t1-op0.5": [0.9, 1.15, 1.0],
+           "kl-t1-op1": [0.95, 1.1, 0.9], "tail-k10-b1-t1-op0": [1.1, 1.25, 1.3],
+           "tail-k10-b1-t1-op0.5": [1.0, 1.2, 1.05], "tail-k10-b1-t1-op1": [0.8, 1.0, 1.1]}
+    for name, values in nll.items():
+        for seed, value in enumerate(values):
+            _write_eval(tmp_path, name, seed, nll=value)
+    summary = summarise(str(tmp_path), grid, [0, 1, 2], {})
+    entries = {s["name"]: s for s in summary["settings"]}
+    assert [(s["name"], s["group"], s["on_policy"]) for s in summary["settings"]] == [
+        ("ce-op0", "ce", 0.0), ("kl-t1-op0", "kl-t1", 0.0), ("kl-t1-op0.5", "kl-t1", 0.5), ("kl-t1-op1", "kl-t1", 1.0),
+        ("tail-k10-b1-t1-op0", "tail-k10-b1-t1", 0.0), ("tail-k10-b1-t1-op0.5", "tail-k10-b1-t1", 0.5),
+        ("tail-k10-b1-t1-op1", "tail-k10-b1-t1", 1.0)]
+    tail = entries["tail-k10-b1-t1-op0.5"]["metrics"]["nll"]
+    assert tail["mean"] == pytest.approx(statistics.mean(nll["tail-k10-b1-t1-op0.5"]))
+    assert tail["std"] == pytest.approx(statistics.stdev(nll["tail-k10-b1-t1-op0.5"]))
+    assert tail["vs_kl"]["values"] == pytest.approx([a - b for a, b in zip(nll["tail-k10-b1-t1-op0.5"],
+                                                                           nll["kl-t1-op0.5"])])
+    assert tail["vs_off_policy"]["values"] == pytest.approx([a - b for a, b in zip(nll["tail-k10-b1-t1-op0.5"],
+                                                                                   nll["tail-k10-b1-t1-op0"])])
+    kl = entries["kl-t1-op1"]["metrics"]["nll"]
+    assert kl["vs_kl"] is None  # kl at λ 1 is its λ's reference
+    assert kl["vs_off_policy"]["p_value"] == pytest.approx(ttest_rel(nll["kl-t1-op1"], nll["kl-t1-op0"]).pvalue)
+    assert entries["ce-op0"]["metrics"]["nll"]["vs_kl"]["values"] == pytest.approx(
+        [a - b for a, b in zip(nll["ce-op0"], nll["kl-t1-op0"])])
+    assert all(entries[n]["metrics"]["nll"]["vs_off_policy"] is None for n in ("ce-op0", "kl-t1-op0"))
+
+    write_sweep_report(str(tmp_path), summary, METRICS, [0, 1, 2], "python -m eval.sweep ... --on-policy 0,0.5,1")
+    report = (tmp_path / "report.md").read_text()
+    assert "| setting | λ | runs | mean ± std | vs kl | vs λ 0 |" in report
+
+    def cell(values):
+        return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}"
+
+    differences = [a - b for a, b in zip(nll["tail-k10-b1-t1-op0.5"], nll["kl-t1-op0.5"])]
+    assert (f"| tail-k10-b1-t1-op0.5 | 0.5 | 3 | {cell(nll['tail-k10-b1-t1-op0.5'])} | "
+            f"{statistics.mean(differences):+.3g} ± {statistics.stdev(differences):.2g} (p ") in report
+    assert "| setting | λ 0 | λ 0.5 | λ 1 |" in report
+    assert ("| kl-t1 | " + " | ".join(cell(nll[f"kl-t1-op{v}"]) for v in ("0", "0.5", "1")) + " |") in report
+    assert f"| ce | {cell(nll['ce-op0'])} | – | – |" in report
+
+    # Without the flag: the config's λ in every entry, and the report as before (no λ column, no table by λ).
+    plain = settings(["kl"], [10], [1.0], [1.0])
+    _write_eval(tmp_path, "kl-t1", 0, nll=1.0)
+    assert [s["on_policy"] for s in summarise(str(tmp_path), plain, [0], {})["settings"]] == [0.0]
+    assert [s["on_policy"] for s in summarise(str(tmp_path), plain, [0], {}, on_policy=0.25)["settings"]] == [0.25]
+    write_sweep_report(str(tmp_path), summarise(str(tmp_path), plain, [0], {}), METRICS, [0], "python -m eval.sweep")
+    report = (tmp_path / "report.md").read_text()
+    assert "| kl-t1 | 1 | 1 | – |" in report and "λ" not in report
