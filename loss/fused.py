@@ -158,6 +158,7 @@ class _Call:
     shard: VocabShard
     real_vocab_size: int
     needs_grad: bool
+    token_weights: Optional[torch.Tensor] = None
     out: Dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -187,9 +188,10 @@ def _token_beta(call: _Call, tokens: int, device) -> Optional[torch.Tensor]:
     return sequence_beta(call.beta, torch.cat(masses), call.sequence_ids, call.num_sequences)
 
 
-def _chunk_objective(call: _Call, student, teacher, targets, token_beta):
-    """The chunk's per-token outputs (detached) and the gradient of its summed loss with respect to
-    its student logits (None without grad): the unfused objective's own ops on ``R`` rows."""
+def _chunk_objective(call: _Call, student, teacher, targets, token_beta, weights):
+    """The chunk's per-token outputs (detached) and the gradient of its summed (``weights``-weighted,
+    ``[R]`` or None) loss with respect to its student logits (None without grad): the unfused
+    objective's own ops on ``R`` rows."""
     beta_for = (lambda mass: call.beta) if token_beta is None else (lambda mass: token_beta)  # noqa: E731
     with torch.enable_grad():
         leaf = student.detach().requires_grad_(call.needs_grad)
@@ -203,7 +205,8 @@ def _chunk_objective(call: _Call, student, teacher, targets, token_beta):
             for name, logits in (("student_top1", student), ("teacher_top1", teacher)):
                 if name not in out:
                     out[name] = global_argmax(logits, call.shard.start, call.tp_group)
-        grad = torch.autograd.grad(out["loss"].sum(), leaf)[0] if call.needs_grad else None
+        summed = (out["loss"] if weights is None else out["loss"] * weights).sum()
+        grad = torch.autograd.grad(summed, leaf)[0] if call.needs_grad else None
     return {name: value.detach() for name, value in out.items()}, grad
 
 
@@ -252,7 +255,8 @@ def _forward_chunks(call: _Call, student_hidden: torch.Tensor):
             teacher, _ = _head_logits(call.teacher_hidden[rows], call.teacher, call.first_pad)
         bad |= non_finite(student, teacher)
         out, grad = _chunk_objective(call, student, teacher, call.targets[rows],
-                                     None if token_beta is None else token_beta[rows])
+                                     None if token_beta is None else token_beta[rows],
+                                     None if call.token_weights is None else call.token_weights[rows])
         for name, value in out.items():
             pieces.setdefault(name, []).append(value)
         del student, teacher
@@ -268,7 +272,8 @@ def _forward_chunks(call: _Call, student_hidden: torch.Tensor):
         del grad
     call.out.update({name: torch.cat(values) for name, values in pieces.items()})
     call.out["bad"] = bad
-    return call.out["loss"].sum(), (grad_hidden, grad_weight, grad_bias)
+    loss = call.out["loss"] if call.token_weights is None else call.out["loss"] * call.token_weights
+    return loss.sum(), (grad_hidden, grad_weight, grad_bias)
 
 
 class _FusedHeads(torch.autograd.Function):
@@ -309,7 +314,8 @@ def fused_objective(student_hidden: torch.Tensor,
                     num_sequences: Optional[int] = None,
                     tp_group=None,
                     shard: VocabShard,
-                    real_vocab_size: Optional[int] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+                    real_vocab_size: Optional[int] = None,
+                    token_weights: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """The summed objective over ``n`` tokens from both models' hidden rows, chunk by chunk.
 
     Args:
@@ -322,9 +328,11 @@ def fused_objective(student_hidden: torch.Tensor,
             as for :func:`loss.objective.distillation_objective`.
         shard: this rank's vocabulary slice of both heads (``weight.shape[0] == shard.size``).
         real_vocab_size: columns at and past it (global ids) are padding: -inf logits, no gradient.
+        token_weights: ``[n]``, each token's weight in ``total`` (on-policy: 0 after a continuation's
+            EOS); None: all 1. The per-token outputs stay unweighted.
 
     Returns:
-        ``(total, out)``: ``total`` 0-dim fp32, ``Σ_t loss_t`` of
+        ``(total, out)``: ``total`` 0-dim fp32, ``Σ_t w_t·loss_t`` of
         :func:`~loss.objective.distillation_objective` on the logits the layers make, differentiable
         with respect to ``student_hidden``, ``student.weight`` and ``student.bias`` only; its
         backward runs one all-reduce of ``[n, H]`` over ``tp_group`` and nothing else. ``out``: the
@@ -342,7 +350,7 @@ def fused_objective(student_hidden: torch.Tensor,
                  temperature=float(temperature), ce_weight=ce_weight, sequence_ids=sequence_ids,
                  num_sequences=num_sequences, tp_group=tp_group, shard=shard,
                  real_vocab_size=shard.global_size if real_vocab_size is None else real_vocab_size,
-                 needs_grad=needs_grad)
+                 needs_grad=needs_grad, token_weights=token_weights)
     total = _FusedHeads.apply(student_hidden, student.weight, student.bias, call)
     return total, call.out
 

@@ -6,4 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/env.sh
+# Test-only pins (tests/requirements.txt), kept out of the job's environment file; a no-op once installed.
+python -m pip install --quiet -r tests/requirements.txt
 exec python -m pytest -q -n 2 --dist loadfile "$@"

@@ -47,7 +47,7 @@ def _reference(x, settings):
     weight = x["weight"].clone().requires_grad_(True)
     bias = None if x["bias"] is None else x["bias"].clone().requires_grad_(True)
     student = _head(hidden, weight, bias, x["softcap"])
-    student.data[:, REAL:] = float("-inf")  # as training.step._mask_padding: invisible to autograd
+    student.data[:, REAL:] = float("-inf")  # as training.step.mask_vocab_padding: invisible to autograd
     teacher = None
     if settings["kind"] != "ce":
         teacher = _head(x["teacher_hidden"], x["teacher_weight"], None, x["softcap"])

@@ -140,10 +140,10 @@ def test_vocabulary_alignment():
 
 
 def test_padded_vocabulary_columns_are_masked():
-    from training.step import _mask_padding
+    from training.step import mask_vocab_padding
 
     logits = torch.zeros(3, 8)
-    _mask_padding(logits, vocab_start=8, real_vocab_size=13)  # this slice holds ids 8..15; 13.. are padding
+    mask_vocab_padding(logits, vocab_start=8, real_vocab_size=13)  # this slice holds ids 8..15; 13.. are padding
     assert torch.isinf(logits[:, 5:]).all() and (logits[:, :5] == 0).all()
 
 

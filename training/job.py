@@ -13,8 +13,10 @@ import yaml
 
 from core.errors import ConfigError, TrainingStopped
 from data.loader import Collator, GlobalBatchSampler, eval_batches, load_prepared
+from data.manifest import read_manifest
+from model_parallel import all_reduce_sum
 from model_parallel.distributed import accelerator_device
-from training import checkpoint, faults, resume
+from training import checkpoint, faults, on_policy, resume
 from training.auto_stage import resolve_auto_stage
 from training.config import RunConfig, to_dict
 from training.data import ensure_prepared
@@ -64,6 +66,17 @@ def _planned_peak_gb(cfg: RunConfig, world_size: int, bf16: bool) -> float:
     return result.shown.peak_memory_bytes / 1e9
 
 
+def _generation_scalars(generation, engines) -> dict:
+    """An on-policy logging step's ``gen/`` scalars, over the data-parallel group: the generation's
+    seconds, the mean continuation length (tokens up to and including EOS) and the share that
+    wrote an EOS within ``max_new_tokens``."""
+    sums = torch.stack([generation.lengths, generation.eos,
+                        torch.tensor(float(generation.sequences), dtype=torch.float64, device=engines.device)])
+    lengths, eos, sequences = all_reduce_sum(sums, engines.dp_group).tolist()  # host sync: the logged values
+    return {"gen/seconds": generation.seconds, "gen/mean_length": lengths / max(sequences, 1.0),
+            "gen/eos_fraction": eos / max(sequences, 1.0)}
+
+
 def _step_scalars(result, seconds: float, engines, memory: PeakMemory) -> dict:
     """A logging step's scalars (host syncs: the step's sums are reduced and read back here)."""
     means = step_means(result, engines)
@@ -106,6 +119,8 @@ def run(cfg: RunConfig) -> dict:
 
     world_size, bf16 = dist.get_world_size(), use_bf16(cfg.train.dtype)
     train_dir = ensure_prepared(cfg, cfg.data.train, "train")
+    train_manifest = read_manifest(train_dir)
+    on_policy.check_data(cfg.on_policy, train_manifest)
     eval_dir = ensure_prepared(cfg, cfg.data.eval, "eval") if cfg.data.eval else None
     # parallel.student_zero_stage: auto becomes a stage here, once, before anything reads it.
     cfg, stage_line = resolve_auto_stage(cfg, world_size=world_size, bf16=bf16, device=accelerator_device())
@@ -134,17 +149,28 @@ def run(cfg: RunConfig) -> dict:
                     disable=dist.get_rank() != 0, dynamic_ncols=True)
     while step < end:
         step += 1
-        micro_batches = [collator([train_set[int(i)] for i in indices]) for indices in sampler.step_micro_batches()]
-        started = time.perf_counter()
+        indices = sampler.step_micro_batches()
+        micro_batches = [collator([train_set[int(i)] for i in rows]) for rows in indices]
+        evaluate_now = eval_set is not None and (step == cfg.train.max_steps or
+                                                 (cfg.eval.every and step % cfg.eval.every == 0))
+        log_now = evaluate_now or step % cfg.logging.every == 0 or step == end
+        started, generation = time.perf_counter(), None
+        if on_policy.is_on_policy(cfg.seed, step, cfg.on_policy.fraction):
+            generation = on_policy.generate_micro_batches(engines, cfg, micro_batches, indices, step,
+                                                          sft=train_manifest.get("format") == "sft",
+                                                          seq_len=int(train_manifest["seq_len"]), timed=log_now)
+            micro_batches = generation.micro_batches
         result = train_step(engines, cfg.loss, micro_batches)  # ends with DeepSpeed's host-side step decision
         seconds = time.perf_counter() - started
         faults.point(f"step {step}")
         skips.check(step, result)
-        evaluate_now = eval_set is not None and (step == cfg.train.max_steps or
-                                                 (cfg.eval.every and step % cfg.eval.every == 0))
-        if evaluate_now or step % cfg.logging.every == 0 or step == end:
+        if log_now:
             scalars = _step_scalars(result, seconds, engines, memory)
             scalars["train/planned_peak_memory_gb"] = planned_gb
+            if cfg.on_policy.fraction > 0:
+                scalars["train/on_policy"] = float(generation is not None)
+            if generation is not None:
+                scalars.update(_generation_scalars(generation, engines))
             if evaluate_now:
                 scalars.update(_eval_scalars(engines, cfg, eval_set, collator, step))
             writer.log(step, scalars)

@@ -39,7 +39,7 @@ _LOGGED = OUTPUTS + ("top1_agreement",)
 
 
 @dataclass
-class _Positions:
+class Positions:
     """Which positions of a micro-batch get logits, decided on the host from its labels (no sync).
 
     ``keep`` ``[k]``: the positions with a next-token target in some row (the last position never
@@ -49,6 +49,11 @@ class _Positions:
     scatter in backward. ``targets`` and ``rows`` ``[n]``: each selected position's target id and
     batch row. Computed from the host batch's labels before it moves, then moved with it
     (:meth:`to`), so that selecting on the device needs no data-dependent shape (no host sync).
+
+    On-policy micro-batches (:mod:`training.on_policy`) also carry ``weights`` ``[n]`` (on the
+    device: 0 after a continuation's first EOS, which only the device knows), and ``rows`` that put
+    each weightless token in a sequence of its own (``num_sequences`` of them), so that
+    ``beta_mode: sequence``'s per-sequence means see only the counted tokens.
     """
 
     keep: torch.Tensor
@@ -56,30 +61,49 @@ class _Positions:
     targets: torch.Tensor
     rows: torch.Tensor
     tokens: int
-    """Valid next-token positions of the micro-batch."""
+    """Valid next-token positions of the micro-batch (an upper bound where ``weights`` is set)."""
+    weights: Optional[torch.Tensor] = None
+    """``[n]`` float32 on the device: each token's weight in the loss and in every logged sum; None: all 1."""
+    num_sequences: Optional[int] = None
+    """Sequence ids in ``rows`` lie below this; None: the batch's row count."""
 
-    def to(self, device) -> "_Positions":
-        moved = to_device({name: getattr(self, name) for name in ("keep", "select", "targets", "rows")
-                           if getattr(self, name) is not None}, device)
-        return _Positions(keep=moved["keep"], select=moved.get("select"), targets=moved["targets"],
-                          rows=moved["rows"], tokens=self.tokens)
+    def to(self, device) -> "Positions":
+        names = ("keep", "select", "targets", "rows", "weights")
+        moved = to_device({name: getattr(self, name) for name in names if getattr(self, name) is not None}, device)
+        return Positions(keep=moved["keep"], select=moved.get("select"), targets=moved["targets"], rows=moved["rows"],
+                         tokens=self.tokens, weights=moved.get("weights"), num_sequences=self.num_sequences)
+
+    def weighted(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` ``[n]`` times the token weights (unchanged without weights)."""
+        return values if self.weights is None else values * self.weights
 
 
-def _positions(host_batch) -> _Positions:
-    padding = host_batch.get("attention_mask")
+@dataclass
+class MicroBatch:
+    """One micro-batch on the device: the ids the models read and where the loss is taken."""
+
+    input_ids: torch.Tensor
+    """``[B, L]`` right-padded rows, on the engine's device."""
+    positions: Positions
+    """On the same device."""
+
+
+def positions_from_labels(labels: torch.Tensor, padding: Optional[torch.Tensor] = None) -> Positions:
+    """:class:`Positions` of host ``labels`` ``[B, S]`` (unshifted: position i's label is token i);
+    ``padding``: the batch's attention mask, checked to be right padding."""
     if padding is not None and not bool((padding.cummin(dim=1).values == padding).all()):  # host
         raise ValueError("a batch is padded on the left: the step calls the models without a padding mask, "
                          "which is exact only for right-padded rows (data.loader.Collator)")
-    labels = host_batch["labels"][:, 1:]  # (B, S-1), host: nothing here waits for a device
+    labels = labels[:, 1:]  # (B, S-1), host: nothing here waits for a device
     has_target = labels != IGNORE_INDEX
     keep = has_target.any(dim=0).nonzero()[:, 0]  # (k,)
     valid = has_target[:, keep]  # (B, k)
     select = None if bool(valid.all()) else valid.reshape(-1).nonzero()[:, 0]
-    return _Positions(keep=keep, select=select, targets=labels[:, keep][valid], rows=valid.nonzero()[:, 0],
+    return Positions(keep=keep, select=select, targets=labels[:, keep][valid], rows=valid.nonzero()[:, 0],
                       tokens=int(has_target.sum()))
 
 
-def _mask_padding(logits: torch.Tensor, vocab_start: int, real_vocab_size: int) -> torch.Tensor:
+def mask_vocab_padding(logits: torch.Tensor, vocab_start: int, real_vocab_size: int) -> torch.Tensor:
     """Padded vocabulary rows carry no probability: their logit columns become -inf (in place).
 
     Written through ``.data``, invisible to autograd: the losses give -inf columns a zero gradient
@@ -123,7 +147,11 @@ def _select(logits: torch.Tensor, select) -> torch.Tensor:
     return flat if select is None else flat.index_select(0, select)
 
 
-def _slices(engines, batch, positions: _Positions):
+def _positions(host_batch) -> Positions:
+    return positions_from_labels(host_batch["labels"], host_batch.get("attention_mask"))
+
+
+def _slices(engines, batch, positions: Positions):
     """(student, teacher, targets, rows) on the valid next-token positions: logit slices ``[n, V_local]``
     with padded vocabulary columns at -inf, the target ids ``[n]`` and each position's row ``[n]``.
     ``positions`` is on the device already (moved with the batch).
@@ -133,9 +161,9 @@ def _slices(engines, batch, positions: _Positions):
     teacher, mask = None, _causal_mask(batch)
     if engines.teacher is not None:
         with torch.no_grad():
-            teacher = _mask_padding(_select(_logits(engines.teacher, batch, positions.keep, mask), positions.select),
+            teacher = mask_vocab_padding(_select(_logits(engines.teacher, batch, positions.keep, mask), positions.select),
                                     engines.vocab_start, engines.real_vocab_size)
-    student = _mask_padding(_select(_logits(engines.student, batch, positions.keep, mask), positions.select),
+    student = mask_vocab_padding(_select(_logits(engines.student, batch, positions.keep, mask), positions.select),
                             engines.vocab_start, engines.real_vocab_size)
     return student, teacher, positions.targets, positions.rows
 
@@ -156,7 +184,11 @@ def _objective(engines, loss_cfg, student, teacher, targets, rows, num_rows, don
     return out
 
 
-def _unfused_micro_batch(engines, loss_cfg, batch, where: _Positions):
+def _num_sequences(batch, where: Positions) -> int:
+    return where.num_sequences or batch["input_ids"].shape[0]
+
+
+def _unfused_micro_batch(engines, loss_cfg, batch, where: Positions):
     """``(loss, out, bad)`` of one micro-batch on whole logit slices (the reference path): the summed
     loss to back-propagate, the per-token outputs, and whether this rank's own logits went bad."""
     slices = _slices(engines, batch, where)
@@ -165,23 +197,24 @@ def _unfused_micro_batch(engines, loss_cfg, batch, where: _Positions):
     bad = non_finite(*slices[:2])
     # The teacher's logits are not read after backward, which may take their storage; the student's
     # live on in the graph until backward only.
-    out = _objective(engines, loss_cfg, *slices, num_rows=batch["input_ids"].shape[0], donate_teacher=True)
-    return out["loss"].sum(), out, bad
+    out = _objective(engines, loss_cfg, *slices, num_rows=_num_sequences(batch, where), donate_teacher=True)
+    return where.weighted(out["loss"]).sum(), out, bad
 
 
-def _fused_call(engines, loss_cfg, where: _Positions, num_rows: int, student_rows, student, teacher_rows, teacher):
+def _fused_call(engines, loss_cfg, where: Positions, num_rows: int, student_rows, student, teacher_rows, teacher):
     """:data:`training.fused_head.Compute` for one micro-batch: the objective on the heads' valid rows."""
     total, out = fused_objective(student_rows, student, teacher_rows, teacher, where.targets, kind=loss_cfg.kind,
                                  top_k=loss_cfg.top_k, beta=loss_cfg.beta, beta_mode=loss_cfg.beta_mode,
                                  temperature=loss_cfg.temperature, ce_weight=loss_cfg.ce_weight,
                                  sequence_ids=where.rows, num_sequences=num_rows, tp_group=engines.tp_group,
-                                 shard=engines.vocab_shard, real_vocab_size=engines.real_vocab_size)
+                                 shard=engines.vocab_shard, real_vocab_size=engines.real_vocab_size,
+                                 token_weights=where.weights)
     if teacher is not None:
         out["top1_agreement"] = (out["student_top1"] == out["teacher_top1"]).float()
     return total, out
 
 
-def _through_fused_heads(engines, batch, where: _Positions, compute):
+def _through_fused_heads(engines, batch, where: Positions, compute):
     """Both models called through their fused heads (``engines.fused``); returns the request, whose
     ``total`` is the student engine's output (checked), and whose ``out`` is ``compute``'s."""
     mask = _causal_mask(batch)
@@ -193,11 +226,11 @@ def _through_fused_heads(engines, batch, where: _Positions, compute):
     return request
 
 
-def _fused_micro_batch(engines, loss_cfg, batch, where: _Positions):
+def _fused_micro_batch(engines, loss_cfg, batch, where: Positions):
     """:func:`_unfused_micro_batch`'s ``(loss, out, bad)`` with the output layers inside the loss: no
     logits outlive a chunk. ``loss`` is the student engine's own output, so back-propagating it runs
     DeepSpeed's output hooks as for the unfused loss."""
-    compute = functools.partial(_fused_call, engines, loss_cfg, where, batch["input_ids"].shape[0])
+    compute = functools.partial(_fused_call, engines, loss_cfg, where, _num_sequences(batch, where))
     request = _through_fused_heads(engines, batch, where, compute)
     out = request.out
     return request.total, out, out.pop("bad")
@@ -223,19 +256,39 @@ class StepResult:
     """Ranks whose own teacher or student logits held NaN or +inf at this step."""
 
 
-def train_step(engines, loss_cfg, micro_batches) -> StepResult:
-    """Run ``grad_accum`` micro-batches (host tensors) and the optimizer step."""
-    student, device = engines.student, engines.device
+def data_micro_batches(micro_batches, device) -> List[MicroBatch]:
+    """Host batches (:class:`data.loader.Collator`'s) as :class:`MicroBatch` es on ``device``: the
+    positions are taken from the labels on the host, then the ids and positions move once."""
     positions = [_positions(batch) for batch in micro_batches]  # on the host, before the batches move
     # The ids and what the positions took from the labels are all the device needs of a batch.
-    micro_batches = [to_device({"input_ids": batch["input_ids"]}, device) for batch in micro_batches]
-    positions = [where.to(device) for where in positions]
-    tokens = torch.tensor(float(sum(p.tokens for p in positions)), dtype=torch.float64, device=device)
+    return [MicroBatch(input_ids=to_device({"input_ids": batch["input_ids"]}, device)["input_ids"],
+                       positions=where.to(device)) for batch, where in zip(micro_batches, positions)]
+
+
+def _token_count(micro_batches: List[MicroBatch], device) -> torch.Tensor:
+    """The step's counted tokens on this rank, 0-dim float64 on ``device``: the host-known counts
+    as one tensor, plus on-policy micro-batches' weights summed on the device (no host sync)."""
+    tokens = torch.tensor(float(sum(mb.positions.tokens for mb in micro_batches if mb.positions.weights is None)),
+                          dtype=torch.float64, device=device)
+    for mb in micro_batches:
+        if mb.positions.weights is not None:
+            tokens += mb.positions.weights.sum(dtype=torch.float64)
+    return tokens
+
+
+def train_step(engines, loss_cfg, micro_batches) -> StepResult:
+    """Run ``grad_accum`` micro-batches and the optimizer step. ``micro_batches``: host batches (the
+    data's, moved here) or :class:`MicroBatch` es already on the device (:mod:`training.on_policy`'s)."""
+    student, device = engines.student, engines.device
+    if micro_batches and not isinstance(micro_batches[0], MicroBatch):
+        micro_batches = data_micro_batches(micro_batches, device)
+    tokens = _token_count(micro_batches, device)
     counted = start_all_reduce_sum(tokens, engines.dp_group)  # overlaps with the first forwards
     scale, names, packed = None, (), None
     bad = torch.zeros((), dtype=torch.bool, device=device)
     micro_batch = _unfused_micro_batch if engines.fused is None else _fused_micro_batch
-    for batch, where in zip(micro_batches, positions):
+    for mb in micro_batches:
+        batch, where = {"input_ids": mb.input_ids}, mb.positions
         loss, out, micro_bad = micro_batch(engines, loss_cfg, batch, where)
         bad |= micro_bad
         if scale is None:
@@ -249,7 +302,8 @@ def train_step(engines, loss_cfg, micro_batches) -> StepResult:
         student.step()
         # One stack and one add per micro-batch for every logged sum (fp64 accumulation).
         names = tuple(name for name in _LOGGED if name in out)
-        totals = torch.stack([out[name].detach().float() for name in names]).sum(dim=1, dtype=torch.float64)
+        totals = torch.stack([where.weighted(out[name].detach().float()) for name in names]).sum(dim=1,
+                                                                                                dtype=torch.float64)
         packed = totals if packed is None else packed + totals
         del out
     sums = dict(zip(names, packed.unbind())) if packed is not None else {}
@@ -276,7 +330,7 @@ def step_means(result: StepResult, engines) -> dict:
     return means
 
 
-def _fused_eval_call(engines, loss_cfg, sums: EvalSums, where: _Positions, num_rows: int, student_rows, student,
+def _fused_eval_call(engines, loss_cfg, sums: EvalSums, where: Positions, num_rows: int, student_rows, student,
                      teacher_rows, teacher):
     """:data:`training.fused_head.Compute` for evaluation: the objective on the whole micro-batch (its
     ``beta_mode: sequence`` needs every token), then the metrics chunk by chunk on the logits the
@@ -291,7 +345,7 @@ def _fused_eval_call(engines, loss_cfg, sums: EvalSums, where: _Positions, num_r
     return total, out
 
 
-def _eval_batch(engines, loss_cfg, sums: EvalSums, batch, where: _Positions) -> Dict[str, torch.Tensor]:
+def _eval_batch(engines, loss_cfg, sums: EvalSums, batch, where: Positions) -> Dict[str, torch.Tensor]:
     """Adds one batch's metrics to ``sums``; returns the objective's per-token outputs."""
     num_rows = batch["input_ids"].shape[0]
     if engines.fused is not None:
