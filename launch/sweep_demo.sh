@@ -62,4 +62,13 @@ run python -m eval.sweep --config launch/configs/demo_sft_distill.yaml --out "$O
   --losses "$SFT_LOSSES" --top-k 10 --beta 1 --seeds 0,1,2 \
   --math-data "$DEMO/data/sft/eval.jsonl" --math-examples 50 --eval-batches 16 \
   --launcher-args "--num_gpus $NUM_PROCS" "$@"
-echo "Reports: $OUT/pretrain/report.md and $OUT/sft/report.md"
+# 3. on-policy distillation (issue 24) on the maths SFT setting, where exposure bias matters most: kl
+#    and tail K 10 beta 1 at on_policy.fraction 0, 0.5 and 1 (kl-t1-op0, ..., tail-k10-b1-t1-op1), with
+#    48-token continuations and 100 steps so that the grid fits next to the others.
+ON_POLICY=${ON_POLICY:-0,0.5,1}
+run python -m eval.sweep --config launch/configs/demo_sft_distill.yaml --out "$OUT/sft-on-policy" "${FAST[@]}" \
+  --losses kl,tail --top-k 10 --beta 1 --on-policy "$ON_POLICY" --seeds 0,1,2 \
+  --set train.max_steps=100 --set on_policy.max_new_tokens=48 \
+  --math-data "$DEMO/data/sft/eval.jsonl" --math-examples 50 --eval-batches 16 \
+  --launcher-args "--num_gpus $NUM_PROCS" "$@"
+echo "Reports: $OUT/pretrain/report.md, $OUT/sft/report.md and $OUT/sft-on-policy/report.md"

@@ -71,7 +71,7 @@ def test_quick_sweep_reports_the_runs_own_metrics_and_restarts(tmp_path):
 
 
 def test_the_demo_sweep_script_runs_both_settings_with_the_shipped_configs(tmp_path):
-    """launch/sweep_demo.sh under DRY_RUN=1: the data, the four trainings and the two sweeps it runs,
+    """launch/sweep_demo.sh under DRY_RUN=1: the data, the four trainings and the three sweeps it runs,
     each sweep's arguments accepted by eval.sweep's own parser and its config loading, and the
     reduced grids they give (both teachers in pre-training)."""
     import shlex
@@ -88,6 +88,7 @@ def test_the_demo_sweep_script_runs_both_settings_with_the_shipped_configs(tmp_p
                        "launch/configs/demo_distill.yaml", "launch/configs/demo_sft_teacher.yaml"]
     sweeps = [c[3:] for c in commands if c[:3] == ["python", "-m", "eval.sweep"]]
     assert [s[s.index("--config") + 1] for s in sweeps] == ["launch/configs/demo_distill.yaml",
+                                                            "launch/configs/demo_sft_distill.yaml",
                                                             "launch/configs/demo_sft_distill.yaml"]
     grids = []
     for arguments in sweeps:
@@ -95,11 +96,12 @@ def test_the_demo_sweep_script_runs_both_settings_with_the_shipped_configs(tmp_p
         assert args.seeds == [0, 1, 2]
         load_config(os.path.join(ROOT, args.config), args.overrides)
         grids.append([s.path for s in settings(args.losses, args.top_k, args.beta, args.temperature, args.beta_mode,
-                                               args.teachers)])
+                                               args.teachers, args.on_policy)])
     per_teacher = ["ce", "kl-t1", "tail-k10-b1-t1", "tail-k10-b1-t1-seq", "topk_bucket-k10-t1", "miniplm"]
     assert grids[0] == [f"{t}/{name}" for t in ("demo", "large") for name in per_teacher]
     assert grids[1] == ["ce", "kl-t1", "tail-k10-b1-t1", "topk_bucket-k10-t1"]
-    assert "--math-data" in sweeps[1] and "--math-data" not in sweeps[0]
+    assert grids[2] == [f"{name}-op{fraction}" for name in ("kl-t1", "tail-k10-b1-t1") for fraction in ("0", "0.5", "1")]
+    assert "--math-data" in sweeps[1] and "--math-data" in sweeps[2] and "--math-data" not in sweeps[0]
 
 
 def test_quick_fills_only_the_grid_arguments_not_given():
