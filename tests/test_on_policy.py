@@ -243,3 +243,38 @@ def test_refusals_name_the_key():
     with pytest.raises(ConfigError, match="prompt_tokens \\+ on_policy.max_new_tokens"):
         check_data(OnPolicyConfig(fraction=0.5, prompt_tokens=32, max_new_tokens=64), {"format": "text", "seq_len": 64})
     check_data(OnPolicyConfig(fraction=0.0, prompt_tokens=32, max_new_tokens=64), {"format": "text", "seq_len": 64})
+
+
+@pytest.mark.parametrize("kind", ["kl", "tail"])
+def test_fused_objective_weighs_tokens_as_the_unfused_step_does(kind):
+    """On-policy weights in the fused head (``token_weights``): total and gradients equal the unfused
+    objective's weighted sum, in float64 (so the chunked sum is compared at float64 rounding)."""
+    from loss.fused import OutputLayer, fused_objective
+    from loss.objective import distillation_objective
+    from model_parallel import VocabShard
+
+    g = torch.Generator().manual_seed(3)
+    tokens, hidden_size = 300, 16
+    hidden = torch.randn(tokens, hidden_size, generator=g, dtype=torch.float64)
+    teacher_hidden = torch.randn(tokens, hidden_size, generator=g, dtype=torch.float64)
+    weight = torch.randn(VOCAB, hidden_size, generator=g, dtype=torch.float64)
+    teacher_weight = torch.randn(VOCAB, hidden_size, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, VOCAB, (tokens,), generator=g)
+    weights = (torch.rand(tokens, generator=g) > 0.3).double()
+    settings = dict(kind=kind, top_k=5, beta=1.0)
+
+    h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    out = distillation_objective(h1 @ w1.T, teacher_hidden @ teacher_weight.T, targets, **settings)
+    reference = (out["loss"] * weights).sum()
+    reference.backward()
+
+    h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    total, _ = fused_objective(h2, OutputLayer(w2), teacher_hidden, OutputLayer(teacher_weight), targets,
+                               shard=VocabShard(0, VOCAB, VOCAB), token_weights=weights, **settings)
+    total.backward()
+    torch.testing.assert_close(total, reference, rtol=1e-10, atol=1e-12)
+    # The fused head accumulates its gradients in fp32 buffers (by design): fp32 rounding.
+    torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-6, atol=1e-7)
+    assert torch.equal(h2.grad[weights == 0], torch.zeros_like(h2.grad[weights == 0]))  # weightless rows: no gradient
+    assert h2.grad[weights == 1].abs().sum() > 0
