@@ -278,3 +278,24 @@ def test_fused_objective_weighs_tokens_as_the_unfused_step_does(kind):
     torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-6, atol=1e-7)
     assert torch.equal(h2.grad[weights == 0], torch.zeros_like(h2.grad[weights == 0]))  # weightless rows: no gradient
     assert h2.grad[weights == 1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_generation_makes_no_host_sync_per_token(temperature):
+    """Counted on CPU (``tests/test_host_syncs.SyncCounter``): no sync of ours at all, and none of
+    transformers' that grows with the number of new tokens (no early-exit check per token)."""
+    from tests.test_host_syncs import SyncCounter
+
+    model = _model(llama, seed=0)
+    ids = torch.randint(4, VOCAB, (4, 6), generator=torch.Generator().manual_seed(5))
+
+    def counted(new_tokens):
+        with SyncCounter() as counter:
+            generate(_engine(model), ids.clone(), None, max_new_tokens=new_tokens,
+                     sampling=Sampling(temperature=temperature, seed=0, step=1), sequence=torch.arange(4),
+                     vocab_start=0, real_vocab_size=VOCAB, tp_group=None)
+        return counter.by_source()
+
+    few, many = counted(2), counted(10)
+    assert "project" not in many, many
+    assert few == many, (few, many)
