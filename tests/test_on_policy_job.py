@@ -4,8 +4,9 @@ runs every check, since each launch costs tens of seconds here.
 - The job at TP 2 with a ZeRO-3 student, on SFT rows: λ = 0 with other on_policy keys changed is
   today's run, bitwise; λ = 0.5 draws on- and off-policy steps as ``is_on_policy`` says, logs the
   ``gen/`` scalars, and a run stopped and resumed is bitwise equal to a straight one.
-- Generation on the student that run trained: the same tokens (≥ 99%) at TP 2 and at TP 1 (ZeRO-3
-  over 2 data-parallel ranks), and ZeRO-3 gathers the student once per call, not once per token.
+- Generation on the student that run trained, and on a fresh Gemma-2: the same tokens (≥ 99%) at
+  TP 2 and at TP 1 (ZeRO-3 over 2 data-parallel ranks), and ZeRO-3 gathers the student once per
+  call, not once per token.
 """
 
 import json
@@ -15,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from tests.tiny_models import llama, save_model
+from tests.tiny_models import gemma2, llama, save_model
 
 pytestmark = pytest.mark.e2e
 
@@ -63,37 +64,39 @@ def _prompts(data_dir, tokenizer, rows):
                    pad_token_id=tokenizer.pad_token_id)
 
 
-def _generation_rank(rank, world_size, config_path, student_dir, overrides):
-    """Tokens the trained student writes on this layout and, under ZeRO-3, the bytes gathered for
-    4 and for 16 new tokens. No teacher (``ce``, off-policy): generation needs none."""
+def _generation_rank(rank, world_size, config_path, students, overrides):
+    """Per student (name → config overrides): the tokens it writes on this layout and, under
+    ZeRO-3, the bytes gathered for 4 and for 16 new tokens. No teacher (``ce``, off-policy):
+    generation needs none."""
     from model_parallel.testing.comm_counter import count_collective_bytes
     from training.config import load_config
     from training.deepspeed_config import build_deepspeed_configs
     from training.engines import build_engines, engine_sources
     from training.generation import Sampling, generate
 
-    cfg = load_config(config_path, [f"student.path={student_dir}", "student.config=null", "loss.kind=ce",
-                                    *overrides])
-    engines = build_engines(**engine_sources(cfg), ds_configs=build_deepspeed_configs(cfg, world_size, False),
-                            bf16=False)
-    prompt = _prompts(cfg.data.train, engines.tokenizer, rows=24)
-    device = engines.device
+    out = {}
+    for name, student in students.items():
+        cfg = load_config(config_path, [*student, "loss.kind=ce", *overrides])
+        engines = build_engines(**engine_sources(cfg), ds_configs=build_deepspeed_configs(cfg, world_size, False),
+                                bf16=False)
+        prompt = _prompts(cfg.data.train, engines.tokenizer, rows=24)
+        device = engines.device
 
-    def write(new_tokens):
-        return generate(engines.student, prompt.ids.to(device), prompt.mask.to(device), max_new_tokens=new_tokens,
-                        sampling=Sampling(temperature=1.0, seed=SEED, step=7), sequence=torch.arange(24),
-                        vocab_start=engines.vocab_start, real_vocab_size=engines.real_vocab_size,
-                        tp_group=engines.tp_group)
+        def write(new_tokens):
+            return generate(engines.student, prompt.ids.to(device), prompt.mask.to(device),
+                            max_new_tokens=new_tokens, sampling=Sampling(temperature=1.0, seed=SEED, step=7),
+                            sequence=torch.arange(24), vocab_start=engines.vocab_start,
+                            real_vocab_size=engines.real_vocab_size, tp_group=engines.tp_group)
 
-    out = {"tokens": write(24).tolist()}
-    if engines.student.zero_optimization_stage() == 3:
-        gathered = {}
-        for new_tokens in (4, 16):
-            with count_collective_bytes() as counted:
-                write(new_tokens)
-            gathered[new_tokens] = sum(b for n, b in counted.bytes.items() if n.startswith("all_gather"))
-        out["zero3_gathered_bytes"] = gathered
-        out["student_bytes"] = sum(p.ds_numel * 4 for p in engines.student.module.parameters())
+        out[name] = {"tokens": write(24).tolist()}
+        if engines.student.zero_optimization_stage() == 3:
+            gathered = {}
+            for new_tokens in (4, 16):
+                with count_collective_bytes() as counted:
+                    write(new_tokens)
+                gathered[new_tokens] = sum(b for n, b in counted.bytes.items() if n.startswith("all_gather"))
+            out[name]["zero3_gathered_bytes"] = gathered
+            out[name]["student_bytes"] = sum(p.ds_numel * 4 for p in engines.student.module.parameters())
     return out
 
 
@@ -124,9 +127,13 @@ def ranks(tmp_path_factory, tokenizer_dir, tokenizer, demo_dir):
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     jobs = run_on_ranks(2, _rank, str(path), str(root), deepspeed=True, timeout=900)
-    student = str(root / "straight" / "student")
+    # The student the λ 0.5 run trained, and a fresh Gemma-2 (soft-caps, sliding windows; its tied
+    # head untied at TP 2) drawn from the seed alone, so the same weights on both layouts.
+    gemma2(REAL_VOCAB, layers=2, sliding_window=8).to_json_file(str(root / "gemma_student.json"))
+    students = {"llama": [f"student.path={root / 'straight' / 'student'}", "student.config=null"],
+                "gemma2": [f"student.config={root / 'gemma_student.json'}"]}
     # One layout per spawn: DeepSpeed's tensor-parallel state is per process.
-    generations = {name: run_on_ranks(2, _generation_rank, str(path), student, overrides, deepspeed=True,
+    generations = {name: run_on_ranks(2, _generation_rank, str(path), students, overrides, deepspeed=True,
                                       timeout=600)
                    for name, overrides in (("tp2", ["parallel.tensor_parallel=2", "parallel.student_zero_stage=1"]),
                                            ("tp1_zero3", ["parallel.tensor_parallel=1",
@@ -166,16 +173,17 @@ def test_a_resumed_on_policy_run_is_bitwise_the_straight_one(ranks):
     assert {**jobs["resumed_first"], **jobs["resumed"]} == jobs["straight"]
 
 
-def test_the_trained_student_samples_the_same_tokens_at_tp1_and_tp2(ranks):
+@pytest.mark.parametrize("student", ["llama", "gemma2"])
+def test_a_student_samples_the_same_tokens_at_tp1_and_tp2(ranks, student):
     tp2, tp1 = ranks["generations"]["tp2"], ranks["generations"]["tp1_zero3"]
-    assert tp2[0]["tokens"] == tp2[1]["tokens"]  # both tensor-parallel ranks draw the same tokens
-    assert tp1[0]["tokens"] == tp1[1]["tokens"]  # both data-parallel ranks were given the same prompts
-    same = (torch.tensor(tp1[0]["tokens"]) == torch.tensor(tp2[0]["tokens"])).float().mean().item()
+    assert tp2[0][student]["tokens"] == tp2[1][student]["tokens"]  # both tensor-parallel ranks draw the same
+    assert tp1[0][student]["tokens"] == tp1[1][student]["tokens"]  # both data-parallel ranks had the same prompts
+    same = (torch.tensor(tp1[0][student]["tokens"]) == torch.tensor(tp2[0][student]["tokens"])).float().mean().item()
     assert same >= 0.99, f"{same:.3%} of tokens agree between TP 1 and TP 2"
 
 
 def test_zero3_gathers_the_student_once_per_generation_call(ranks):
-    zero3 = ranks["generations"]["tp1_zero3"][0]
+    zero3 = ranks["generations"]["tp1_zero3"][0]["llama"]
     gathered = zero3["zero3_gathered_bytes"]
     # Once per call: the same bytes for 4 and for 16 new tokens, about the student once (this
     # rank's all-gather input is its partition: half the student over 2 ranks, padded).
