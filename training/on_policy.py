@@ -123,13 +123,12 @@ def scored_micro_batch(prompt: Prompts, continuation: torch.Tensor, *, eos_token
     alive = (is_eos.cumsum(dim=1) - is_eos.long()) == 0  # (B, N) up to and including the first EOS
     weight_of = torch.cat([torch.ones_like(prompt.ids, dtype=torch.bool, device=device), alive], dim=1)
     weight_of = weight_of.gather(1, index) & ~pad  # (B, L)
-    keep = where.keep.to(device)
-    weights = _selected(weight_of[:, 1:], keep, where.select).float()  # (n,) the target's weight
-    targets = _selected(input_ids[:, 1:], keep, where.select)  # (n,)
-    sequences = where.rows.to(device) + rows * (weights == 0).long()  # (n,)
-    on_device = where.to(device)
+    where = where.to(device)
+    weights = _selected(weight_of[:, 1:], where.keep, where.select).float()  # (n,) each target's weight
+    targets = _selected(input_ids[:, 1:], where.keep, where.select)  # (n,)
+    sequences = where.rows + rows * (weights == 0).long()  # (n,)
     return MicroBatch(input_ids=input_ids,
-                      positions=Positions(keep=keep, select=on_device.select, targets=targets, rows=sequences,
+                      positions=Positions(keep=where.keep, select=where.select, targets=targets, rows=sequences,
                                           tokens=where.tokens, weights=weights, num_sequences=2 * rows))
 
 
@@ -137,7 +136,7 @@ def _selected(table: torch.Tensor, keep: torch.Tensor, select: Optional[torch.Te
     """``[n]``: ``table``'s (``[B, L−1]``) entries at the kept columns and selected rows, as the step
     selects logits (row-major over ``[B, k]``)."""
     flat = table.index_select(1, keep).reshape(-1)
-    return flat if select is None else flat.index_select(0, select.to(flat.device))
+    return flat if select is None else flat.index_select(0, select)
 
 
 @dataclass
