@@ -1,6 +1,7 @@
-"""benchmarks/distill.py and benchmarks/logits_memory.py: the pairs they train have the shapes they
-state, the layouts they time follow the flags, and each runs as a command at a reduced size (one
-launch per script) with figures that agree with each other."""
+"""benchmarks/distill.py, benchmarks/logits_memory.py and benchmarks/generation.py: the pairs they
+train have the shapes they state, the layouts they time follow the flags, and each runs at a reduced
+size (one launch per script: a command, or generation.py's main in-process) with figures that agree
+with each other."""
 
 import argparse
 import os
@@ -8,6 +9,7 @@ import random
 import re
 import subprocess
 import sys
+from statistics import median
 
 import pytest
 
@@ -125,3 +127,44 @@ def test_logits_memory_benchmark_sets_the_fused_head_side_by_side():
         # of that size (here ZeRO-3's flat gradient buffer, 0.27 L, is the largest).
         assert largest_unfused >= 0.5 and largest_fused < largest_unfused, kind
         assert 0 < call <= fused, kind
+
+
+@pytest.mark.e2e
+def test_generation_benchmark_prints_positive_costs_and_the_jobs_greedy_tokens_are_transformers(capsys):
+    """benchmarks/generation.py in-process (its one rank spawned) on the small pair at B 2, P 4, N 6,
+    two rounds, grad_accum 2: every side's figures are present and positive, tokens/s is B·N over a
+    call's seconds, the sampler takes a share of the job's generation, the job's greedy tokens equal
+    transformers' greedy ones (full vocabulary) on all 2 x B x N, and the on-policy step is its
+    generation plus its train_step."""
+    from benchmarks.generation import GENERATION_SIDES, main
+
+    rows, prompt, new, rounds = 2, 4, 6, 2
+    results = main(["--pair", "small", "--rows", str(rows), "--prompt-tokens", str(prompt), "--new-tokens", str(new),
+                    "--rounds", str(rounds), "--steps", "1", "--warmup", "1", "--grad-accum", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    lines = lines[next(i for i, line in enumerate(lines) if line.startswith("figures from ")):]  # past libraries' lines
+    assert lines[0].startswith("figures from a shared, busy 2-core CPU")
+    assert lines[1].startswith("small pair: student 32 x 2 layers, teacher 64 x 4, V 1,024")
+    assert any(line.startswith(f"generation: B {rows} rows, prompt P {prompt} tokens, N {new} new tokens")
+               for line in lines)
+    for name, _, _ in GENERATION_SIDES:
+        line = [line for line in lines if line.startswith(f"  {name}  ")][0]
+        seconds, rate = map(float, re.search(rf"{NUMBER}\s+{NUMBER}", line[len(name) + 2:]).groups())
+        assert seconds > 0 and rate > 0, line
+        # One call writes B x N tokens: the median over rounds of B x N / each round's seconds.
+        measured = [rows * new / r["seconds"] for r in results["generation"]["rounds"][name]]
+        assert len(measured) == rounds and rate == pytest.approx(median(measured), rel=1e-3, abs=0.1)
+    shares = re.search(rf"sampler \(model_parallel.sample_tokens\): {NUMBER}% .* temperature 1, {NUMBER}% at "
+                       rf"temperature 0", "\n".join(lines)).groups()
+    assert all(0 < float(share) < 100 for share in shares)
+    agreement = [line for line in lines if "greedy agreement" in line][0]
+    assert agreement.endswith(f": 100.00% of {rounds * rows * new} tokens"), agreement
+    assert any(line.startswith("step: ") and f"grad_accum 2" in line and f"P + N = {prompt} + {new}" in line
+               for line in lines)
+    step = {name: float(re.search(rf"^  {re.escape(name)}\s+{NUMBER}", line).group(1))
+            for line in lines for name in ("off-policy step", "on-policy step", "  generation", "  train_step")
+            if re.match(rf"^  {re.escape(name)}\s", line)}
+    assert len(step) == 4 and all(value > 0 for value in step.values()), step
+    assert step["on-policy step"] == pytest.approx(step["  generation"] + step["  train_step"], abs=2e-4)
+    ratio = float(re.search(rf"on-policy / off-policy: {NUMBER}", "\n".join(lines)).group(1))
+    assert ratio == pytest.approx(step["on-policy step"] / step["off-policy step"], abs=0.01)
