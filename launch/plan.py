@@ -1,14 +1,17 @@
 """Compare the layouts of a distillation job on a cluster before it runs (estimates).
 
     python -m launch.plan --config FILE [--set key=value ...] [--nodes N --gpus-per-node G [--gpus N*G]
-        --gpu-memory-gb M --tflops F --nvlink-gbps B --ib-gbps B] [--as-configured] [--json] [--header]
+        --gpu-memory-gb M --tflops F --nvlink-gbps B --ib-gbps B --hbm-gbps B] [--as-configured] [--json]
+        [--header]
 
 Prints, per GPU, memory by term, bytes handed to collectives per step by kind, a step-time
 estimate naming the bottleneck, and the ``--set`` arguments that select the fastest layout that
 fits (the job never changes its layout by itself). ``--as-configured`` shows the config's own
 layout; ``--json`` prints one JSON object; ``--header`` prints the plan as YAML comment lines (the
-production config's header is generated this way). Builds the models on the meta device from local
-configs (launch/configs/models for hub ids): no weights, no network, no GPU.
+production config's header is generated this way). With ``on_policy.fraction`` > 0 the plan adds
+the student's generation: its memory terms and ``generation_s``, the expected seconds per step.
+Builds the models on the meta device from local configs (launch/configs/models for hub ids): no
+weights, no network, no GPU.
 """
 
 import argparse
@@ -20,7 +23,7 @@ from core.errors import ConfigError
 from training.config import load_config
 
 _DEFAULTS = {"nodes": 2, "gpus_per_node": 8, "gpu_memory_gb": 80.0, "tflops": 400.0, "nvlink_gbps": 450.0,
-             "ib_gbps": 200.0}
+             "ib_gbps": 200.0, "hbm_gbps": 3350.0}
 
 
 def header(result, command: str) -> str:
@@ -49,11 +52,14 @@ def main(argv=None) -> int:
                         help="NVLink GB/s per GPU, each direction (default 450)")
     parser.add_argument("--ib-gbps", type=float, default=_DEFAULTS["ib_gbps"],
                         help="InfiniBand GB/s per node, each direction (default 200)")
+    parser.add_argument("--hbm-gbps", type=float, default=_DEFAULTS["hbm_gbps"],
+                        help="GPU memory bandwidth, GB/s (default 3350, an H100 SXM; H200 4800); read only by "
+                             "on-policy generation's decode steps")
     parser.add_argument("--as-configured", action="store_true", help="show the config's own layout")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--header", action="store_true", help="print the plan as YAML comment lines")
     args = parser.parse_args(argv)
-    for name in ("nodes", "gpus_per_node", "gpu_memory_gb", "tflops", "nvlink_gbps", "ib_gbps"):
+    for name in ("nodes", "gpus_per_node", "gpu_memory_gb", "tflops", "nvlink_gbps", "ib_gbps", "hbm_gbps"):
         if not getattr(args, name) > 0:
             raise ConfigError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(args, name)!r}")
     if args.gpus is not None and args.gpus != args.nodes * args.gpus_per_node:
@@ -64,7 +70,7 @@ def main(argv=None) -> int:
     from training.plan import Cluster, describe, plan
 
     cluster = Cluster(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_memory_gb=args.gpu_memory_gb,
-                      tflops=args.tflops, nvlink_gbps=args.nvlink_gbps, ib_gbps=args.ib_gbps)
+                      tflops=args.tflops, nvlink_gbps=args.nvlink_gbps, ib_gbps=args.ib_gbps, hbm_gbps=args.hbm_gbps)
     result = plan(cfg, cluster, as_configured=args.as_configured)
     if args.json:
         print(json.dumps(result.to_json(), indent=1))

@@ -6,10 +6,10 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional
 
 from core.errors import ConfigError
-from training.plan.estimates import ASSUMPTIONS, Estimate, estimate
-from training.plan.inputs import GB, Cluster, job_from_config
+from training.plan.estimates import Estimate, assumptions, estimate
+from training.plan.inputs import GB, Cluster, Generation, job_from_config
 from training.plan.layouts import candidate_layouts, configured_layout, deepspeed_settings, layout_problem
-from training.plan.memory import MEMORY_TERMS
+from training.plan.memory import memory_terms
 from training.plan.traffic import TRAFFIC_KINDS
 
 
@@ -27,13 +27,20 @@ class Plan:
     """:func:`~training.plan.layouts.deepspeed_settings` for ``shown``."""
     fused_head: bool = False
     """The logits term is the fused head's (:attr:`~training.plan.inputs.Job.fused_head`)."""
+    generation: Optional[Generation] = None
+    """The job's on-policy generation (:attr:`~training.plan.inputs.Job.generation`; None off-policy)."""
 
     def to_json(self) -> dict:
+        """The plan as one JSON object; ``generation_s`` (expected seconds per step generating, inside
+        ``step_time_s``) and ``phase_overlap_bytes`` (subtracted from the terms' sum for the peak) are
+        0 off-policy, where ``memory`` has no generation terms."""
         shown = self.shown
-        return {"estimate": True, "assumptions": list(ASSUMPTIONS), "cluster": asdict(self.cluster),
-                "memory": shown.memory, "traffic": shown.traffic,
+        return {"estimate": True, "assumptions": list(assumptions(self.generation is not None)),
+                "cluster": asdict(self.cluster), "memory": shown.memory, "traffic": shown.traffic,
                 "peak_memory_bytes": shown.peak_memory_bytes, "reserve_bytes": shown.reserve,
-                "step_time_s": shown.step_time_s,
+                "phase_overlap_bytes": shown.overlap, "step_time_s": shown.step_time_s,
+                "generation_s": shown.seconds.get("generation", 0.0),
+                "generation": asdict(self.generation) if self.generation else None,
                 "seconds": shown.seconds, "bottleneck": shown.bottleneck, "fits": shown.fits,
                 "layout": shown.layout.as_config(), "set_arguments": shown.layout.set_arguments(),
                 "deepspeed": self.deepspeed, "fused_head": self.fused_head,
@@ -74,7 +81,7 @@ def _compare(cfg, cluster: Cluster, *, bf16: Optional[bool], device_type: str):
         job = job_for_tp(layout.tensor_parallel)
         problem = layout_problem(job, layout, cluster)
         if problem:
-            estimates.append(Estimate(layout, dict.fromkeys(MEMORY_TERMS, 0.0), dict.fromkeys(TRAFFIC_KINDS, 0.0),
+            estimates.append(Estimate(layout, dict.fromkeys(memory_terms(job), 0.0), dict.fromkeys(TRAFFIC_KINDS, 0.0),
                                       {"compute": 0.0}, rejected=problem))
         else:
             estimates.append(estimate(job, layout, cluster, device_type=device_type))
@@ -94,7 +101,8 @@ def plan(cfg, cluster: Cluster, *, as_configured: bool = False, bf16: Optional[b
         smallest = _smallest_cluster(cfg, cluster, bf16=bf16, device_type=device_type)
     shown_job = job_for_tp(shown.layout.tensor_parallel)
     return Plan(cluster=cluster, estimates=estimates, chosen=chosen, shown=shown, smallest_cluster=smallest,
-                deepspeed=deepspeed_settings(shown_job, shown.layout), fused_head=shown_job.fused_head)
+                deepspeed=deepspeed_settings(shown_job, shown.layout), fused_head=shown_job.fused_head,
+                generation=shown_job.generation)
 
 
 def _smallest_cluster(cfg, cluster: Cluster, **options) -> Optional[Cluster]:
@@ -145,4 +153,4 @@ def job_plan(cfg, *, world_size: int, bf16: bool, device) -> Plan:
         raise ConfigError(problem)
     own = estimate(job, layout, cluster, device_type=torch.device(device).type)
     return Plan(cluster=cluster, estimates=[own], chosen=own if own.fits else None, shown=own,
-                fused_head=job.fused_head)
+                fused_head=job.fused_head, generation=job.generation)

@@ -6,9 +6,9 @@ from dataclasses import dataclass, replace
 from typing import Dict, Iterable, Optional
 
 from training.plan.inputs import GB, Cluster, Job, Layout
-from training.plan.memory import (CUDA_CONTEXT_GB, NCCL_CHANNELS, NCCL_GB_PER_COMMUNICATOR, memory_per_gpu,
-                                  runtime_reserve)
-from training.plan.timing import FIXED_COSTS, step_seconds
+from training.plan.memory import (CUDA_CONTEXT_GB, NCCL_CHANNELS, NCCL_GB_PER_COMMUNICATOR, SAMPLER_BYTES_PER_LOGIT,
+                                  memory_per_gpu, phase_overlap, runtime_reserve)
+from training.plan.timing import FIXED_COSTS, SAMPLE_OPS, step_seconds
 from training.plan.traffic import traffic_per_step
 
 # A layout fits when its planned peak and that reserve leave this share of the GPU free: room for
@@ -43,6 +43,33 @@ ASSUMPTIONS = (
     f"buffers); estimates, not measured here (allocator fragmentation goes in the headroom)",
 )
 
+# Listed only where the job is on-policy (on_policy.fraction > 0): an off-policy plan is unchanged.
+ON_POLICY_ASSUMPTIONS = (
+    "on-policy: a generating step (probability on_policy.fraction) first generates, per micro-batch, "
+    "max_new_tokens N for the micro-batch's prompts of P tokens (text blocks: on_policy.prompt_tokens; SFT rows, "
+    "or data not prepared yet: the bound seq_len - N), then trains as an off-policy step does; its training "
+    "figures are the off-policy step's over seq_len tokens (a bound: it trains on P + N)",
+    "on-policy memory: one micro-batch's generation at a time: its KV cache at P + N positions (transformers' "
+    "DynamicCache as the model builds it: a sliding-window layer keeps window - 1 positions), under student "
+    "ZeRO-3 the whole tensor-parallel shard gathered once per call, and the prefill's no-grad temporaries "
+    "(its logits at every prompt position, a bound) with the sampler's "
+    f"({SAMPLER_BYTES_PER_LOGIT} bytes per [B, V_local] logit, an estimate); generation ends before the step's "
+    "forwards, so the peak holds the larger of its transients and the training phase's, not both",
+    "on-policy time: generation_s = fraction x grad_accum x (prefill at the achieved throughput + N decode "
+    "steps (N counted: the first token comes from the prefill, a bound) + under ZeRO-3 one gather of the "
+    "student per call); a decode step takes the longer of the device (max of its matmuls at the achieved "
+    "throughput and its reads of the weights and the whole KV cache at hbm_gbps, plus a tensor-parallel "
+    "all-reduce per row-parallel linear and the sampler's all-gather at the collective latency) and the host (its ops' "
+    f"launches, training.plan.timing.decode_ops + {SAMPLE_OPS} for the sampler, at the op price); ZeRO-3's "
+    "module hooks are assumed idle while the gathered student generates; generation's collectives are in "
+    "generation_s, not in the traffic kinds; estimates, not measured",
+)
+
+
+def assumptions(job_on_policy: bool) -> tuple:
+    """:data:`ASSUMPTIONS`, and :data:`ON_POLICY_ASSUMPTIONS` for an on-policy job."""
+    return ASSUMPTIONS + (ON_POLICY_ASSUMPTIONS if job_on_policy else ())
+
 
 @dataclass
 class Estimate:
@@ -56,10 +83,14 @@ class Estimate:
     rejected: Optional[str] = None
     reserve: float = 0.0
     """Bytes per GPU outside the planned peak: the CUDA context and NCCL's buffers (0 on CPU)."""
+    overlap: float = 0.0
+    """Bytes ``memory`` counts in both an on-policy step's phases though they are never alive at once
+    (:func:`~training.plan.memory.phase_overlap`; 0 off-policy)."""
 
     @property
     def peak_memory_bytes(self) -> float:
-        return sum(self.memory.values())
+        """The terms' sum, less what the two phases of an on-policy step take turns holding."""
+        return sum(self.memory.values()) - self.overlap
 
     @property
     def step_time_s(self) -> float:
@@ -89,9 +120,11 @@ def estimate(job: Job, layout: Layout, cluster: Cluster, *, device_type: str = "
     ``rejected`` says why it does not fit, where it does not."""
     dp = cluster.world_size // layout.tensor_parallel
     moved = traffic_per_step(job, layout, cluster)
-    result = Estimate(layout=layout, memory=memory_per_gpu(job, layout, cluster, device_type=device_type),
-                      traffic=moved, seconds=step_seconds(job, layout, cluster, moved, device_type=device_type),
-                      reserve=runtime_reserve(layout.tensor_parallel, dp) if device_type == "cuda" else 0.0)
+    memory = memory_per_gpu(job, layout, cluster, device_type=device_type)
+    result = Estimate(layout=layout, memory=memory, traffic=moved,
+                      seconds=step_seconds(job, layout, cluster, moved, device_type=device_type),
+                      reserve=runtime_reserve(layout.tensor_parallel, dp) if device_type == "cuda" else 0.0,
+                      overlap=phase_overlap(job, layout, cluster, memory))
     result.rejected = _memory_problem(result, cluster)
     return result
 

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
+from core.errors import ConfigError
 from data.loader import global_batch_size
 from loss.registry import divergence
 from training.deepspeed_config import read_deepspeed_json
@@ -17,7 +18,10 @@ GB = 1e9
 @dataclass(frozen=True)
 class Cluster:
     """The cluster a plan is for: ``gpu_memory_gb`` usable per GPU, ``tflops`` achieved dense bf16
-    per GPU, ``nvlink_gbps`` GB/s per GPU and ``ib_gbps`` GB/s per node, each direction."""
+    per GPU, ``nvlink_gbps`` GB/s per GPU and ``ib_gbps`` GB/s per node, each direction, and
+    ``hbm_gbps`` the GPU memory's bandwidth in GB/s (only on-policy generation reads it: a decode
+    step reads every weight and the KV cache for a few rows; default an H100 SXM's nominal 3.35
+    TB/s, an H200's is 4.8)."""
 
     nodes: int = 2
     gpus_per_node: int = 8
@@ -25,6 +29,7 @@ class Cluster:
     tflops: float = 400.0
     nvlink_gbps: float = 450.0
     ib_gbps: float = 200.0
+    hbm_gbps: float = 3350.0
 
     @property
     def world_size(self) -> int:
@@ -55,6 +60,23 @@ class Layout:
 
 
 @dataclass(frozen=True)
+class Generation:
+    """An on-policy job's generation (``on_policy.fraction`` λ > 0), as the plan counts it: on a step
+    that is on-policy (probability λ), each micro-batch's prompts of ``prompt_tokens`` tokens get
+    ``new_tokens`` tokens from the student before the step's forwards (:mod:`training.on_policy`)."""
+
+    fraction: float
+    """λ: the share of optimizer steps that generate (the expected cost is λ × one generating step's)."""
+    prompt_tokens: int
+    """P as planned: ``on_policy.prompt_tokens`` for text blocks; for SFT rows (and where the data is not
+    prepared yet, its format unknown) the bound ``seq_len − max_new_tokens`` (a row's prompt is at most that)."""
+    new_tokens: int
+    """N: ``on_policy.max_new_tokens`` (every continuation is that long: no early exit)."""
+    prompt_source: str
+    """Where P comes from: ``text``, ``sft`` or ``unprepared`` (no manifest: the SFT bound)."""
+
+
+@dataclass(frozen=True)
 class Job:
     """The parts of a run config the plan reads."""
 
@@ -71,15 +93,46 @@ class Job:
     """The DeepSpeed JSON's ``zero_optimization`` section (bucket sizes, persistence)."""
     fused_head: bool = False
     """The loss applies both output layers itself, in chunks (``loss.fused_head``, :func:`fused_head`)."""
+    generation: Optional[Generation] = None
+    """On-policy generation (None: an off-policy job, planned exactly as without the ``on_policy`` section)."""
+
+
+def _manifest(cfg) -> Optional[Dict]:
+    """The prepared training data's manifest, or None where the data is not prepared yet."""
+    manifest = os.path.join(cfg.data.train or "", "manifest.json")
+    if not os.path.isfile(manifest):
+        return None
+    with open(manifest) as handle:
+        return json.load(handle)
 
 
 def _seq_len(cfg) -> int:
     """The prepared training data's sequence length (its manifest) where it exists, else ``data.seq_len``."""
-    manifest = os.path.join(cfg.data.train or "", "manifest.json")
-    if os.path.isfile(manifest):
-        with open(manifest) as handle:
-            return int(json.load(handle).get("seq_len", cfg.data.seq_len))
+    manifest = _manifest(cfg)
+    if manifest is not None:
+        return int(manifest.get("seq_len", cfg.data.seq_len))
     return cfg.data.seq_len
+
+
+def on_policy_generation(cfg, seq_len: int) -> Optional[Generation]:
+    """The :class:`Generation` of ``cfg``'s ``on_policy`` section over sequences of ``seq_len`` tokens,
+    or None at λ = 0. Raises ConfigError naming the key where the continuation does not fit the
+    sequence (text: ``prompt_tokens + max_new_tokens > seq_len``; any data: no room for a prompt)."""
+    section = cfg.on_policy
+    if section.fraction == 0:
+        return None
+    new = section.max_new_tokens
+    if new >= seq_len:
+        raise ConfigError(f"on_policy.max_new_tokens: {new} leaves no room for a prompt in the data's "
+                          f"{seq_len}-token sequences")
+    manifest = _manifest(cfg)
+    source = "unprepared" if manifest is None else manifest.get("format", "text")
+    if source != "text":
+        return Generation(section.fraction, seq_len - new, new, source)
+    if section.prompt_tokens + new > seq_len:
+        raise ConfigError(f"on_policy.prompt_tokens: {section.prompt_tokens} + on_policy.max_new_tokens {new} "
+                          f"exceed the data's {seq_len}-token blocks")
+    return Generation(section.fraction, section.prompt_tokens, new, source)
 
 
 def fused_head(setting, shapes) -> bool:
@@ -105,7 +158,9 @@ def job_from_config(cfg, *, world_size: int, tp: Optional[int] = None, bf16: Opt
     config_dp = world_size // cfg.parallel.tensor_parallel
     bf16 = cfg.train.dtype in ("bf16", "auto") if bf16 is None else bf16
     ds = read_deepspeed_json(cfg.parallel.deepspeed_config).get("zero_optimization", {})
-    return Job(teacher=shapes.get("teacher"), student=shapes["student"], seq_len=_seq_len(cfg),
+    seq_len = _seq_len(cfg)
+    return Job(teacher=shapes.get("teacher"), student=shapes["student"], seq_len=seq_len,
                global_batch=global_batch_size(cfg.train.micro_batch_size, cfg.train.grad_accum, max(config_dp, 1)),
                weight_bytes=2 if bf16 else 4, top_k=cfg.loss.top_k, loss_kind=cfg.loss.kind, ds=ds,
-               fused_head=fused_head(cfg.loss.fused_head, shapes.values()))
+               fused_head=fused_head(cfg.loss.fused_head, shapes.values()),
+               generation=on_policy_generation(cfg, seq_len))

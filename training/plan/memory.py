@@ -1,17 +1,29 @@
 """Memory per GPU by term (:data:`MEMORY_TERMS`), and the reserve CUDA and NCCL hold outside it.
 
 A new memory term is one key in :data:`MEMORY_TERMS` and one function here that :func:`memory` calls;
-``describe`` and the JSON list every key."""
+``describe`` and the JSON list every key of a plan (:func:`memory_terms`).
 
-from typing import Dict, Optional
+An on-policy job (``on_policy.fraction`` > 0) has two phases per generating step: the student's
+generation (:data:`GENERATION_TERMS`), then the step's forwards and backwards. Their transients are
+never alive at once, so the planned peak is the terms' sum less the smaller phase's transients
+(:func:`phase_overlap`): what both phases hold, plus the larger phase."""
+
+from typing import Dict, Optional, Tuple
 
 from loss.fused import buffer_bytes, chunk_rows
 from loss.registry import divergence
 from training.plan.inputs import GB, Cluster, Job, Layout
 from training.plan.shape import ModelShape
 
+# Generation's terms: the student's KV cache, its ZeRO-3 shard gathered for the call, and its
+# no-grad forwards' temporaries (0, and left out of the plan, for an off-policy job).
+GENERATION_TERMS = ("kv_cache", "generation_weights", "generation_forward")
 MEMORY_TERMS = ("teacher_weights", "student_weights", "student_master", "student_optimizer", "student_gradients",
-                "activations", "logits", "comm_buffers")
+                "activations", "logits", "comm_buffers", *GENERATION_TERMS)
+# The Gumbel-max sampler's temporaries per [B, V_local] logit of a decode step, in bytes (an
+# ESTIMATE of model_parallel.sampling's peak, not counted): the float64 scaled logits, the
+# counter-based uniforms (float64) with two int64 hash words, and the float64 perturbed scores.
+SAMPLER_BYTES_PER_LOGIT = 40
 # Outside the caching allocator on CUDA (estimates, read not measured): the context of torch 2.x with
 # CUDA 12's lazy module loading takes about 0.5-1 GB on an H100 (its upper end here); NCCL gives
 # each communicator, per channel and ring peer, a 4 MiB NCCL_BUFFSIZE buffer for the Simple protocol
@@ -219,29 +231,113 @@ def _student_states(job: Job, layout: Layout, states: float, device_type: str) -
     }
 
 
-def _comm_buffers(job: Job, layout: Layout, cluster: Cluster, states: float) -> float:
-    """The gradient bucket (its touched part), and under ZeRO-3 the gathered parameters, which stay
-    live up to stage3_max_live_parameters (the whole model, for models below 1e9 parameters)."""
+def _gathered_parameters(job: Job, layout: Layout, cluster: Cluster, states: float) -> Tuple[float, float]:
+    """``(student, teacher)``: bytes of the parameters ZeRO-3 gathers for the step's forwards and
+    backwards beyond each rank's partition, which stay live up to stage3_max_live_parameters (the
+    whole model, for models below 1e9 parameters); 0 for a model not partitioned."""
     tp, w = layout.tensor_parallel, job.weight_bytes
     dp = cluster.world_size // tp
     student, teacher = job.student.per_rank(tp), job.teacher.per_rank(tp) if job.teacher else 0
     live = ds_bucket(job.ds, "stage3_max_live_parameters", 1e9)
-    buffers = GRAD_BYTES * min(ds_bucket(job.ds, "reduce_bucket_size", 5e8), student)
-    if layout.student_zero_stage == 3:
-        buffers += w * (min(live, student) - states)
+    gathered_student = w * (min(live, student) - states) if layout.student_zero_stage == 3 else 0.0
+    gathered_teacher = 0.0
     if teacher and layout.teacher_placement == "zero3" and dp > 1:
-        buffers += w * (min(live, teacher) - teacher / dp)
+        gathered_teacher = w * (min(live, teacher) - teacher / dp)
+    return gathered_student, gathered_teacher
+
+
+def _comm_buffers(job: Job, layout: Layout, cluster: Cluster, states: float) -> float:
+    """The gradient bucket (its touched part), and under ZeRO-3 the gathered parameters
+    (:func:`_gathered_parameters`)."""
+    gathered_student, gathered_teacher = _gathered_parameters(job, layout, cluster, states)
+    student = job.student.per_rank(layout.tensor_parallel)
+    buffers = GRAD_BYTES * min(ds_bucket(job.ds, "reduce_bucket_size", 5e8), student)
+    buffers += gathered_student
+    buffers += gathered_teacher
     return max(buffers, 0.0)
 
 
+def kv_cache_bytes(model: ModelShape, batch: int, positions: int, tp: int, w: int) -> float:
+    """Bytes per GPU of one generation call's KV cache at its largest, ``positions`` (P + N) cached
+    for ``batch`` sequences: per decoder layer a key and a value ``[batch, kv_heads / tp, kept,
+    head_dim]`` of ``w`` bytes (AutoTP splits k_proj and v_proj by heads, so a rank caches its
+    kv_heads / tp), ``kept`` = ``positions`` for a full layer and ``min(positions, window - 1)`` for
+    a sliding one (transformers' ``DynamicSlidingWindowLayer`` keeps the last window - 1 positions;
+    :attr:`ModelShape.cache_windows`)."""
+    windows = model.cache_windows or (None,) * model.layers
+    kept = sum(positions if window is None else min(positions, window - 1) for window in windows)
+    return 2 * batch * (model.kv_heads / tp) * model.head_dim * w * kept
+
+
+def generation_forward_bytes(model: ModelShape, batch: int, prompt: int, new: int, vocab_local: int, tp: int,
+                             w: int) -> float:
+    """The peak of generation's no-grad forwards above the KV cache and the weights, the largest of:
+
+    - the prefill's decoder layers over ``batch`` prompts of ``prompt`` tokens, one layer's
+      temporaries at a time (:func:`teacher_forward_bytes`, as the teacher's no-grad forward);
+    - the prefill's head: the logits of every prompt position ``[batch, prompt, V_local]`` (a plain
+      forward call makes them all; ``logits_to_keep=1`` would keep one row each), twice with a final
+      soft-cap (each of its ops makes a new tensor beside its input), and the sampler's temporaries
+      on the last position's ``[batch, V_local]`` (:data:`SAMPLER_BYTES_PER_LOGIT`);
+    - a decode step at its last token: one layer's key and value repeated to every query head
+      (GQA's ``repeat_kv``, over ``prompt + new`` positions), and the head's and sampler's
+      ``[batch, V_local]`` temporaries.
+    """
+    heads, positions = model.heads / tp, prompt + new
+    softcapped = 2 if model.final_softcap else 1
+    layers = teacher_forward_bytes(model, batch * prompt, prompt, tp, w)
+    sampler = batch * vocab_local * SAMPLER_BYTES_PER_LOGIT
+    head = batch * prompt * vocab_local * w * softcapped + sampler
+    decode = 2 * batch * heads * positions * model.head_dim * w + batch * vocab_local * w * softcapped + sampler
+    return max(layers, head, decode)
+
+
+def _generation_terms(job: Job, layout: Layout, states: float) -> Dict[str, float]:
+    """:data:`GENERATION_TERMS` of an on-policy job: one micro-batch's generation call at a time (the
+    cache is released before the next); ``generation_weights`` under student ZeRO-3 the rest of the
+    student's tensor-parallel shard, gathered once per call and kept for it (with ``student_weights``
+    the whole shard, ``w x per_rank``); 0 at stages 0-2, which hold the shard whole."""
+    tp, w, batch, generation = layout.tensor_parallel, job.weight_bytes, layout.micro_batch_size, job.generation
+    prompt, new = generation.prompt_tokens, generation.new_tokens
+    gathered = 0.0
+    if layout.student_zero_stage == 3:
+        persistence = ds_bucket(job.ds, "stage3_param_persistence_threshold", 1e5)
+        gathered = w * max(job.student.per_rank(tp) - states - job.student.persistent(persistence), 0.0)
+    return {"kv_cache": kv_cache_bytes(job.student, batch, prompt + new, tp, w), "generation_weights": gathered,
+            "generation_forward": generation_forward_bytes(job.student, batch, prompt, new, job.student.vocab // tp,
+                                                           tp, w)}
+
+
+def memory_terms(job: Job) -> Tuple[str, ...]:
+    """The terms of ``job``'s plan: :data:`MEMORY_TERMS`, less :data:`GENERATION_TERMS` for an off-policy
+    job (whose plan is the same as without the ``on_policy`` section, key for key)."""
+    return MEMORY_TERMS if job.generation else tuple(t for t in MEMORY_TERMS if t not in GENERATION_TERMS)
+
+
+def phase_overlap(job: Job, layout: Layout, cluster: Cluster, memory: Dict[str, float]) -> float:
+    """Bytes ``memory``'s terms count twice though they are never alive at once (0 off-policy):
+    generation runs before the step's forwards and releases its cache, forward temporaries and
+    gathered shard first, so :data:`GENERATION_TERMS` and the training phase's transients
+    (activations, logits, and the parameters ZeRO-3 gathers for the forwards and backwards, part of
+    ``comm_buffers``) take turns in the same room. The planned peak is the terms' sum less this: what
+    both phases hold, plus the larger phase's transients."""
+    if job.generation is None:
+        return 0.0
+    gathered = sum(_gathered_parameters(job, layout, cluster, student_partition(job, layout, cluster)))
+    training = memory["activations"] + memory["logits"] + min(max(gathered, 0.0), memory["comm_buffers"])
+    return min(training, sum(memory[term] for term in GENERATION_TERMS))
+
+
 def memory_per_gpu(job: Job, layout: Layout, cluster: Cluster, *, device_type: str = "cuda") -> Dict[str, float]:
-    """Bytes per GPU of ``layout`` for ``job`` on ``cluster``, by :data:`MEMORY_TERMS` (the planned peak
-    is their sum: every term counted as alive at once)."""
+    """Bytes per GPU of ``layout`` for ``job`` on ``cluster``, by :func:`memory_terms` (the planned peak
+    is their sum, every term counted as alive at once, less :func:`phase_overlap` on-policy). An
+    on-policy step trains on P + N tokens per sequence, at most the data's ``seq_len``: its training
+    terms are the off-policy step's (a bound)."""
     tp, w = layout.tensor_parallel, job.weight_bytes
     dp = cluster.world_size // tp
     tokens = layout.micro_batch_size * job.seq_len
     states = student_partition(job, layout, cluster)
-    result = dict.fromkeys(MEMORY_TERMS, 0.0)
+    result = dict.fromkeys(memory_terms(job), 0.0)
     result.update(_student_states(job, layout, states, device_type))
     if job.teacher:
         teacher = job.teacher.per_rank(tp)
@@ -253,4 +349,6 @@ def memory_per_gpu(job: Job, layout: Layout, cluster: Cluster, *, device_type: s
         result["activations"] += teacher_forward_bytes(job.teacher, tokens, job.seq_len, tp, w)
     result["logits"] = _logits(job, layout, tokens, dp, device_type)
     result["comm_buffers"] = _comm_buffers(job, layout, cluster, states)
+    if job.generation:
+        result.update(_generation_terms(job, layout, states))
     return result

@@ -4,7 +4,7 @@ generated header, and the job's plan at start. Every figure an estimate."""
 from typing import List
 
 from training.plan.compare import Plan
-from training.plan.estimates import ASSUMPTIONS
+from training.plan.estimates import assumptions
 from training.plan.inputs import GB
 
 
@@ -33,6 +33,9 @@ def _figure_lines(result: Plan) -> List[str]:
     cluster, shown = result.cluster, result.shown
     lines = [f"  memory per GPU: {_gb(shown.peak_memory_bytes)} of {cluster.gpu_memory_gb:g} GB"]
     lines += [f"    {term:<24} {_gb(value)}" for term, value in shown.memory.items()]
+    if result.generation is not None:
+        lines.append(f"    less {_gb(shown.overlap)}: generation's terms and the training phase's transients "
+                     f"(activations, logits, ZeRO-3's gathered parameters) take turns")
     lines.append("    logits path: " + ("fused head (loss.fused_head): chunks of rows, no [tokens, vocab] tensor"
                                       if result.fused_head else "unfused: both models' [tokens, vocab] logits"))
     if shown.reserve:
@@ -41,9 +44,24 @@ def _figure_lines(result: Plan) -> List[str]:
                      f"free {_gb(free)} ({free / (cluster.gpu_memory_gb * GB):.0%})")
     lines.append("  bytes per step per GPU handed to collectives:")
     lines += [f"    {kind:<24} {_gb(value)}  ({shown.seconds[kind]:.3f} s)" for kind, value in shown.traffic.items()]
-    lines.append(f"  step time: {shown.step_time_s:.3f} s (compute {shown.seconds['compute']:.3f} s); "
+    generating = (f"; generation {shown.seconds['generation']:.3f} s, expected over on_policy.fraction"
+                  if result.generation is not None else "")
+    lines.append(f"  step time: {shown.step_time_s:.3f} s (compute {shown.seconds['compute']:.3f} s{generating}); "
                  f"bottleneck: {shown.bottleneck}")
     return lines
+
+
+def _generation_line(result: Plan) -> List[str]:
+    """What an on-policy plan's generation figures are for (nothing off-policy)."""
+    generation = result.generation
+    if generation is None:
+        return []
+    source = {"text": "on_policy.prompt_tokens", "sft": "SFT rows: the bound seq_len - max_new_tokens",
+              "unprepared": "data not prepared: the bound seq_len - max_new_tokens"}.get(generation.prompt_source,
+                                                                                         generation.prompt_source)
+    return [f"  on-policy: fraction {generation.fraction:g} of the steps generate {generation.new_tokens} tokens "
+            f"after prompts of {generation.prompt_tokens} ({source}); GPU memory bandwidth "
+            f"{result.cluster.hbm_gbps:g} GB/s"]
 
 
 def describe(result: Plan, *, world_note: str = "") -> List[str]:
@@ -56,6 +74,7 @@ def describe(result: Plan, *, world_note: str = "") -> List[str]:
     compared = len(result.estimates) > 1
     if compared:
         lines.append(f"  compared {len(result.estimates)} layouts, {sum(e.fits for e in result.estimates)} fit")
+    lines += _generation_line(result)
     lines += _layout_lines(result, compared)
     lines += _figure_lines(result)
     if not shown.fits:
@@ -65,5 +84,5 @@ def describe(result: Plan, *, world_note: str = "") -> List[str]:
                  if result.smallest_cluster else "no cluster of up to 64 such nodes")
         lines.append(f"  no layout fits on this cluster; the smallest that would: {where}")
     lines.append("  assumptions:")
-    lines += [f"    - {assumption}" for assumption in ASSUMPTIONS]
+    lines += [f"    - {assumption}" for assumption in assumptions(result.generation is not None)]
     return lines

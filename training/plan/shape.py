@@ -71,6 +71,10 @@ class ModelShape:
     fused_head: bool = False
     """The loss may apply the model's output layer itself, in chunks (``loss.fused_head: auto`` turns
     it on: :func:`training.models.fused_head_problem` finds nothing on the model as transformers builds it)."""
+    cache_windows: tuple = ()
+    """Per decoder layer, the sliding window of its KV-cache layer (None: it keeps every position), as
+    transformers' ``DynamicCache(config=...)`` builds them (Gemma-2 alternates windowed and full
+    layers); empty: every layer keeps every position."""
 
     @property
     def eager_attention(self) -> bool:
@@ -194,6 +198,16 @@ def _layer_ops(model, source: str):
     return rules, largest, linears, rules.norms(layers[0]), rules.fp32_norm_output(layers[0])
 
 
+def _cache_windows(config) -> tuple:
+    """Per decoder layer, the window ``DynamicCache(config=config)`` gives its layer (None: a full
+    layer), by transformers' own rule (``cache_utils.get_layer_types_and_kwargs``: a sliding or
+    chunked layer takes its ``sliding_window``; every other kind is counted as full, a bound)."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    _, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    return tuple(layer.get("sliding_window") for layer in kwargs)
+
+
 def _dimensions(text, source: str) -> dict:
     """The sizes :class:`ModelShape` takes from the text config; :class:`UnknownArchitecture` where a
     config does not name them as Llama's does (e.g. GPT-2's ``n_inner``)."""
@@ -228,4 +242,4 @@ def model_shape(source: str, *, vocab: int, tp: int, attn_implementation: str = 
                       final_softcap=rules.final_logit_softcap(config) is not None,
                       gated_mlp="gate_proj" in linears or sum(name in _MLP_LINEARS for name in linears) >= 3,
                       mask_kinds=max(len(set(getattr(text, "layer_types", None) or [])), 1),
-                      fused_head=fused_head_problem(model) is None)
+                      fused_head=fused_head_problem(model) is None, cache_windows=_cache_windows(config))

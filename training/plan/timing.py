@@ -4,14 +4,16 @@ throughput; each kind's bytes go on the wire with its ring algorithm's factor (:
 over its link (:data:`TP_KINDS` on NVLink, the rest on the data-parallel link); ``fixed`` counts the
 events whose cost does not scale with bytes or FLOPs (:func:`fixed_events`) at a per-device price
 each (:data:`FIXED_COSTS`). Without it ZeRO stages 0-2 move the same bytes and tie, and a small job,
-whose step is mostly such events, is planned as if it were free."""
+whose step is mostly such events, is planned as if it were free. An on-policy job adds
+``generation`` (:func:`generation_seconds`): the student's generation, expected over λ."""
 
 import math
 from dataclasses import dataclass
 from typing import Dict
 
 from training.plan.inputs import GB, Cluster, Job, Layout
-from training.plan.memory import ds_bucket
+from training.plan.memory import ds_bucket, kv_cache_bytes
+from training.plan.shape import ModelShape
 from training.plan.traffic import TRAFFIC_KINDS
 
 # Collectives inside a tensor-parallel group, which sits inside a node.
@@ -41,20 +43,30 @@ def flops_per_token(job: Job, layout: Layout) -> float:
 
 def step_seconds(job: Job, layout: Layout, cluster: Cluster, traffic: Dict[str, float], *,
                  device_type: str = "cuda") -> Dict[str, float]:
-    """Seconds per step: ``compute``, one entry per traffic kind (``traffic`` in bytes handed in) and
-    ``fixed`` (:func:`fixed_seconds` on ``device_type``). A data-parallel collective that crosses
-    nodes shares the node's InfiniBand among its GPUs."""
+    """Seconds per step: ``compute``, one entry per traffic kind (``traffic`` in bytes handed in),
+    ``fixed`` (:func:`fixed_seconds` on ``device_type``) and, on-policy only, ``generation``
+    (:func:`generation_seconds`). A data-parallel collective that crosses nodes shares the node's
+    InfiniBand among its GPUs. An on-policy step trains on P + N tokens per sequence, at most the
+    data's ``seq_len``: its training parts are the off-policy step's (a bound)."""
     tp = layout.tensor_parallel
     dp = cluster.world_size // tp
     tokens = layout.micro_batch_size * job.seq_len
     result = {"compute": flops_per_token(job, layout) * tokens * layout.grad_accum / (cluster.tflops * 1e12)}
-    dp_bandwidth = (cluster.ib_gbps / cluster.gpus_per_node if cluster.nodes > 1 else cluster.nvlink_gbps) * GB
+    dp_bandwidth = _dp_bandwidth(cluster)
     wire = wire_factors(tp, dp)
     for kind in TRAFFIC_KINDS:
         bandwidth = cluster.nvlink_gbps * GB if kind in TP_KINDS else dp_bandwidth
         result[kind] = traffic[kind] * wire[kind] / bandwidth
     result["fixed"] = fixed_seconds(job, layout, cluster, device_type)
+    if job.generation:
+        result["generation"] = generation_seconds(job, layout, cluster, device_type)
     return result
+
+
+def _dp_bandwidth(cluster: Cluster) -> float:
+    """Bytes/s of a data-parallel collective: the node's InfiniBand shared by its GPUs across nodes,
+    NVLink within one."""
+    return (cluster.ib_gbps / cluster.gpus_per_node if cluster.nodes > 1 else cluster.nvlink_gbps) * GB
 
 
 @dataclass(frozen=True)
@@ -167,3 +179,98 @@ def fixed_seconds(job: Job, layout: Layout, cluster: Cluster, device_type: str =
     costs, events = FIXED_COSTS[device_type], fixed_events(job, layout, cluster)
     return (events["collectives"] * costs.collective_s + events["ops"] * costs.op_s +
             events["host_syncs"] * costs.host_sync_s + events["hooks"] * costs.hook_s)
+
+
+# Ops (kernel launches) a one-token decode forward dispatches, views left out: ESTIMATES counted on
+# transformers 5.23 (CPU, a dispatch-mode counter; tests/test_plan_on_policy.py holds decode_ops to
+# 20% of the count for Llama and Gemma-2 in fp32 and bf16): per decoder layer 6 per norm (2 more
+# casts below fp32), 24 for the projections, RoPE, the cache update, attention, MLP and residuals,
+# 6 more for eager attention (its matmuls, scaling, mask, softmax, cast) and 3 for soft-capping its
+# scores; outside the layers 24 (embedding, RoPE tables, final norm, head), 24 more under eager
+# attention (its masks).
+DECODE_OPS_PER_NORM = 6
+DECODE_OPS_PER_LAYER = 24
+DECODE_OPS_EAGER = 6
+DECODE_OPS_SOFTCAP = 3
+DECODE_OPS_OUTSIDE = 24
+# Per generated token outside the forward: the Gumbel-max sampler (counter-based noise: a few dozen
+# integer ops; its max and exchange) and the loop's bookkeeping (an ESTIMATE, not counted).
+SAMPLE_OPS = 64
+
+
+def decode_ops(model: ModelShape, w: int) -> int:
+    """Ops one decode forward of ``model`` in ``w``-byte weights dispatches (the constants above)."""
+    norm = DECODE_OPS_PER_NORM + (2 if w < 4 else 0)
+    layer = (norm * model.norms + DECODE_OPS_PER_LAYER + (DECODE_OPS_EAGER if model.eager_attention else 0) +
+             (DECODE_OPS_SOFTCAP if model.softcap else 0))
+    return model.layers * layer + DECODE_OPS_OUTSIDE * (2 if model.eager_attention else 1)
+
+
+def _tp_collectives(job: Job, layout: Layout, cluster: Cluster, tokens: int, costs: FixedCosts) -> float:
+    """Seconds of one generation forward's tensor-parallel collectives over ``tokens`` rows: AutoTP's
+    all-reduce after each row-parallel linear (their bytes on NVLink and a latency each) and the
+    sampler's one all-gather of each rank's best (value, id) per row."""
+    tp, model = layout.tensor_parallel, job.student
+    if tp == 1:
+        return 0.0
+    count = model.layers * model.row_parallel
+    moved = job.weight_bytes * tokens * model.hidden * count * wire_factors(tp, 1)["tp_allreduce"]
+    return (count + 1) * costs.collective_s + moved / (cluster.nvlink_gbps * GB)
+
+
+def _prefill_seconds(job: Job, layout: Layout, cluster: Cluster, costs: FixedCosts) -> float:
+    """One generation call's prefill: a forward over ``B`` prompts of P tokens at the achieved
+    throughput (2 FLOPs per matmul parameter and token, and causal attention's scores, as the
+    training forward counts them), and its tensor-parallel collectives."""
+    tp, model, prompt = layout.tensor_parallel, job.student, job.generation.prompt_tokens
+    tokens = layout.micro_batch_size * prompt
+    per_token = 2 * model.matmul_params() / tp + 2 * prompt * model.heads * model.head_dim * model.layers / tp
+    return tokens * per_token / (cluster.tflops * 1e12) + _tp_collectives(job, layout, cluster, tokens, costs)
+
+
+def _decode_token_seconds(job: Job, layout: Layout, cluster: Cluster, costs: FixedCosts) -> float:
+    """One decode step (one token for ``B`` sequences): on the device the larger of its matmuls at the
+    achieved throughput (2 FLOPs per matmul parameter and row) and its reads at the memory's
+    bandwidth (the student's weights shard and the KV cache at its largest, a bound), then its
+    tensor-parallel collectives; on the host its ops' launches (:func:`decode_ops` +
+    :data:`SAMPLE_OPS`), which run ahead of the device: the step takes the longer of the two."""
+    tp, model, w, batch = layout.tensor_parallel, job.student, job.weight_bytes, layout.micro_batch_size
+    positions = job.generation.prompt_tokens + job.generation.new_tokens
+    compute = 2 * model.matmul_params() / tp * batch / (cluster.tflops * 1e12)
+    read = (w * model.matmul_params() / tp + kv_cache_bytes(model, batch, positions, tp, w)) / (cluster.hbm_gbps * GB)
+    device = max(compute, read) + _tp_collectives(job, layout, cluster, batch, costs)
+    return max(device, (decode_ops(model, w) + SAMPLE_OPS) * costs.op_s)
+
+
+def _generation_gather_seconds(job: Job, layout: Layout, cluster: Cluster, costs: FixedCosts) -> float:
+    """Under student ZeRO-3, gathering the student's shard once per generation call: the split
+    tensors' partitions over the data-parallel ranks, the replicated ones' over every rank (all on
+    the data-parallel link, a bound for the tensor-parallel peers on NVLink), tensors under the
+    persistence threshold kept whole; one collective's latency per gathered tensor (a bound:
+    DeepSpeed may coalesce them)."""
+    tp, model, w = layout.tensor_parallel, job.student, job.weight_bytes
+    dp, world = cluster.world_size // tp, cluster.world_size
+    if layout.student_zero_stage != 3 or world == 1:
+        return 0.0
+    persistence = ds_bucket(job.ds, "stage3_param_persistence_threshold", 1e5)
+    replicated = model.replicated - model.replicated_persistent(persistence)
+    split = model.per_rank(tp) - model.replicated - (model.persistent(persistence) -
+                                                    model.replicated_persistent(persistence))
+    moved = w * split / dp * (dp - 1) + w * replicated / world * (world - 1)
+    gathered = sum(1 for n, _ in model.tensors if n > persistence)
+    return moved / _dp_bandwidth(cluster) + gathered * costs.collective_s
+
+
+def generation_seconds(job: Job, layout: Layout, cluster: Cluster, device_type: str = "cuda") -> float:
+    """Expected seconds per optimizer step spent generating (0 off-policy), an ESTIMATE: λ x (per
+    micro-batch, one generation call: :func:`_prefill_seconds`, N decode steps of
+    :func:`_decode_token_seconds` (N counted, one more than the N - 1 a loop that takes the first
+    token from the prefill runs: a bound), and under ZeRO-3 :func:`_generation_gather_seconds`),
+    priced with ``device_type``'s :data:`FIXED_COSTS`. The ZeRO-3 hooks are not counted: the
+    gathered student is assumed called without them doing work."""
+    if job.generation is None:
+        return 0.0
+    costs, new = FIXED_COSTS[device_type], job.generation.new_tokens
+    call = (_prefill_seconds(job, layout, cluster, costs) + new * _decode_token_seconds(job, layout, cluster, costs) +
+            _generation_gather_seconds(job, layout, cluster, costs))
+    return job.generation.fraction * layout.grad_accum * call
