@@ -8,6 +8,7 @@ import copy
 import json
 import os
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +18,8 @@ from tests.tiny_models import gemma2, llama
 from training.config import load_config
 from training.plan import (GENERATION_TERMS, MEMORY_TERMS, ON_POLICY_ASSUMPTIONS, Cluster, Layout, decode_ops,
                            estimate, job_from_config, kv_cache_bytes, model_shape)
-from training.plan.memory import generation_forward_bytes
+from training.plan.memory import SAMPLER_BYTES_PER_LOGIT, generation_forward_bytes, phase_overlap, student_partition
+from training.plan.timing import SAMPLE_OPS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRODUCTION = os.path.join(ROOT, "launch", "configs", "gemma2_9b_to_1b.yaml")
@@ -91,15 +93,26 @@ def test_a_cache_filled_token_by_token_holds_what_one_forward_leaves(tmp_path):
     assert _cache_bytes(stepped) == _cache_bytes(_real_cache(config, 24, torch.float32))
 
 
+def _generate(model, prompt_ids, new: int):
+    """The job's own generation (training.generation.generate) of ``new`` tokens, temperature 1, on
+    one rank: the student's engine stood in for by its module at a stage that gathers nothing."""
+    from training.generation import Sampling, generate
+
+    engine = SimpleNamespace(module=model, zero_optimization_stage=lambda: 0)
+    rows = prompt_ids.shape[0]
+    return generate(engine, prompt_ids, None, max_new_tokens=new, sampling=Sampling(temperature=1.0, seed=0, step=1),
+                    sequence=torch.arange(rows, device=prompt_ids.device), vocab_start=0, real_vocab_size=VOCAB,
+                    tp_group=None)
+
+
 @pytest.mark.parametrize("architecture", [llama, gemma2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_generation_memory_matches_a_counted_generation(tmp_path, architecture, dtype):
-    """A no-grad prefill and decode steps (a float64 Gumbel-max sampler standing in for
-    model_parallel.sampling's), counted with LiveBytes over every tensor made inside (the weights,
-    made before, are not): the most alive at once within 15% of the plan's cache and forward terms.
-    The peak is the prefill's, its layer temporaries beside the cache (the plan's
-    teacher_forward_bytes, held to 10% at real widths by tests/test_saved_bytes.py; here at width
-    512, the Gemma-2 case is 12% above it)."""
+    """training.generation.generate (the prefill with logits_to_keep, decode steps, the vocabulary
+    sampler), counted with LiveBytes over every tensor made inside (the weights, made before, are
+    not): the most alive at once within 15% of the plan's cache and forward terms. The peak is the
+    prefill's, its layer temporaries beside the cache (the plan's teacher_forward_bytes, held to 10%
+    at real widths by tests/test_saved_bytes.py; here, at width 512, Gemma-2's is 12% above it)."""
     from transformers import AutoModelForCausalLM
 
     from model_parallel.testing.memory_counter import LiveBytes
@@ -108,28 +121,40 @@ def test_generation_memory_matches_a_counted_generation(tmp_path, architecture, 
                                                           if architecture is gemma2 else {}))
     config.to_json_file(tmp_path / "config.json")
     shape = model_shape(str(tmp_path / "config.json"), vocab=VOCAB, tp=1)
+    assert shape.keeps_logits
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     prompt, new = 48, 4
     ids = torch.randint(4, VOCAB, (BATCH, prompt), generator=torch.Generator().manual_seed(2))  # (B, P)
-    with torch.no_grad(), LiveBytes() as counted:
-        out = model(ids, use_cache=True)
-        for _ in range(new):
-            scores = out.logits[:, -1].double()  # (B, V)
-            noise = -torch.log(-torch.log(torch.rand(scores.shape, dtype=torch.float64)))  # (B, V)
-            token = (scores + noise).argmax(-1, keepdim=True)  # (B, 1)
-            out = model(token, past_key_values=out.past_key_values, use_cache=True)
+    with LiveBytes() as counted:
+        _generate(model, ids, new)
     w = torch.empty((), dtype=dtype).element_size()
     planned = kv_cache_bytes(shape, BATCH, prompt + new, 1, w) + \
         generation_forward_bytes(shape, BATCH, prompt, new, VOCAB, 1, w)
     assert planned == pytest.approx(counted.peak_bytes, rel=0.15), (config.model_type, counted.peak_bytes, planned)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_samplers_temporaries_are_counted(dtype):
+    """model_parallel.sample_tokens at temperature 1 on one rank's [B, V_local] logits holds at most
+    SAMPLER_BYTES_PER_LOGIT bytes per logit at once, and no less than 90% of it (counted)."""
+    from model_parallel import sample_tokens
+    from model_parallel.testing.memory_counter import LiveBytes
+
+    logits = torch.randn(4, 32768, dtype=dtype, generator=torch.Generator().manual_seed(4))  # (B, V_local)
+    with LiveBytes() as counted:
+        sample_tokens(logits, temperature=1.0, start=0, group=None, seed=1, step=2, sequence=torch.arange(4),
+                      position=5)
+    assert 0.9 * SAMPLER_BYTES_PER_LOGIT * logits.numel() <= counted.peak_bytes <= \
+        SAMPLER_BYTES_PER_LOGIT * logits.numel() * 1.001, counted.peak_bytes
+
+
 @pytest.mark.parametrize("architecture", [llama, gemma2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_ops_are_held_to_a_count_of_a_real_decode_step(tmp_path, architecture, dtype):
-    """decode_ops (the host's launches per decode step, an estimate) within 20% of the ops a real
-    one-token decode forward dispatches on CPU, views left out (they launch no kernel)."""
+def test_decode_ops_are_held_to_a_count_of_the_jobs_generation(tmp_path, architecture, dtype):
+    """decode_ops + SAMPLE_OPS (the host's launches per generated token, an estimate) within 20% of
+    the ops training.generation.generate dispatches per token on CPU (6 new tokens less 2: the
+    prefill and the loop's set-up cancel), views left out (they launch no kernel)."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from transformers import AutoModelForCausalLM
 
@@ -147,12 +172,15 @@ def test_decode_ops_are_held_to_a_count_of_a_real_decode_step(tmp_path, architec
     shape = model_shape(str(tmp_path / "config.json"), vocab=VOCAB, tp=1)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     ids = torch.randint(4, VOCAB, (BATCH, 12), generator=torch.Generator().manual_seed(3))  # (B, P)
-    with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
+    counts = []
+    for new in (2, 6):
+        Ops.count = 0
         with Ops():
-            model(ids[:, -1:], past_key_values=cache, use_cache=True)
-    planned = decode_ops(shape, torch.empty((), dtype=dtype).element_size())
-    assert 0.8 * Ops.count <= planned <= 1.2 * Ops.count, (config.model_type, dtype, Ops.count, planned)
+            _generate(model, ids, new)
+        counts.append(Ops.count)
+    per_token = (counts[1] - counts[0]) / 4
+    planned = decode_ops(shape, torch.empty((), dtype=dtype).element_size()) + SAMPLE_OPS
+    assert 0.8 * per_token <= planned <= 1.2 * per_token, (config.model_type, dtype, per_token, planned)
 
 
 @pytest.fixture(scope="module")
@@ -216,18 +244,25 @@ def test_generation_memory_terms_and_the_peak(prepared):
         assert after.peak_memory_bytes == pytest.approx(before.peak_memory_bytes, rel=1e-12)
 
 
-def test_a_larger_generation_phase_sets_the_peak():
-    """Stage 1 (nothing gathered in training): the peak is what both phases hold plus the larger of
-    the training phase's transients (activations, logits) and generation's terms."""
-    on = _job("on_policy.fraction=1", "on_policy.max_new_tokens=8", "loss.fused_head=true", tp=1)
-    layout = Layout(1, "resident", 1, 4, 1, True)  # checkpointed, fused head: training's transients are small
-    memory = estimate(on, layout, Cluster()).memory
-    training = memory["activations"] + memory["logits"]
-    generating = sum(memory[t] for t in GENERATION_TERMS)
-    assert generating > training  # the prefill's logits at every one of 2040 prompt positions
-    shared = sum(value for term, value in memory.items()
-                 if term not in ("activations", "logits", *GENERATION_TERMS))
-    assert estimate(on, layout, Cluster()).peak_memory_bytes == pytest.approx(shared + generating, rel=1e-12)
+def test_the_peak_holds_both_phases_shared_bytes_and_the_larger_phase(prepared):
+    """Generation's terms and the training phase's transients (activations, logits and, under
+    ZeRO-3, the student's parameters gathered for the forwards: below stage3_max_live_parameters
+    the shard less the rank's partition) take turns: the peak is everything else plus the larger of
+    the two phases, whichever it is (the cache set smaller, then larger, than training's)."""
+    on = _job(f"data.train={prepared['text']}", "on_policy.fraction=1")
+    cluster = Cluster()
+    for stage in (1, 3):
+        layout = Layout(4, "resident", stage, 8, 2, False)
+        planned = estimate(on, layout, cluster).memory
+        gathered = 2 * (on.student.per_rank(4) - student_partition(on, layout, cluster)) if stage == 3 else 0.0
+        assert on.student.per_rank(4) < on.ds["stage3_max_live_parameters"]
+        training = planned["activations"] + planned["logits"] + gathered
+        for kv_cache in (0.0, 2 * training):
+            memory = {**planned, "kv_cache": kv_cache}
+            generating = sum(memory[t] for t in GENERATION_TERMS)
+            shared = sum(memory.values()) - training - generating
+            peak = sum(memory.values()) - phase_overlap(on, layout, cluster, memory)
+            assert peak == pytest.approx(shared + max(training, generating), rel=1e-12), (stage, kv_cache)
 
 
 def _generation_s(job, layout=Layout(4, "resident", 1, 8, 2, False), cluster=Cluster()):

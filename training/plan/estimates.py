@@ -52,8 +52,9 @@ ON_POLICY_ASSUMPTIONS = (
     "on-policy memory: one micro-batch's generation at a time: its KV cache at P + N positions (transformers' "
     "DynamicCache as the model builds it: a sliding-window layer keeps window - 1 positions), under student "
     "ZeRO-3 the whole tensor-parallel shard gathered once per call, and the prefill's no-grad temporaries "
-    "(its logits at every prompt position, a bound) with the sampler's "
-    f"({SAMPLER_BYTES_PER_LOGIT} bytes per [B, V_local] logit, an estimate); generation ends before the step's "
+    "(its head's logits at the last position, or at every prompt position for a model without logits_to_keep) "
+    "with the sampler's "
+    f"({SAMPLER_BYTES_PER_LOGIT} bytes per [B, V_local] logit, counted on CPU); generation ends before the step's "
     "forwards, so the peak holds the larger of its transients and the training phase's, not both",
     "on-policy time: generation_s = fraction x grad_accum x (prefill at the achieved throughput + N decode "
     "steps (N counted: the first token comes from the prefill, a bound) + under ZeRO-3 one gather of the "
@@ -61,7 +62,7 @@ ON_POLICY_ASSUMPTIONS = (
     "throughput and its reads of the weights and the whole KV cache at hbm_gbps, plus a tensor-parallel "
     "all-reduce per row-parallel linear and the sampler's all-gather at the collective latency) and the host (its ops' "
     f"launches, training.plan.timing.decode_ops + {SAMPLE_OPS} for the sampler, at the op price); ZeRO-3's "
-    "module hooks are assumed idle while the gathered student generates; generation's collectives are in "
+    "module hooks are lifted for the call (unwrap_model_for_generation), not counted; generation's collectives are in "
     "generation_s, not in the traffic kinds; estimates, not measured",
 )
 

@@ -20,10 +20,10 @@ from training.plan.shape import ModelShape
 GENERATION_TERMS = ("kv_cache", "generation_weights", "generation_forward")
 MEMORY_TERMS = ("teacher_weights", "student_weights", "student_master", "student_optimizer", "student_gradients",
                 "activations", "logits", "comm_buffers", *GENERATION_TERMS)
-# The Gumbel-max sampler's temporaries per [B, V_local] logit of a decode step, in bytes (an
-# ESTIMATE of model_parallel.sampling's peak, not counted): the float64 scaled logits, the
-# counter-based uniforms (float64) with two int64 hash words, and the float64 perturbed scores.
-SAMPLER_BYTES_PER_LOGIT = 40
+# The Gumbel-max sampler's temporaries per [B, V_local] logit of a decode step, in bytes: the most
+# model_parallel.sample_tokens holds at once at temperature > 0 (counted: 50, its counter-based
+# noise's int64 hash words beside the float64 uniforms and scores; held by tests/test_plan_on_policy.py).
+SAMPLER_BYTES_PER_LOGIT = 50
 # Outside the caching allocator on CUDA (estimates, read not measured): the context of torch 2.x with
 # CUDA 12's lazy module loading takes about 0.5-1 GB on an H100 (its upper end here); NCCL gives
 # each communicator, per channel and ring peer, a 4 MiB NCCL_BUFFSIZE buffer for the Simple protocol
@@ -275,10 +275,11 @@ def generation_forward_bytes(model: ModelShape, batch: int, prompt: int, new: in
 
     - the prefill's decoder layers over ``batch`` prompts of ``prompt`` tokens, one layer's
       temporaries at a time (:func:`teacher_forward_bytes`, as the teacher's no-grad forward);
-    - the prefill's head: the logits of every prompt position ``[batch, prompt, V_local]`` (a plain
-      forward call makes them all; ``logits_to_keep=1`` would keep one row each), twice with a final
-      soft-cap (each of its ops makes a new tensor beside its input), and the sampler's temporaries
-      on the last position's ``[batch, V_local]`` (:data:`SAMPLER_BYTES_PER_LOGIT`);
+    - the prefill's head: the last position's logits ``[batch, V_local]`` where the model takes
+      ``logits_to_keep`` (``training.generation`` asks for one; :attr:`ModelShape.keeps_logits`),
+      else every prompt position's ``[batch, prompt, V_local]``, twice with a final soft-cap (each
+      of its ops makes a new tensor beside its input), and the sampler's temporaries on
+      ``[batch, V_local]`` (:data:`SAMPLER_BYTES_PER_LOGIT`);
     - a decode step at its last token: one layer's key and value repeated to every query head
       (GQA's ``repeat_kv``, over ``prompt + new`` positions), and the head's and sampler's
       ``[batch, V_local]`` temporaries.
@@ -287,7 +288,7 @@ def generation_forward_bytes(model: ModelShape, batch: int, prompt: int, new: in
     softcapped = 2 if model.final_softcap else 1
     layers = teacher_forward_bytes(model, batch * prompt, prompt, tp, w)
     sampler = batch * vocab_local * SAMPLER_BYTES_PER_LOGIT
-    head = batch * prompt * vocab_local * w * softcapped + sampler
+    head = batch * (1 if model.keeps_logits else prompt) * vocab_local * w * softcapped + sampler
     decode = 2 * batch * heads * positions * model.head_dim * w + batch * vocab_local * w * softcapped + sampler
     return max(layers, head, decode)
 

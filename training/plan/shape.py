@@ -10,7 +10,8 @@ import os
 from dataclasses import dataclass
 
 from core.errors import ConfigError
-from training.models import aligned_vocab_size, family, fused_head_problem, tied_head, unties_head
+from training.models import (aligned_vocab_size, family, fused_head_problem, takes_logits_to_keep, tied_head,
+                             unties_head)
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODELS_DIR = os.path.join(_ROOT, "launch", "configs", "models")
@@ -71,6 +72,9 @@ class ModelShape:
     fused_head: bool = False
     """The loss may apply the model's output layer itself, in chunks (``loss.fused_head: auto`` turns
     it on: :func:`training.models.fused_head_problem` finds nothing on the model as transformers builds it)."""
+    keeps_logits: bool = False
+    """The causal LM's forward takes ``logits_to_keep`` (:func:`training.models.takes_logits_to_keep`):
+    generation's prefill asks for the last position's logits only (``training.generation``)."""
     cache_windows: tuple = ()
     """Per decoder layer, the sliding window of its KV-cache layer (None: it keeps every position), as
     transformers' ``DynamicCache(config=...)`` builds them (Gemma-2 alternates windowed and full
@@ -242,4 +246,5 @@ def model_shape(source: str, *, vocab: int, tp: int, attn_implementation: str = 
                       final_softcap=rules.final_logit_softcap(config) is not None,
                       gated_mlp="gate_proj" in linears or sum(name in _MLP_LINEARS for name in linears) >= 3,
                       mask_kinds=max(len(set(getattr(text, "layer_types", None) or [])), 1),
-                      fused_head=fused_head_problem(model) is None, cache_windows=_cache_windows(config))
+                      fused_head=fused_head_problem(model) is None, keeps_logits=takes_logits_to_keep(model),
+                      cache_windows=_cache_windows(config))

@@ -182,8 +182,9 @@ def fixed_seconds(job: Job, layout: Layout, cluster: Cluster, device_type: str =
 
 
 # Ops (kernel launches) a one-token decode forward dispatches, views left out: ESTIMATES counted on
-# transformers 5.23 (CPU, a dispatch-mode counter; tests/test_plan_on_policy.py holds decode_ops to
-# 20% of the count for Llama and Gemma-2 in fp32 and bf16): per decoder layer 6 per norm (2 more
+# transformers 5.23 (CPU, a dispatch-mode counter; tests/test_plan_on_policy.py holds them, with
+# SAMPLE_OPS, to 20% of a count of training.generation's loop per token for Llama and Gemma-2 in fp32
+# and bf16): per decoder layer 6 per norm (2 more
 # casts below fp32), 24 for the projections, RoPE, the cache update, attention, MLP and residuals,
 # 6 more for eager attention (its matmuls, scaling, mask, softmax, cast) and 3 for soft-capping its
 # scores; outside the layers 24 (embedding, RoPE tables, final norm, head), 24 more under eager
@@ -193,9 +194,11 @@ DECODE_OPS_PER_LAYER = 24
 DECODE_OPS_EAGER = 6
 DECODE_OPS_SOFTCAP = 3
 DECODE_OPS_OUTSIDE = 24
-# Per generated token outside the forward: the Gumbel-max sampler (counter-based noise: a few dozen
-# integer ops; its max and exchange) and the loop's bookkeeping (an ESTIMATE, not counted).
-SAMPLE_OPS = 64
+# Per generated token outside the forward: model_parallel.sample_tokens (counted: 145 non-view ops at
+# temperature > 0 on one rank, its counter-based noise's integer hashing most of them; 12 greedy) and
+# training.generation's bookkeeping; the test holds decode_ops + SAMPLE_OPS to a count of the job's
+# own generate loop per token.
+SAMPLE_OPS = 150
 
 
 def decode_ops(model: ModelShape, w: int) -> int:
@@ -246,8 +249,9 @@ def _generation_gather_seconds(job: Job, layout: Layout, cluster: Cluster, costs
     """Under student ZeRO-3, gathering the student's shard once per generation call: the split
     tensors' partitions over the data-parallel ranks, the replicated ones' over every rank (all on
     the data-parallel link, a bound for the tensor-parallel peers on NVLink), tensors under the
-    persistence threshold kept whole; one collective's latency per gathered tensor (a bound:
-    DeepSpeed may coalesce them)."""
+    persistence threshold kept whole; one collective's latency per gathered tensor (DeepSpeed
+    0.19.8's ``GatheredParameters``, under ``unwrap_model_for_generation``, issues an all-gather per
+    tensor, asynchronously: their latencies partly overlap, a bound)."""
     tp, model, w = layout.tensor_parallel, job.student, job.weight_bytes
     dp, world = cluster.world_size // tp, cluster.world_size
     if layout.student_zero_stage != 3 or world == 1:
@@ -266,8 +270,9 @@ def generation_seconds(job: Job, layout: Layout, cluster: Cluster, device_type: 
     micro-batch, one generation call: :func:`_prefill_seconds`, N decode steps of
     :func:`_decode_token_seconds` (N counted, one more than the N - 1 a loop that takes the first
     token from the prefill runs: a bound), and under ZeRO-3 :func:`_generation_gather_seconds`),
-    priced with ``device_type``'s :data:`FIXED_COSTS`. The ZeRO-3 hooks are not counted: the
-    gathered student is assumed called without them doing work."""
+    priced with ``device_type``'s :data:`FIXED_COSTS`. ZeRO-3's module hooks are not counted:
+    ``unwrap_model_for_generation`` lifts them for the call (re-registering them after it, once per
+    call, is not counted either)."""
     if job.generation is None:
         return 0.0
     costs, new = FIXED_COSTS[device_type], job.generation.new_tokens
