@@ -204,8 +204,11 @@ def test_the_prompt_is_the_configs_for_text_and_the_bound_for_sft(prepared):
     assert (text.fraction, text.prompt_tokens, text.new_tokens, text.prompt_source) == (0.5, 100, 50, "text")
     sft = _job(f"data.train={prepared['sft']}", "on_policy.fraction=1", "on_policy.max_new_tokens=50").generation
     assert (sft.prompt_tokens, sft.prompt_source) == (512 - 50, "sft")
-    unprepared = _job("on_policy.fraction=1", "on_policy.max_new_tokens=48").generation  # data.seq_len 2048
-    assert (unprepared.prompt_tokens, unprepared.prompt_source) == (2048 - 48, "unprepared")
+    # Not prepared yet: the format it will be prepared in (data.format; data.seq_len 2048).
+    unprepared = _job("on_policy.fraction=1", "on_policy.max_new_tokens=48").generation
+    assert (unprepared.prompt_tokens, unprepared.prompt_source) == (32, "text")
+    unprepared_sft = _job("on_policy.fraction=1", "on_policy.max_new_tokens=48", "data.format=sft").generation
+    assert (unprepared_sft.prompt_tokens, unprepared_sft.prompt_source) == (2048 - 48, "sft")
     assert _job(f"data.train={prepared['text']}").generation is None
 
 
@@ -312,7 +315,7 @@ def test_launch_plan_json_and_report_carry_the_generation(capsys):
     assert out["generation_s"] == out["seconds"]["generation"] > 0
     assert out["step_time_s"] == pytest.approx(sum(out["seconds"].values()))
     assert out["peak_memory_bytes"] == pytest.approx(sum(out["memory"].values()) - out["phase_overlap_bytes"])
-    assert out["generation"]["prompt_source"] == "unprepared" and out["cluster"]["hbm_gbps"] == 3350
+    assert out["generation"]["prompt_source"] == "text" and out["cluster"]["hbm_gbps"] == 3350
     assert set(ON_POLICY_ASSUMPTIONS) <= set(out["assumptions"])
     main([*args, "--set", "on_policy.fraction=1", "--hbm-gbps", "4800"])
     report = capsys.readouterr().out

@@ -46,8 +46,8 @@ ASSUMPTIONS = (
 # Listed only where the job is on-policy (on_policy.fraction > 0): an off-policy plan is unchanged.
 ON_POLICY_ASSUMPTIONS = (
     "on-policy: a generating step (probability on_policy.fraction) first generates, per micro-batch, "
-    "max_new_tokens N for the micro-batch's prompts of P tokens (text blocks: on_policy.prompt_tokens; SFT rows, "
-    "or data not prepared yet: the bound seq_len - N), then trains as an off-policy step does; its training "
+    "max_new_tokens N for the micro-batch's prompts of P tokens (text blocks: on_policy.prompt_tokens; SFT rows: the "
+    "bound seq_len - N; the format from the prepared data's manifest, else data.format), then trains as an off-policy step does; its training "
     "figures are the off-policy step's over seq_len tokens (a bound: it trains on P + N)",
     "on-policy memory: one micro-batch's generation at a time: its KV cache at P + N positions (transformers' "
     "DynamicCache as the model builds it: a sliding-window layer keeps window - 1 positions), under student "

@@ -73,7 +73,8 @@ class Generation:
     new_tokens: int
     """N: ``on_policy.max_new_tokens`` (every continuation is that long: no early exit)."""
     prompt_source: str
-    """Where P comes from: ``text``, ``sft`` or ``unprepared`` (no manifest: the SFT bound)."""
+    """Where P comes from: ``text`` (``prompt_tokens``) or ``sft`` (the bound ``seq_len − N``), read from the
+    prepared data's manifest, else from ``data.format`` (the format the job will prepare it in)."""
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,8 @@ def on_policy_generation(cfg, seq_len: int) -> Optional[Generation]:
         raise ConfigError(f"on_policy.max_new_tokens: {new} leaves no room for a prompt in the data's "
                           f"{seq_len}-token sequences")
     manifest = _manifest(cfg)
-    source = "unprepared" if manifest is None else manifest.get("format", "text")
+    # Not prepared yet: the format the job will prepare it in (data.format).
+    source = cfg.data.format if manifest is None else manifest.get("format", "text")
     if source != "text":
         return Generation(section.fraction, seq_len - new, new, source)
     if section.prompt_tokens + new > seq_len:

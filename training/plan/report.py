@@ -56,9 +56,8 @@ def _generation_line(result: Plan) -> List[str]:
     generation = result.generation
     if generation is None:
         return []
-    source = {"text": "on_policy.prompt_tokens", "sft": "SFT rows: the bound seq_len - max_new_tokens",
-              "unprepared": "data not prepared: the bound seq_len - max_new_tokens"}.get(generation.prompt_source,
-                                                                                         generation.prompt_source)
+    source = {"text": "on_policy.prompt_tokens", "sft": "SFT rows: the bound seq_len - max_new_tokens"}.get(
+        generation.prompt_source, generation.prompt_source)
     return [f"  on-policy: fraction {generation.fraction:g} of the steps generate {generation.new_tokens} tokens "
             f"after prompts of {generation.prompt_tokens} ({source}); GPU memory bandwidth "
             f"{result.cluster.hbm_gbps:g} GB/s"]
