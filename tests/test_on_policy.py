@@ -299,3 +299,27 @@ def test_generation_makes_no_host_sync_per_token(temperature):
     few, many = counted(2), counted(10)
     assert "project" not in many, many
     assert few == many, (few, many)
+
+
+def test_the_on_policy_section_is_part_of_the_run_identity(tmp_path):
+    """A checkpoint written before the section existed resumes at λ 0 (its keys taken at their
+    defaults) and is refused, naming the key, where the config goes on-policy, unless allowed."""
+    import yaml
+
+    from core.errors import CheckpointError
+    from training.config import identity, load_config
+    from training.resume import refuse_drift
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"student": {"config": "s.json"}, "teacher": {"path": "t"},
+                                    "data": {"train": "d"}, "loss": {"kind": "kl"}}))
+    before = {k: v for k, v in identity(load_config(str(path))).items() if not k.startswith("on_policy.")}
+    refuse_drift(before, identity(load_config(str(path))), "step_4")
+    on = identity(load_config(str(path), ["on_policy.fraction=0.5"]))
+    with pytest.raises(CheckpointError, match="on_policy.fraction: checkpoint 0.0 vs config 0.5"):
+        refuse_drift(before, on, "step_4")
+    refuse_drift(before, on, "step_4", allowed=("on_policy.fraction",))
+    with pytest.raises(CheckpointError, match="on_policy.max_new_tokens"):
+        refuse_drift(identity(load_config(str(path), ["on_policy.fraction=0.5"])),
+                     identity(load_config(str(path), ["on_policy.fraction=0.5", "on_policy.max_new_tokens=8"])),
+                     "step_4")
