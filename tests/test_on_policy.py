@@ -323,3 +323,32 @@ def test_the_on_policy_section_is_part_of_the_run_identity(tmp_path):
         refuse_drift(identity(load_config(str(path), ["on_policy.fraction=0.5"])),
                      identity(load_config(str(path), ["on_policy.fraction=0.5", "on_policy.max_new_tokens=8"])),
                      "step_4")
+
+
+def test_the_scored_rows_give_each_sampled_token_the_log_probability_it_was_drawn_with(monkeypatch):
+    """The step scores what generation sampled, at the positions it sampled them: the student's
+    log-probability of each target on the scored rows (one forward, no cache, right-padded) equals
+    the one at its draw (KV cache, left-padded prompts)."""
+    import training.generation as generation
+
+    model = _model(llama, seed=0)
+    drawn = []
+
+    def recording(logits, **kwargs):
+        token = sample(logits, **kwargs)
+        drawn.append(torch.log_softmax(logits.double(), dim=-1).gather(1, token[:, None])[:, 0])
+        return token
+
+    sample = generation.sample_tokens
+    monkeypatch.setattr(generation, "sample_tokens", recording)
+    ids, mask = _left_padded([[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]])
+    continuation = generate(_engine(model), ids, mask, max_new_tokens=7, sampling=Sampling(1.0, seed=2, step=1),
+                            sequence=torch.arange(3), vocab_start=0, real_vocab_size=VOCAB, tp_group=None)
+    prompt = SimpleNamespace(ids=ids, mask=mask, lengths=[5, 2, 3])
+    scored = scored_micro_batch(prompt, continuation, eos_token_id=EOS, pad_token_id=PAD, loss_on_prompt=False)
+    where = scored.positions
+    logits = _full_logits(model, scored.input_ids).double()  # (B, L-1, V)
+    rows = logits.index_select(1, where.keep).reshape(-1, VOCAB)
+    rows = rows if where.select is None else rows[where.select]
+    scored_log_probs = torch.log_softmax(rows, dim=-1).gather(1, where.targets[:, None])[:, 0]  # (n,) row-major
+    torch.testing.assert_close(scored_log_probs, torch.stack(drawn, dim=1).reshape(-1), rtol=0, atol=1e-5)
