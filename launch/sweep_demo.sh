@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The paper's comparison at demo scale, both of its settings, teachers included (seeds 0, 1, 2):
+# The paper's comparison at demo scale, both of its settings, teachers included, and on-policy
+# distillation on the maths setting (seeds 0, 1, 2):
 #   bash launch/sweep_demo.sh [OUT]          (default runs/sweep; see the README for the time it takes)
 # 1. pre-training distillation: two teachers, the demo teacher (demo_teacher.yaml) and one with four
 #    times its non-embedding parameters trained the same way (demo_teacher_large.yaml), each into
