@@ -46,6 +46,17 @@ def reverse_kl(student_logits: torch.Tensor,
     return _kl(student_logits, teacher_logits, temperature, tp_group, reverse=True)
 
 
+def kl_buffer_bytes(tokens: int, vocab_local: int, w: int, device_type: str) -> float:
+    """Bytes of :func:`forward_kl` / :func:`reverse_kl`'s temporaries alive at once, forward or
+    backward, on ``tokens × vocab_local`` logits of ``w`` bytes (the planner's bound for ``kl`` and
+    ``reverse_kl``). DeepSpeed's op is not chunked: it holds about seven ``[tokens, V_local]`` fp32
+    tensors at its peak (the τ-scaled copies, both log-softmaxes, the teacher's probabilities, the
+    product and, in backward, its gradient), counted on CPU with fp32 and bf16 logits, with and without
+    a final soft-cap (``tests/test_plan_fused_logits.py``, ``tests/test_saved_bytes.py``): 9 fp32
+    tensors bound fp32 logits, 7 bound bf16 ones. ``device_type`` does not change it."""
+    return (9 if w == 4 else 7) * 4 * tokens * vocab_local
+
+
 def cross_entropy(student_logits: torch.Tensor,
                   labels: torch.Tensor,
                   *,

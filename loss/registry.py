@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 from loss import tail
-from loss.baselines import forward_kl, reverse_kl
+from loss.baselines import forward_kl, kl_buffer_bytes, reverse_kl
 from loss.tail import TailParts, tail_divergence_parts
 
 
@@ -77,8 +77,8 @@ class Divergence:
     def buffer_bytes(self, tokens: int, vocab_local: int, w: int, device_type: str) -> float:
         """Bytes of the loss's fp32 row-chunk buffers on the logits path (the planner's logits term),
         for ``tokens`` positions of ``vocab_local`` logits of ``w`` bytes on ``device_type``.
-        ``kl``, ``reverse_kl`` and ``ce`` reuse the tail divergence's bound as an estimate (DeepSpeed's
-        ops are not chunked; their temporaries are not modelled separately)."""
+        ``kl`` and ``reverse_kl``: DeepSpeed's op, not chunked (:func:`loss.baselines.kl_buffer_bytes`,
+        held to counted bytes); ``ce`` reuses the tail divergence's bound as an estimate."""
         return self.buffers(tokens, vocab_local, w, device_type)
 
 
@@ -141,8 +141,9 @@ LOSSES: Dict[str, Divergence] = {entry.name: entry for entry in (
                uses_top_k=True, outputs=TailParts._fields, metrics=_tail_metrics, compare_temperatures=True,
                exchange=tail.exchange_numbers),
     Divergence("kl", "forward KL(p‖q), DeepSpeed's vocab_parallel_kl_div", _kl(forward_kl),
-               metrics=_kd_is("forward_kl"), compare_temperatures=True),
-    Divergence("reverse_kl", "reverse KL(q‖p), mode-seeking", _kl(reverse_kl), metrics=_kd_is("reverse_kl")),
+               metrics=_kd_is("forward_kl"), compare_temperatures=True, buffers=kl_buffer_bytes),
+    Divergence("reverse_kl", "reverse KL(q‖p), mode-seeking", _kl(reverse_kl), metrics=_kd_is("reverse_kl"),
+               buffers=kl_buffer_bytes),
     Divergence("ce", "cross-entropy on the labels only, no teacher", None),
 )}
 

@@ -76,7 +76,10 @@ def shapes(tmp_path_factory):
 # derivative (bf16 Gemma-2), the weight-gradient accumulation below fp32 (bf16 Llama at H 64), and
 # a kind without a teacher.
 CASES = [("tail", 8, torch.float32, False), ("tail", 8, torch.bfloat16, False), ("tail", 8, torch.float32, True),
-         ("tail", 8, torch.bfloat16, True), ("tail", 64, torch.bfloat16, False), ("ce", 64, torch.bfloat16, True)]
+         ("tail", 8, torch.bfloat16, True), ("tail", 64, torch.bfloat16, False), ("ce", 64, torch.bfloat16, True),
+         # DeepSpeed's KL ops on each chunk (loss.baselines.kl_buffer_bytes): fp32 and bf16, soft-capped or not.
+         ("kl", 8, torch.float32, False), ("kl", 8, torch.bfloat16, True), ("reverse_kl", 8, torch.float32, True),
+         ("reverse_kl", 64, torch.bfloat16, False)]
 
 
 @pytest.mark.parametrize("kind, hidden_size, dtype, softcapped", CASES)

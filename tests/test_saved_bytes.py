@@ -168,7 +168,8 @@ def test_planned_teacher_forward_peak_matches_the_counted(name, attention, tmp_p
 
 @pytest.mark.parametrize("name", ["llama_3.2_1b", "gemma2_1b"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_planned_logits_path_matches_the_counted(name, dtype, tmp_path):
+@pytest.mark.parametrize("kind", ["tail", "kl"])  # kl: DeepSpeed's op, not chunked
+def test_planned_logits_path_matches_the_counted(name, dtype, kind, tmp_path):
     """The logits path as training.step runs it, on real CPU tensors (256 positions x 32768
     vocabulary; 0-layer models, so only the heads count): the teacher's logits under no_grad, the
     student's, the tail loss with the teacher's logits donated, backward to the student's
@@ -189,10 +190,11 @@ def test_planned_logits_path_matches_the_counted(name, dtype, tmp_path):
         embeddings = student.get_input_embeddings()(ids).requires_grad_()  # (1, tokens + 1, H)
         student_logits = student(inputs_embeds=embeddings, logits_to_keep=keep,
                                  use_cache=False).logits.view(tokens, vocab)
-        out = distillation_objective(student_logits, teacher_logits, ids[0, 1:], kind="tail", top_k=10, beta=2.0,
+        out = distillation_objective(student_logits, teacher_logits, ids[0, 1:], kind=kind, top_k=10, beta=2.0,
                                      donate_teacher=True)
         out["loss"].sum().backward()
         del out, student_logits, teacher_logits
     shape = _shape(_config(name, 1, **narrow), "eager", tmp_path)
-    planned = logits_bytes(shape, tokens, vocab, 2 if dtype == torch.bfloat16 else 4, device_type="cpu")
-    assert planned == pytest.approx(counted.peak, rel=0.10), (name, dtype, planned, counted.peak)
+    planned = logits_bytes(shape, tokens, vocab, 2 if dtype == torch.bfloat16 else 4, device_type="cpu",
+                           loss_kind=kind)
+    assert planned == pytest.approx(counted.peak, rel=0.10), (name, dtype, kind, planned, counted.peak)
