@@ -105,6 +105,12 @@ def _layout(prompt: Prompts, new_tokens: int, loss_on_prompt: bool):
     return index, pad, labels
 
 
+def _up_to_eos(continuation: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """``[B, N]`` bool: the continuation's tokens up to and including its first EOS (all where none)."""
+    is_eos = continuation == eos_token_id  # (B, N)
+    return (is_eos.cumsum(dim=1) - is_eos.long()) == 0
+
+
 def scored_micro_batch(prompt: Prompts, continuation: torch.Tensor, *, eos_token_id: int, pad_token_id: int,
                        loss_on_prompt: bool) -> MicroBatch:
     """Prompt + continuation as the step's right-padded rows, on the continuation's device.
@@ -119,9 +125,8 @@ def scored_micro_batch(prompt: Prompts, continuation: torch.Tensor, *, eos_token
     index, pad = index.to(device), pad.to(device)
     joined = torch.cat([prompt.ids.to(device), continuation], dim=1)  # (B, P + N) left-padded
     input_ids = torch.where(pad, pad_token_id, joined.gather(1, index))  # (B, L) right-padded
-    is_eos = continuation == eos_token_id  # (B, N)
-    alive = (is_eos.cumsum(dim=1) - is_eos.long()) == 0  # (B, N) up to and including the first EOS
-    weight_of = torch.cat([torch.ones_like(prompt.ids, dtype=torch.bool, device=device), alive], dim=1)
+    weight_of = torch.cat([torch.ones_like(prompt.ids, dtype=torch.bool, device=device),
+                           _up_to_eos(continuation, eos_token_id)], dim=1)  # (B, P + N)
     weight_of = weight_of.gather(1, index) & ~pad  # (B, L)
     where = where.to(device)
     weights = _selected(weight_of[:, 1:], where.keep, where.select).float()  # (n,) each target's weight
@@ -173,10 +178,8 @@ def generate_micro_batches(engines, cfg, host_batches: Sequence[dict], sample_id
                                 max_new_tokens=on_policy.max_new_tokens, sampling=sampling, sequence=sequence,
                                 vocab_start=engines.vocab_start, real_vocab_size=engines.real_vocab_size,
                                 tp_group=engines.tp_group)  # (B, N)
-        is_eos = continuation == tokenizer.eos_token_id
-        alive = (is_eos.cumsum(dim=1) - is_eos.long()) == 0
-        lengths = lengths + alive.sum(dtype=torch.float64)
-        wrote = is_eos.any(dim=1).sum(dtype=torch.float64)
+        lengths = lengths + _up_to_eos(continuation, tokenizer.eos_token_id).sum(dtype=torch.float64)
+        wrote = (continuation == tokenizer.eos_token_id).any(dim=1).sum(dtype=torch.float64)
         eos = wrote if eos is None else eos + wrote
         batches.append(scored_micro_batch(prompt, continuation, eos_token_id=tokenizer.eos_token_id,
                                           pad_token_id=tokenizer.pad_token_id,
