@@ -504,13 +504,24 @@ def _check_inputs(args: argparse.Namespace, cfg, grid: List[Setting]) -> None:
               "run without --train-data, so the tail metrics (nll_rare, ...) will be missing", file=sys.stderr)
 
 
+def _training_data(cfg) -> dict:
+    """What ``training.on_policy.check_data`` reads of the run's training data: its manifest where
+    ``data.train`` is prepared, else what the job will prepare (``data.format``, ``data.seq_len``)."""
+    from data.manifest import MANIFEST, read_manifest
+
+    if cfg.data.train and os.path.isfile(os.path.join(cfg.data.train, MANIFEST)):
+        return read_manifest(cfg.data.train)
+    return {"format": cfg.data.format, "seq_len": cfg.data.seq_len, "packed": False}
+
+
 def _check_on_policy_configs(args: argparse.Namespace, cfg, grid: List[Setting]) -> None:
     """Before any run starts, with ``--on-policy``: refuse a config that sets ``on_policy.fraction``
     itself (its λ 0 runs, which set nothing, would take it), then load each λ > 0 setting's config as
     its run will (the config, ``--set`` and the setting's own keys), so that the job's refusals
-    on-policy (``loss.ce_weight`` > 0, ...) stop the sweep once, by name, instead of failing every
-    such run."""
+    on-policy (``loss.ce_weight`` > 0, continuations that do not fit the data's rows, packed SFT
+    rows, ...) stop the sweep once, by name, instead of failing every such run."""
     from training.config import load_config
+    from training.on_policy import check_data
 
     if args.on_policy is not None and cfg.on_policy.fraction != 0:
         raise ConfigError(f"--on-policy: {args.config} sets on_policy.fraction {cfg.on_policy.fraction}, which its "
@@ -518,7 +529,8 @@ def _check_on_policy_configs(args: argparse.Namespace, cfg, grid: List[Setting])
     for setting in grid:
         if setting.on_policy:
             try:
-                load_config(args.config, args.overrides + setting.overrides(args))
+                run_cfg = load_config(args.config, args.overrides + setting.overrides(args))
+                check_data(run_cfg.on_policy, _training_data(run_cfg))
             except ConfigError as error:
                 raise ConfigError(f"--on-policy: {setting.path}'s runs would be refused: {error}") from error
 

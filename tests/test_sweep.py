@@ -337,6 +337,17 @@ def test_on_policy_refusals_name_the_bad_value(tmp_path):
         sweep._check_on_policy_configs(args, load_config(config, args.overrides), grid)
     args.overrides = []
     sweep._check_on_policy_configs(args, load_config(config), grid)
+    # Continuations that do not fit the prepared data's rows (32 + 64 > 64), and packed SFT rows.
+    for manifest, message in (({"format": "text", "seq_len": 64, "packed": False},
+                               "on_policy.prompt_tokens \\+ on_policy.max_new_tokens: must be <= .* 64"),
+                              ({"format": "sft", "seq_len": 256, "packed": True}, "packed SFT rows")):
+        data = tmp_path / f"data-{manifest['format']}"
+        data.mkdir()
+        (data / "manifest.json").write_text(json.dumps(manifest))
+        args.overrides = [f"data.train={data}"]
+        with pytest.raises(ConfigError, match=r"--on-policy: kl-t1-op0.5's runs would be refused: .*" + message):
+            sweep._check_on_policy_configs(args, load_config(config, args.overrides), grid)
+    args.overrides = []
     own = tmp_path / "own.yaml"
     own.write_text(open(config).read() + "on_policy:\n  fraction: 0.25\n")
     args.config = str(own)
