@@ -169,7 +169,9 @@ def generate_micro_batches(engines, cfg, host_batches: Sequence[dict], sample_id
     started = time.perf_counter()
     device, tokenizer, on_policy = engines.device, engines.tokenizer, cfg.on_policy
     sampling = Sampling(temperature=on_policy.temperature, seed=cfg.seed, step=step)
-    batches, lengths, eos = [], torch.zeros((), dtype=torch.float64, device=device), None
+    batches = []
+    lengths = torch.zeros((), dtype=torch.float64, device=device)
+    eos = torch.zeros((), dtype=torch.float64, device=device)
     for host_batch, ids in zip(host_batches, sample_ids):
         prompt = prompts(host_batch, on_policy, sft=sft, seq_len=seq_len, pad_token_id=tokenizer.pad_token_id)
         sequence = torch.tensor(list(ids), dtype=torch.long, device="cpu").to(device)  # (B,)
@@ -179,8 +181,7 @@ def generate_micro_batches(engines, cfg, host_batches: Sequence[dict], sample_id
                                 vocab_start=engines.vocab_start, real_vocab_size=engines.real_vocab_size,
                                 tp_group=engines.tp_group)  # (B, N)
         lengths = lengths + _up_to_eos(continuation, tokenizer.eos_token_id).sum(dtype=torch.float64)
-        wrote = (continuation == tokenizer.eos_token_id).any(dim=1).sum(dtype=torch.float64)
-        eos = wrote if eos is None else eos + wrote
+        eos = eos + (continuation == tokenizer.eos_token_id).any(dim=1).sum(dtype=torch.float64)
         batches.append(scored_micro_batch(prompt, continuation, eos_token_id=tokenizer.eos_token_id,
                                           pad_token_id=tokenizer.pad_token_id,
                                           loss_on_prompt=on_policy.loss_on_prompt))

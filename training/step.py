@@ -100,7 +100,7 @@ def positions_from_labels(labels: torch.Tensor, padding: Optional[torch.Tensor] 
     valid = has_target[:, keep]  # (B, k)
     select = None if bool(valid.all()) else valid.reshape(-1).nonzero()[:, 0]
     return Positions(keep=keep, select=select, targets=labels[:, keep][valid], rows=valid.nonzero()[:, 0],
-                      tokens=int(has_target.sum()))
+                     tokens=int(has_target.sum()))
 
 
 def mask_vocab_padding(logits: torch.Tensor, vocab_start: int, real_vocab_size: int) -> torch.Tensor:
@@ -161,10 +161,11 @@ def _slices(engines, batch, positions: Positions):
     teacher, mask = None, _causal_mask(batch)
     if engines.teacher is not None:
         with torch.no_grad():
-            teacher = mask_vocab_padding(_select(_logits(engines.teacher, batch, positions.keep, mask), positions.select),
-                                    engines.vocab_start, engines.real_vocab_size)
+            teacher = mask_vocab_padding(
+                _select(_logits(engines.teacher, batch, positions.keep, mask), positions.select),
+                engines.vocab_start, engines.real_vocab_size)
     student = mask_vocab_padding(_select(_logits(engines.student, batch, positions.keep, mask), positions.select),
-                            engines.vocab_start, engines.real_vocab_size)
+                                 engines.vocab_start, engines.real_vocab_size)
     return student, teacher, positions.targets, positions.rows
 
 
